@@ -1,0 +1,36 @@
+# One command sets up and runs the demo, one sets up and runs the tests.
+# Set-up is idempotent: a second `make` reuses the virtual environment.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup data demo demo-quick test bench clean
+
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+data:
+	@bash scripts/get_data.sh
+
+demo: setup
+	$(BIN)/distill demo
+
+demo-quick: setup
+	$(BIN)/distill demo --quick
+
+test: $(VENV)/.installed
+	@bash scripts/get_data.sh || echo "note: Fashion-MNIST not installed; tests do not need it"
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/fashion_mnist.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,30 @@
+"""distill: knowledge distillation for PyTorch.
+
+Train a small student to imitate a large teacher, and measure what it kept::
+
+    from distill import Distiller, SoftTargetKD, HardLabelCE
+    distiller = Distiller(student, teacher,
+                          terms={"kd": SoftTargetKD(temperature=4.0), "ce": HardLabelCE()},
+                          weights={"kd": 0.9, "ce": 0.1})
+"""
+
+__version__ = "0.1.0"
+
+from .distiller import Distiller, DistillOutput  # noqa: E402
+from .errors import DistillError  # noqa: E402
+from .losses import TERMS, Batch, HardLabelCE, LossTerm, ModelOutputs, SoftTargetKD, register_term, soft_target_kl  # noqa: E402
+
+__all__ = [
+    "TERMS",
+    "Batch",
+    "DistillError",
+    "DistillOutput",
+    "Distiller",
+    "HardLabelCE",
+    "LossTerm",
+    "ModelOutputs",
+    "SoftTargetKD",
+    "__version__",
+    "register_term",
+    "soft_target_kl",
+]

@@ -1,0 +1,90 @@
+"""The ``distill`` command line: ``distill run CONFIG``, ``distill demo``, ``distill methods``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+
+from . import __version__
+from .errors import DistillError
+
+DEMO_QUICK_OVERRIDES = [
+    # a 2-minute smoke test of the same pipeline: less data, fewer epochs, a smaller teacher
+    "data.limit_train=6000",
+    "teacher.model.channels=[16,32,64]",
+    "teacher.train.epochs=2",
+    "train.epochs=2",
+    "eval.latency_repeats=10",
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description="Knowledge distillation: teacher → student, measured honestly.")
+    parser.add_argument("--version", action="version", version=f"distill {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run an experiment from a YAML config")
+    run.add_argument("config", type=Path, help="experiment config (YAML)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    run.add_argument("--quiet", action="store_true", help="print only the final table")
+
+    demo = sub.add_parser("demo", help="distil a CNN on Fashion-MNIST and compare with training from scratch")
+    demo.add_argument("--quick", action="store_true", help="a ~2-minute smoke test instead of the full demo")
+    demo.add_argument("--out", type=Path, default=Path("runs"), help="parent directory of the run (default: runs)")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--quiet", action="store_true")
+
+    sub.add_parser("methods", help="list the available loss terms and their parameters")
+    return parser
+
+
+def _methods(console: Console) -> None:
+    from .losses import TERMS
+
+    for name, cls in sorted(TERMS.items()):
+        params = ", ".join(f"{field}={info.default!r}" for field, info in cls.Params.model_fields.items())
+        console.print(f"[bold]{name}[/]  {cls.summary}" + (f"\n    parameters: {params}" if params else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(stderr=False, quiet=getattr(args, "quiet", False))
+    try:
+        if args.command == "methods":
+            _methods(console)
+            return 0
+        from .config import load_config
+        from .experiment import run_experiment
+
+        if args.command == "run":
+            config = load_config(args.config, args.overrides)
+            result = run_experiment(config, resume=args.resume, overwrite=args.overwrite, console=console)
+        else:
+            demo_file = resources.files("distill") / "configs" / "demo.yaml"
+            with resources.as_file(demo_file) as path:
+                overrides = (DEMO_QUICK_OVERRIDES if args.quick else []) + [
+                    f"output.dir={args.out.resolve()}", f"output.name={'demo-quick' if args.quick else 'demo'}", *args.overrides]
+                config = load_config(path, overrides)
+            result = run_experiment(config, overwrite=True, console=console)
+        if args.quiet:
+            from .report import print_summary
+
+            print_summary(Console(), result.metrics, result.run_dir)
+        return 0
+    except DistillError as err:
+        print(f"distill: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distill: interrupted; continue with `distill run CONFIG --resume`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Typed experiment configs (pydantic), loaded from YAML with ``--set key=value`` overrides.
+
+Every mistake is reported as one line naming the field, e.g.
+``config.yaml: train.lr: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .data import DataSpec
+from .errors import DistillError
+from .losses import TERMS
+from .models import ModelSpec
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainSpec(Strict):
+    """How a model is optimised. The same settings train the scratch and distilled students."""
+
+    epochs: int = Field(5, gt=0)
+    batch_size: int = Field(128, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class TrainedTeacher(Strict):
+    """A teacher trained by distill on the run's data, cached by a hash of config and data."""
+
+    kind: Literal["train"] = "train"
+    model: ModelSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+
+class CheckpointTeacher(Strict):
+    """A teacher loaded from safetensors weights; ``model`` describes its architecture."""
+
+    kind: Literal["checkpoint"] = "checkpoint"
+    model: ModelSpec
+    path: Path
+
+
+TeacherSpec = Annotated[Union[TrainedTeacher, CheckpointTeacher], Field(discriminator="kind")]
+
+
+class TermSpec(BaseModel):
+    """One weighted loss term: ``{type: kd, weight: 0.9, temperature: 4}``; extra keys are
+    the term's own parameters, checked against its declared ``Params``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    weight: float = Field(1.0, ge=0)
+    name: str | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in TERMS:
+            raise ValueError(f"unknown loss term {value!r}; available: {', '.join(sorted(TERMS))}")
+        return value
+
+    @model_validator(mode="after")
+    def _params(self) -> "TermSpec":
+        TERMS[self.type].Params(**self.params)  # raises ValidationError naming the parameter
+        return self
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @property
+    def key(self) -> str:
+        return self.name or self.type
+
+
+class DistillSpec(Strict):
+    """The distillation objective. By default Hinton's ``alpha * kd + (1 - alpha) * ce``;
+    ``terms`` lists weighted terms explicitly instead (alpha and temperature then unused)."""
+
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft-target term")
+    temperature: float = Field(4.0, gt=0)
+    terms: list[TermSpec] | None = None
+
+    @model_validator(mode="after")
+    def _exclusive(self) -> "DistillSpec":
+        if self.terms is not None:
+            if not self.terms:
+                raise ValueError("terms: list at least one loss term")
+            keys = [t.key for t in self.terms]
+            if len(set(keys)) != len(keys):
+                raise ValueError(f"terms: names must be unique, got {keys}; give repeated types a 'name'")
+            if "alpha" in self.model_fields_set or "temperature" in self.model_fields_set:
+                raise ValueError("set either alpha/temperature or an explicit terms list, not both")
+        return self
+
+    def resolved_terms(self) -> list[TermSpec]:
+        """The weighted terms to train with; zero-weight terms are dropped (alpha=1 needs no labels)."""
+        terms = self.terms or [
+            TermSpec(type="kd", weight=self.alpha, temperature=self.temperature),
+            TermSpec(type="ce", weight=1 - self.alpha),
+        ]
+        return [t for t in terms if t.weight > 0]
+
+
+class EvalSpec(Strict):
+    latency_batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 256])
+    latency_repeats: int = Field(30, gt=0, description="timed runs per batch size (median reported)")
+    latency_threads: int | None = Field(None, gt=0, description="CPU threads for latency; default: torch's")
+
+
+class OutputSpec(Strict):
+    dir: Path = Path("runs")
+    name: str | None = Field(None, pattern=r"^[\w.-]+$", description="run directory name; default: config file stem")
+
+
+class ExperimentConfig(Strict):
+    """A whole experiment: teacher, scratch student and distilled student on one dataset."""
+
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    data: DataSpec
+    teacher: TeacherSpec
+    student: ModelSpec
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    baseline: bool = Field(True, description="also train the student from scratch for comparison")
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _field_path(loc: tuple, raw: Any) -> str:
+    """The user's dotted field path for a pydantic error location.
+
+    Pydantic inserts the tag of a tagged union (``student.mlp.hidden``); the user wrote
+    ``student.hidden``, so tags that are not keys of the input are skipped.
+    """
+    node, parts, fresh = raw, [], True
+    for part in loc:
+        # a union's tag comes right after the field that holds the union
+        if fresh and isinstance(node, dict) and part in (node.get("arch"), node.get("kind")):
+            fresh = False
+            continue
+        fresh = True
+        if str(part).startswith(("function-", "tagged-union")):
+            continue
+        parts.append(str(part))
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return ".".join(parts)
+
+
+def _format_error(err: ValidationError, source: str, raw: Any) -> str:
+    parts = []
+    for item in err.errors():
+        loc = _field_path(item["loc"], raw)
+        msg = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    more = f" (and {len(parts) - 1} more)" if len(parts) > 1 else ""
+    return f"{source}: {parts[0]}{more}"
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply ``a.b.c=value`` to a nested dict; ``value`` is parsed as YAML (numbers, lists...)."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise DistillError(f"--set {assignment!r}: expected key=value, e.g. --set train.epochs=3")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as err:
+        raise DistillError(f"--set {assignment!r}: value is not valid YAML ({err.problem})") from err
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise DistillError(f"--set {assignment!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    """Make relative paths in the config relative to the config file's directory."""
+    for section, key in (("data", "path"), ("data", "test_path"), ("teacher", "path")):
+        node = raw.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            path = Path(os.path.expanduser(node[key]))
+            node[key] = str(path if path.is_absolute() else base / path)
+
+
+def parse_config(raw: Any, source: str = "config", overrides: list[str] | None = None, base: Path | None = None) -> ExperimentConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise DistillError(f"{source}: expected a mapping of sections (data, teacher, student, ...), got {type(raw).__name__}")
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    if base is not None:
+        _resolve_paths(raw, base)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise DistillError(_format_error(err, source, raw)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read and validate a YAML config; every problem is a one-line DistillError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise DistillError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    config = parse_config(raw, str(path), overrides, base=path.parent)
+    if config.output.name is None:
+        config.output.name = path.stem
+    return config
+
+
+def config_to_dict(config: ExperimentConfig) -> dict:
+    return config.model_dump(mode="json")

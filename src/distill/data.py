@@ -1,0 +1,322 @@
+"""Datasets as in-memory tensors with fixed train / validation / test splits.
+
+Sources: Fashion-MNIST (any directory holding the four standard IDX files), sklearn digits,
+the user's arrays (``.npz`` with ``x`` and ``y``) and image folders (``root/<class>/*.png``).
+Splits depend only on ``split_seed``, never on the run's seed, so every model in a run and
+every run with the same data sees the same validation and test samples. Anything a run
+chooses (best epoch, settings) is chosen on validation; test is only reported.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from .errors import DistillError
+from .io import hash_tensors
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+IDX_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+UNLABELED = -1
+
+
+class DataSpec(BaseModel):
+    """Which data, and how it is split."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["fashion_mnist", "digits", "npz", "folder"]
+    path: Path | None = Field(None, description="IDX directory, .npz file or image-folder root")
+    test_path: Path | None = Field(None, description="separate test .npz / folder (else split off)")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="used when the source has no test split")
+    split_seed: int = 0
+    limit_train: int | None = Field(None, gt=0, description="use only this many training samples")
+    labeled: int | None = Field(None, ge=0, description="keep labels on only this many training samples")
+    image_size: tuple[int, int] | None = Field(None, description="resize folder images to [H, W]")
+
+
+@dataclass
+class Split:
+    """Inputs ``x`` (float32) and labels ``y`` (int64; -1 = unlabeled)."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def labeled(self) -> int:
+        return int((self.y >= 0).sum())
+
+    def subset(self, index: Tensor) -> "Split":
+        return Split(self.x[index], self.y[index])
+
+
+@dataclass
+class DataBundle:
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    class_names: list[str]
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Content hash of all three splits: a cached teacher is reused only on identical data."""
+        return hash_tensors(self.train.x, self.train.y, self.val.x, self.val.y, self.test.x, self.test.y)
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "train": len(self.train),
+            "train_labeled": self.train.labeled,
+            "val": len(self.val),
+            "test": len(self.test),
+            "normalisation": {"mean": self.mean, "std": self.std},
+        }
+
+
+def iterate_batches(split: Split, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """Mini-batches of ``split``; shuffled by ``generator`` when one is given."""
+    n = len(split)
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        index = order[start : start + batch_size]
+        yield split.x[index], split.y[index]
+
+
+# ---------------------------------------------------------------------------- readers
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): uint8 images ``[N, H, W]`` or labels ``[N]``."""
+    try:
+        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as err:
+        raise DistillError(f"cannot read IDX file {path}: {err}") from err
+    if len(raw) < 8:
+        raise DistillError(f"IDX file {path} is truncated (only {len(raw)} bytes)")
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
+        raise DistillError(f"{path} is not a uint8 IDX file (bad magic number)")
+    header = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected:
+        raise DistillError(f"IDX file {path} holds {len(raw) - header} bytes of data, its header promises {expected}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find_idx(directory: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
+        if (directory / name).is_file():
+            return directory / name
+    raise DistillError(
+        f"Fashion-MNIST file {stem}[.gz] not found in {directory}: install Debian's "
+        f"'dataset-fashion-mnist' (apt-get install dataset-fashion-mnist), or set data.path "
+        f"(or DISTILL_FASHION_MNIST) to a directory holding the four IDX files"
+    )
+
+
+def _load_fashion_mnist(spec: DataSpec):
+    directory = spec.path or Path(os.environ.get("DISTILL_FASHION_MNIST", FASHION_MNIST_DIR))
+    if not directory.is_dir():
+        _find_idx(directory, IDX_FILES["train_x"])  # raises with the install hint
+    arrays = {key: read_idx(_find_idx(directory, stem)) for key, stem in IDX_FILES.items()}
+    for part in ("train", "test"):
+        if len(arrays[f"{part}_x"]) != len(arrays[f"{part}_y"]):
+            raise DistillError(f"Fashion-MNIST in {directory}: {part} images and labels differ in count")
+    train = (arrays["train_x"][:, None] / 255.0, arrays["train_y"])
+    test = (arrays["test_x"][:, None] / 255.0, arrays["test_y"])
+    return train, test, FASHION_MNIST_CLASSES
+
+
+def _load_digits(spec: DataSpec):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = digits.images[:, None] / 16.0
+    return (x, digits.target), None, [str(i) for i in range(10)]
+
+
+def _load_npz(path: Path, field_name: str):
+    if not path.is_file():
+        raise DistillError(f"{field_name}: file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "x" not in archive or "y" not in archive:
+                raise DistillError(f"{path} must hold arrays 'x' and 'y' (found {sorted(archive.files)})")
+            x, y = archive["x"], archive["y"]
+    except DistillError:
+        raise
+    except Exception as err:  # noqa: BLE001 - zip / format errors of all kinds
+        raise DistillError(f"cannot read {path}: {err}") from err
+    if x.dtype.kind not in "biuf" or y.dtype.kind not in "biu":
+        raise DistillError(f"{path}: 'x' must be numeric and 'y' integer (got {x.dtype} and {y.dtype})")
+    if x.ndim == 3:  # [N, H, W] grey images
+        x = x[:, None]
+    if x.dtype == np.uint8:
+        x = x / 255.0
+    return x, y
+
+
+def _load_folder(path: Path, field_name: str, image_size, class_names=None):
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_dir():
+        raise DistillError(f"{field_name}: directory {path} does not exist")
+    classes = class_names or sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DistillError(f"{field_name}: {path} has no class sub-directories (expected root/<class>/*.png)")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(f for f in (path / name).glob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if (path / name).is_dir() else []
+        for file in files:
+            try:
+                with Image.open(file) as image:
+                    image.load()
+                    images.append(image.copy())
+            except (UnidentifiedImageError, OSError) as err:
+                raise DistillError(f"cannot read image {file}: {err}") from err
+            labels.append(label)
+    if not images:
+        raise DistillError(f"{field_name}: no images found under {path}/<class>/")
+    mode = "L" if all(im.mode in ("L", "1", "I;16", "I") for im in images) else "RGB"
+    size = tuple(image_size[::-1]) if image_size else images[0].size
+    arrays = []
+    for image, file_label in zip(images, labels):
+        image = image.convert(mode)
+        if image.size != size:
+            if not image_size:
+                raise DistillError(f"{field_name}: images in {path} differ in size; set data.image_size: [H, W]")
+            image = image.resize(size)
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        arrays.append(array[None] if mode == "L" else array.transpose(2, 0, 1))
+    return np.stack(arrays), np.asarray(labels), classes
+
+
+# ---------------------------------------------------------------------------- assembly
+
+
+def _split_off(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    order = rng.permutation(n)
+    cut = max(1, int(round(n * fraction)))
+    return order[cut:], order[:cut]
+
+
+def _check(x: np.ndarray, y: np.ndarray, where: str, num_classes: int | None = None) -> None:
+    if len(x) == 0:
+        raise DistillError(f"{where} is empty")
+    if len(x) != len(y):
+        raise DistillError(f"{where}: {len(x)} inputs but {len(y)} labels")
+    if y.ndim != 1:
+        raise DistillError(f"{where}: labels must be one integer per sample, got shape {list(y.shape)}")
+    if y.min() < 0 or (num_classes is not None and y.max() >= num_classes):
+        raise DistillError(f"{where}: labels must lie in 0..{(num_classes or 1) - 1}, found {y.min()}..{y.max()}")
+    if not np.isfinite(x).all():
+        raise DistillError(f"{where}: inputs contain NaN or infinity")
+
+
+def load_data(spec: DataSpec) -> DataBundle:
+    """Load, validate, split and normalise the configured dataset."""
+    test = None
+    if spec.source == "fashion_mnist":
+        train, test, class_names = _load_fashion_mnist(spec)
+        where = "Fashion-MNIST"
+    elif spec.source == "digits":
+        train, test, class_names = _load_digits(spec)
+        where = "sklearn digits"
+    elif spec.source == "npz":
+        if spec.path is None:
+            raise DistillError("data.path: set it to an .npz file holding arrays 'x' and 'y'")
+        train = _load_npz(spec.path, "data.path")
+        if spec.test_path is not None:
+            test = _load_npz(spec.test_path, "data.test_path")
+        where = str(spec.path)
+        class_names = None
+    else:
+        if spec.path is None:
+            raise DistillError("data.path: set it to an image-folder root laid out as root/<class>/*.png")
+        *train, class_names = _load_folder(spec.path, "data.path", spec.image_size)
+        if spec.test_path is not None:
+            *test, _ = _load_folder(spec.test_path, "data.test_path", spec.image_size or train[0].shape[-2:], class_names)
+        where = str(spec.path)
+
+    x, y = train
+    num_classes = len(class_names) if class_names else int(y.max()) + 1 if len(y) else 0
+    _check(x, y, where, num_classes)
+    if test is not None:
+        _check(test[0], test[1], f"{where} (test)", num_classes)
+        if test[0].shape[1:] != x.shape[1:]:
+            raise DistillError(f"{where}: test inputs have shape {list(test[0].shape[1:])}, train {list(x.shape[1:])}")
+    class_names = class_names or [str(i) for i in range(num_classes)]
+
+    rng = np.random.default_rng(spec.split_seed)
+    if test is None:
+        keep, test_index = _split_off(len(y), spec.test_fraction, rng)
+        test = (x[test_index], y[test_index])
+        x, y = x[keep], y[keep]
+    train_index, val_index = _split_off(len(y), spec.val_fraction, rng)
+    if spec.limit_train is not None:
+        train_index = train_index[: spec.limit_train]
+    if len(train_index) == 0:
+        raise DistillError(f"{where}: too few samples to split off validation and test sets")
+
+    to_tensor = lambda a: torch.tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731  (a copy: arrays may be read-only)
+    train_split = Split(to_tensor(x[train_index]), torch.tensor(y[train_index], dtype=torch.long))
+    val_split = Split(to_tensor(x[val_index]), torch.tensor(y[val_index], dtype=torch.long))
+    test_split = Split(to_tensor(test[0]), torch.tensor(test[1], dtype=torch.long))
+
+    if spec.labeled is not None and spec.labeled < len(train_split):
+        unlabeled = torch.as_tensor(rng.permutation(len(train_split))[spec.labeled :])
+        train_split.y[unlabeled] = UNLABELED
+
+    # normalise per channel with training statistics (images) or per feature dimension (vectors)
+    dims = [0] + list(range(2, train_split.x.dim()))
+    mean = train_split.x.mean(dim=dims, keepdim=True)
+    std = train_split.x.std(dim=dims, keepdim=True).clamp_min(1e-6)
+    for split in (train_split, val_split, test_split):
+        split.x = (split.x - mean) / std
+
+    return DataBundle(
+        name=spec.source,
+        train=train_split,
+        val=val_split,
+        test=test_split,
+        num_classes=num_classes,
+        class_names=class_names,
+        mean=mean.flatten().tolist(),
+        std=std.flatten().tolist(),
+    )

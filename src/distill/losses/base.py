@@ -1,0 +1,118 @@
+"""What every distillation loss term sees, and the registry that names terms in configs.
+
+A term is a small ``nn.Module`` that turns student and teacher outputs into one scalar.
+The training loop only sums weighted terms, so a new method is a new term, never a new loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class ModelOutputs:
+    """What a model produced for one batch: logits ``[batch, classes]`` or
+    ``[batch, seq, vocab]``, and any tapped intermediate features by module name."""
+
+    logits: Tensor
+    features: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    """One batch of training data.
+
+    ``labels`` use -1 for samples (or token positions) without a label, so the same batch
+    can mix labeled and unlabeled data. ``mask`` marks the positions that count
+    (``[batch, seq]``, True = counts); None means all of them.
+    """
+
+    inputs: Any
+    labels: Tensor | None = None
+    mask: Tensor | None = None
+
+
+class TermParams(BaseModel):
+    """Base of each term's config parameters: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LossTerm(nn.Module):
+    """A named distillation loss: ``forward(student, teacher, batch) -> scalar``."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    needs_teacher: ClassVar[bool] = True
+    Params: ClassVar[type[TermParams]] = TermParams
+
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch) -> Tensor:
+        raise NotImplementedError
+
+
+TERMS: dict[str, type[LossTerm]] = {}
+
+
+def register_term(name: str):
+    """Class decorator that makes a term available to configs under ``name``."""
+
+    def decorate(cls: type[LossTerm]) -> type[LossTerm]:
+        if name in TERMS:
+            raise ValueError(f"loss term {name!r} is registered twice")
+        cls.name = name
+        TERMS[name] = cls
+        return cls
+
+    return decorate
+
+
+def build_term(name: str, params: dict[str, Any] | None = None) -> LossTerm:
+    """Build a registered term from config parameters (validated by the term's ``Params``)."""
+    if name not in TERMS:
+        raise KeyError(name)
+    cls = TERMS[name]
+    validated = cls.Params(**(params or {}))
+    return cls(**validated.model_dump())
+
+
+def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of per-row values over the rows the mask keeps (all rows if mask is None).
+
+    An empty selection gives 0 (with a gradient path), not NaN, so a batch without any
+    counted position does not poison training.
+    """
+    if mask is not None:
+        values = values[mask.bool()]
+    if values.numel() == 0:
+        return values.sum() * 0.0
+    return values.mean()
+
+
+def upcast(tensor: Tensor) -> Tensor:
+    """Half-precision logits to float32 for a stable softmax; float32/64 stay as they are."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def same_shape(student: Tensor, teacher: Tensor, what: str = "logits") -> None:
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student and teacher {what} differ in shape: {tuple(student.shape)} vs "
+            f"{tuple(teacher.shape)}; they must share the class set (or vocabulary)"
+        )
+
+
+__all__ = [
+    "Batch",
+    "LossTerm",
+    "ModelOutputs",
+    "TERMS",
+    "TermParams",
+    "build_term",
+    "masked_mean",
+    "register_term",
+]

@@ -1,0 +1,90 @@
+"""Response-based distillation (Hinton, Vinyals & Dean 2015) and the hard-label loss.
+
+Both accept logits ``[batch, classes]`` or ``[batch, seq, vocab]`` with an optional mask,
+so the same terms serve image classifiers and language models.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
+from .base import Batch, LossTerm, ModelOutputs, TermParams, masked_mean, register_term, same_shape, upcast
+
+
+def soft_target_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """KL(softmax(t/T) ‖ softmax(s/T)) · T², averaged over rows ("batchmean").
+
+    A row is one sample (``[batch, classes]``) or one token position
+    (``[batch, seq, vocab]``); ``mask`` (``[batch]`` or ``[batch, seq]``) drops rows.
+    The T² keeps the gradient scale independent of T, as in the paper. The KL is summed over
+    classes and averaged over rows: a plain element-wise mean would shrink it by the number of
+    classes, a common bug.
+    """
+    same_shape(student_logits, teacher_logits)
+    log_p_student = F.log_softmax(upcast(student_logits) / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(upcast(teacher_logits.detach()) / temperature, dim=-1)
+    per_row = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none").sum(-1)
+    return masked_mean(per_row, mask) * temperature**2
+
+
+def hard_label_ce(logits: Tensor, labels: Tensor, mask: Tensor | None = None, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy against labels, averaged over labeled rows; label -1 means "no label"."""
+    if mask is not None:
+        labels = labels.masked_fill(~mask.bool(), -1)
+    flat_logits = upcast(logits.reshape(-1, logits.shape[-1]))
+    flat_labels = labels.reshape(-1)
+    if not bool((flat_labels >= 0).any()):
+        return flat_logits.sum() * 0.0
+    return F.cross_entropy(flat_logits, flat_labels, ignore_index=-1, label_smoothing=label_smoothing)
+
+
+@register_term("kd")
+class SoftTargetKD(LossTerm):
+    """Soft-target KD: KL(teacher ‖ student) at temperature T, times T² (Hinton 2015)."""
+
+    summary = "Hinton soft targets: KL(softmax(t/T) || softmax(s/T)) * T^2, batch-mean"
+    needs_teacher = True
+
+    class Params(TermParams):
+        temperature: float = Field(4.0, gt=0, description="softening temperature T")
+
+    def __init__(self, temperature: float = 4.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        self.temperature = float(temperature)
+
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch) -> Tensor:
+        if teacher is None:
+            raise ValueError("the kd term needs teacher outputs")
+        return soft_target_kl(student.logits, teacher.logits, self.temperature, batch.mask)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"
+
+
+@register_term("ce")
+class HardLabelCE(LossTerm):
+    """Cross-entropy with the ground-truth labels; unlabeled samples (label -1) are skipped."""
+
+    summary = "cross-entropy with ground-truth labels (label -1 = unlabeled, skipped)"
+    needs_teacher = False
+
+    class Params(TermParams):
+        label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch) -> Tensor:
+        if batch.labels is None:
+            raise ValueError("the ce term needs labels")
+        return hard_label_ce(student.logits, batch.labels, batch.mask, self.label_smoothing)

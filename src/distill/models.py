@@ -1,0 +1,137 @@
+"""Built-in image models (small CNNs and MLPs) and user factories named ``package.module:function``.
+
+Module names are stable (``features.0``, ``features.1``, ``head``) so later feature taps can
+name them in configs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from .errors import DistillError
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CNNSpec(_Spec):
+    """Conv blocks (3×3 conv, optional batch-norm, ReLU, 2×2 max-pool), then a pooled classifier."""
+
+    arch: Literal["cnn"] = "cnn"
+    channels: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [32, 64], min_length=1)
+    hidden: int = Field(128, ge=0, description="width of the hidden fully-connected layer; 0 = none")
+    pool: int = Field(1, ge=1, description="spatial size after the final adaptive average pool")
+    batch_norm: bool = True
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class MLPSpec(_Spec):
+    """Flatten, then fully-connected layers with ReLU."""
+
+    arch: Literal["mlp"] = "mlp"
+    hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [256])
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class FactorySpec(_Spec):
+    """Any model: ``factory(in_shape=..., num_classes=..., **kwargs)`` from ``package.module:function``."""
+
+    arch: Literal["factory"] = "factory"
+    factory: str = Field(pattern=r"^[\w.]+:[\w.]+$")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+ModelSpec = Annotated[Union[CNNSpec, MLPSpec, FactorySpec], Field(discriminator="arch")]
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, in_shape: Sequence[int], num_classes: int, spec: CNNSpec) -> None:
+        super().__init__()
+        if len(in_shape) != 3:
+            raise DistillError(f"the cnn model needs image inputs [C, H, W], but the data has shape {list(in_shape)}")
+        blocks, in_ch, size = [], in_shape[0], min(in_shape[1:])
+        for out_ch in spec.channels:
+            layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=not spec.batch_norm)]
+            if spec.batch_norm:
+                layers.append(nn.BatchNorm2d(out_ch))
+            layers.append(nn.ReLU(inplace=True))
+            if size >= 4:  # pool while the feature map is still large enough
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+            blocks.append(nn.Sequential(*layers))
+            in_ch = out_ch
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(spec.pool)
+        flat = in_ch * spec.pool * spec.pool
+        head: list[nn.Module] = [nn.Flatten()]
+        if spec.dropout:
+            head.append(nn.Dropout(spec.dropout))
+        if spec.hidden:
+            head += [nn.Linear(flat, spec.hidden), nn.ReLU(inplace=True)]
+            flat = spec.hidden
+        head.append(nn.Linear(flat, num_classes))
+        self.head = nn.Sequential(*head)
+
+    def forward(self, x):
+        return self.head(self.pool(self.features(x)))
+
+
+class MLP(nn.Module):
+    def __init__(self, in_shape: Sequence[int], num_classes: int, spec: MLPSpec) -> None:
+        super().__init__()
+        width = 1
+        for dim in in_shape:
+            width *= dim
+        layers: list[nn.Module] = [nn.Flatten()]
+        for hidden in spec.hidden:
+            layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+            if spec.dropout:
+                layers.append(nn.Dropout(spec.dropout))
+            width = hidden
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def load_factory(path: str, field: str = "factory"):
+    """Import ``package.module:function``; a missing module or name is a DistillError."""
+    module_name, _, attr = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise DistillError(f"{field}: cannot import module {module_name!r} ({err}); is it on PYTHONPATH?") from err
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise DistillError(f"{field}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise DistillError(f"{field}: {path} is not callable")
+    return obj
+
+
+def build_model(spec: CNNSpec | MLPSpec | FactorySpec, in_shape: Sequence[int], num_classes: int, field: str = "model") -> nn.Module:
+    """Build a model from its spec for inputs of ``in_shape`` and ``num_classes`` outputs."""
+    if isinstance(spec, CNNSpec):
+        return SmallCNN(in_shape, num_classes, spec)
+    if isinstance(spec, MLPSpec):
+        return MLP(in_shape, num_classes, spec)
+    factory = load_factory(spec.factory, f"{field}.factory")
+    try:
+        model = factory(in_shape=tuple(in_shape), num_classes=num_classes, **spec.kwargs)
+    except TypeError as err:
+        raise DistillError(f"{field}: calling {spec.factory} failed: {err}") from err
+    if not isinstance(model, nn.Module):
+        raise DistillError(f"{field}: {spec.factory} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,161 @@
+"""What a run tells the user: the comparison table (console and markdown), metrics.json and plots."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .io import atomic_path, write_text
+
+ROLES = ("teacher", "scratch", "distilled")
+ROLE_TITLES = {"teacher": "teacher", "scratch": "scratch student", "distilled": "distilled student"}
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}%"
+
+
+def _num(value: float | None, fmt: str, suffix: str = "") -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{fmt}}{suffix}"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def table_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the comparison table, shared by the console and report.md."""
+    batch_sizes = metrics["latency_batch_sizes"]
+    header = ["model", "test acc", "agreement", "retention", "gap closed", "params", "size"]
+    header += [f"ms @{b}" for b in batch_sizes] + [f"speed-up @{b}" for b in batch_sizes]
+    rows = []
+    for role in ROLES:
+        m = metrics["models"].get(role)
+        if m is None:
+            continue
+        row = [ROLE_TITLES[role], _pct(m["test_acc"]), _pct(m.get("agreement")), _pct(m.get("retention")),
+               _pct(m.get("gap_closed")), f"{m['params']:,}", _size(m["size_bytes"])]
+        row += [_num(m["latency_ms"].get(str(b)), ".2f") for b in batch_sizes]
+        row += [_num(m["speedup"].get(str(b)), ".1f", "×") for b in batch_sizes]
+        rows.append(row)
+    return header, rows
+
+
+def console_table(metrics: dict[str, Any], title: str) -> Table:
+    header, rows = table_rows(metrics)
+    table = Table(title=title, title_justify="left")
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def markdown_table(metrics: dict[str, Any]) -> str:
+    header, rows = table_rows(metrics)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def verdict(metrics: dict[str, Any]) -> str:
+    """One honest sentence: did distillation beat training the student alone?"""
+    models = metrics["models"]
+    if "scratch" not in models:
+        return "No scratch baseline was trained (baseline: false), so the gain from distillation is unknown."
+    delta = 100 * (models["distilled"]["test_acc"] - models["scratch"]["test_acc"])
+    if delta > 0:
+        return f"Distillation helped: the distilled student beats the same student trained from scratch by {delta:.2f} points."
+    return (f"Distillation did not help here: the distilled student is {abs(delta):.2f} points "
+            f"{'below' if delta < 0 else 'level with'} the same student trained from scratch.")
+
+
+def write_markdown(path: Path, metrics: dict[str, Any], config_yaml: str) -> None:
+    data = metrics["data"]
+    lines = [
+        f"# distill run: {metrics['name']}",
+        "",
+        verdict(metrics),
+        "",
+        markdown_table(metrics),
+        "",
+        f"Test split: {data['test']} samples of {data['name']}; training on {data['train']} samples "
+        f"({data['train_labeled']} labeled), validation {data['val']}. Accuracy is top-1 on test; agreement is "
+        f"top-1 agreement with the teacher; retention = student / teacher accuracy; gap closed = "
+        f"(distilled − scratch) / (teacher − scratch). Latency: median of {metrics['latency_repeats']} CPU "
+        f"forward passes with {metrics['latency_threads']} thread(s); speed-up is relative to the teacher. "
+        f"Best epochs chosen on validation.",
+        "",
+        f"Trained on {metrics['device']} in {metrics['seconds']:.0f} s.",
+        "",
+        "![training curves](curves.png)",
+        "",
+        "![accuracy against size and latency](tradeoff.png)",
+        "",
+        "## Config",
+        "",
+        "```yaml",
+        config_yaml.rstrip(),
+        "```",
+        "",
+    ]
+    write_text(path, "\n".join(lines))
+
+
+def write_plots(run_dir: Path, metrics: dict[str, Any], histories: dict[str, list[dict]]) -> None:
+    """curves.png (training loss and validation accuracy per epoch) and tradeoff.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"teacher": "tab:gray", "scratch": "tab:blue", "distilled": "tab:orange"}
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for role, history in histories.items():
+        if not history:
+            continue
+        epochs = [e["epoch"] for e in history]
+        ax_loss.plot(epochs, [e["loss"] for e in history], marker="o", color=colors[role], label=ROLE_TITLES[role])
+        ax_acc.plot(epochs, [100 * e["val_acc"] for e in history], marker="o", color=colors[role], label=ROLE_TITLES[role])
+    ax_loss.set(xlabel="epoch", ylabel="training loss (weighted sum of terms)", title="training loss")
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="validation accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(run_dir / "curves.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+    batch = str(metrics["latency_batch_sizes"][0])
+    fig, (ax_params, ax_latency) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for role, m in metrics["models"].items():
+        for ax, x in ((ax_params, m["params"]), (ax_latency, m["latency_ms"][batch])):
+            ax.scatter([x], [100 * m["test_acc"]], s=60, color=colors[role], label=ROLE_TITLES[role], zorder=3)
+    ax_params.set(xscale="log", xlabel="parameters", ylabel="test accuracy (%)", title="accuracy vs size")
+    ax_latency.set(xscale="log", xlabel=f"CPU latency at batch {batch} (ms)", ylabel="test accuracy (%)", title="accuracy vs latency")
+    for ax in (ax_params, ax_latency):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(run_dir / "tradeoff.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> None:
+    """The comparison table; logs and pipes get a wide table rather than 80 folded columns."""
+    console.print()
+    width = None if console.is_terminal else 150
+    console.print(console_table(metrics, f"distill: {metrics['name']} ({metrics['data']['name']}, test split)"), width=width)
+    console.print(verdict(metrics))
+    console.print(f"[dim]run directory: {run_dir}[/]")
+

@@ -1,0 +1,208 @@
+"""The training loop: one loop for teacher, scratch student and distilled student.
+
+It only sums what the Distiller returns, so new loss terms never change it. Each epoch ends
+with a validation pass (the best epoch is chosen on validation, never on test) and an
+atomic checkpoint from which ``resume=True`` continues exactly: model, optimiser, schedule,
+RNG state and data order (each epoch's shuffle is seeded by the run seed and the epoch).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .config import TrainSpec
+from .data import DataBundle, iterate_batches
+from .distiller import Distiller
+from .errors import DistillError
+from .evaluate import accuracy, predict
+from .io import load_checkpoint, save_checkpoint
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    loss: float
+    terms: dict[str, float]
+    train_acc: float
+    val_acc: float
+    val_loss: float
+    lr: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochLog] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_acc: float = -1.0
+
+    @property
+    def seconds(self) -> float:
+        return sum(e.seconds for e in self.history)
+
+    def to_dict(self) -> dict:
+        return {"best_epoch": self.best_epoch, "best_val_acc": self.best_val_acc, "seconds": self.seconds,
+                "history": [asdict(e) for e in self.history]}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DistillError("device: 'cuda' requested but no CUDA GPU is available; use device: auto")
+    return torch.device(name)
+
+
+def make_optimizer(params, spec: TrainSpec) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=spec.momentum > 0)
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, spec: TrainSpec, total_steps: int):
+    if spec.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=spec.lr, total_steps=total_steps)
+    if spec.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The shuffle of epoch ``epoch`` depends on nothing but the seed and the epoch."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def train(
+    distiller: Distiller,
+    data: DataBundle,
+    spec: TrainSpec,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    label: str = "model",
+    console: Console | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train ``distiller.student`` (and any learnable term parts); return per-epoch history.
+
+    On return the student holds the weights of its best validation epoch.
+    """
+    console = console or Console(quiet=True)
+    device = torch.device(device)
+    distiller.to(device)
+    optimizer = make_optimizer(distiller.trainable_parameters(), spec)
+    steps_per_epoch = math.ceil(len(data.train) / spec.batch_size)
+    scheduler = make_scheduler(optimizer, spec, spec.epochs * steps_per_epoch)
+    result = TrainResult()
+    best_state = copy.deepcopy(distiller.student.state_dict())
+    start_epoch = 0
+
+    if resume and checkpoint is not None and checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        distiller.student.load_state_dict(state["student"])
+        distiller.terms.load_state_dict(state["terms"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        best_state = state["best_state"]
+        result = TrainResult([EpochLog(**e) for e in state["history"]], state["best_epoch"], state["best_val_acc"])
+        start_epoch = state["epoch"]
+        console.print(f"[dim]{label}: resumed after epoch {start_epoch}/{spec.epochs}[/]")
+
+    for epoch in range(start_epoch, spec.epochs):
+        started = time.perf_counter()
+        distiller.train()
+        sums: dict[str, float] = {}
+        seen = correct = labeled = 0
+        with Progress(
+            TextColumn(f"{label} {epoch + 1}/{spec.epochs}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
+            console=console, transient=True, disable=console.quiet or not console.is_terminal,
+        ) as progress:
+            task = progress.add_task("train", total=steps_per_epoch, stats="")
+            for step, (x, y) in enumerate(iterate_batches(data.train, spec.batch_size, epoch_generator(seed, epoch))):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                out = distiller(x, labels=y)
+                if not torch.isfinite(out.loss):
+                    bad = [n for n, v in out.terms.items() if not torch.isfinite(v)] or ["total"]
+                    raise DistillError(
+                        f"{label}: loss term {bad[0]!r} became non-finite at epoch {epoch + 1}, step {step + 1}; "
+                        f"lower train.lr or set train.grad_clip"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                if spec.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(list(distiller.trainable_parameters()), spec.grad_clip)
+                optimizer.step()
+                scheduler.step()
+
+                n = len(y)
+                seen += n
+                sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) * n
+                for name, value in out.terms.items():
+                    sums[name] = sums.get(name, 0.0) + float(value) * n
+                keep = y >= 0
+                labeled += int(keep.sum())
+                correct += int((out.student.logits.argmax(-1)[keep] == y[keep]).sum())
+                progress.update(task, advance=1, stats=f"loss {sums['loss'] / seen:.4f}  acc {correct / max(labeled, 1):.3f}")
+
+        val_logits = predict(distiller.student, data.val.x, device=device)
+        val_acc = accuracy(val_logits, data.val.y)
+        val_loss = float(F.cross_entropy(val_logits, data.val.y))
+        log = EpochLog(
+            epoch=epoch + 1,
+            loss=sums["loss"] / seen,
+            terms={name: sums[name] / seen for name in out.terms},
+            train_acc=correct / labeled if labeled else float("nan"),
+            val_acc=val_acc,
+            val_loss=val_loss,
+            lr=optimizer.param_groups[0]["lr"],
+            seconds=time.perf_counter() - started,
+        )
+        result.history.append(log)
+        if val_acc > result.best_val_acc:
+            result.best_val_acc, result.best_epoch = val_acc, epoch + 1
+            best_state = {k: v.detach().cpu().clone() for k, v in distiller.student.state_dict().items()}
+        terms = "  ".join(f"{k} {v:.4f}" for k, v in log.terms.items())
+        console.print(
+            f"{label} epoch {epoch + 1}/{spec.epochs}  loss {log.loss:.4f} ({terms})  "
+            f"train acc {log.train_acc:.4f}  val acc {val_acc:.4f}  {log.seconds:.1f}s"
+        )
+        if checkpoint is not None:
+            save_checkpoint(
+                {
+                    "epoch": epoch + 1,
+                    "student": distiller.student.state_dict(),
+                    "terms": distiller.terms.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "best_state": best_state,
+                    "best_epoch": result.best_epoch,
+                    "best_val_acc": result.best_val_acc,
+                    "history": [asdict(e) for e in result.history],
+                },
+                checkpoint,
+            )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1)
+
+    distiller.student.load_state_dict(best_state)
+    return result

@@ -1,0 +1,91 @@
+"""Config validation: every mistake is one line naming the field."""
+
+import pytest
+
+from distill.config import load_config, parse_config
+from distill.errors import DistillError
+
+from conftest import tiny_config
+
+
+def error_of(raw, overrides=None) -> str:
+    with pytest.raises(DistillError) as info:
+        parse_config(raw, "cfg.yaml", overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_valid_config_resolves_hinton_terms(tmp_path):
+    config = parse_config(tiny_config(tmp_path))
+    terms = config.distill.resolved_terms()
+    assert [(t.type, t.weight, t.params) for t in terms] == [("kd", 0.7, {"temperature": 2.0}), ("ce", pytest.approx(0.3), {})]
+
+
+def test_alpha_one_drops_the_label_term(tmp_path):
+    terms = parse_config(tiny_config(tmp_path, **{"distill.alpha": 1.0})).distill.resolved_terms()
+    assert [t.type for t in terms] == ["kd"]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"train.epochz": 3}, "train.epochz: Extra inputs are not permitted"),
+        ({"train.lr": "fast"}, "train.lr: Input should be a valid number"),
+        ({"train.lr": -1}, "train.lr: Input should be greater than 0"),
+        ({"distill.alpha": 1.5}, "distill.alpha: Input should be less than or equal to 1"),
+        ({"student.arch": "resnet"}, "student: Input tag 'resnet' found"),
+        ({"teacher.model.channels": [8, 0]}, "teacher.model.channels.1: Input should be greater than 0"),
+        ({"student.hidden": "wide"}, "student.hidden: Input should be a valid list"),
+        ({"data.source": "cifar"}, "data.source: Input should be"),
+        ({"teacher.kind": "magic"}, "teacher: Input tag 'magic'"),
+    ],
+)
+def test_bad_fields_are_named(tmp_path, change, expected):
+    assert expected in error_of(tiny_config(tmp_path, **change))
+
+
+def test_missing_sections_are_named(tmp_path):
+    raw = tiny_config(tmp_path)
+    del raw["student"]
+    assert "cfg.yaml: student: Field required" in error_of(raw)
+
+
+def test_terms_are_checked_against_the_registry(tmp_path):
+    raw = tiny_config(tmp_path)
+    del raw["distill"]
+    raw["distill"] = {"terms": [{"type": "kd", "weight": 0.5, "temperature": 2}, {"type": "fitnet"}]}
+    assert "unknown loss term 'fitnet'; available: ce, kd" in error_of(raw)
+    raw["distill"] = {"terms": [{"type": "kd", "temprature": 2}]}
+    assert "distill.terms.0.temprature: Extra inputs are not permitted" in error_of(raw)
+    raw["distill"] = {"terms": [{"type": "kd"}], "alpha": 0.5}
+    assert "either alpha/temperature or an explicit terms list" in error_of(raw)
+    raw["distill"] = {"terms": [{"type": "kd", "weight": 0.5, "temperature": 1}, {"type": "kd", "weight": 0.5}]}
+    assert "names must be unique" in error_of(raw)
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    config = parse_config(tiny_config(tmp_path), overrides=["train.epochs=7", "student.hidden=[4, 8]", "distill.alpha=1"])
+    assert config.train.epochs == 7 and config.student.hidden == [4, 8] and config.distill.alpha == 1.0
+    assert "expected key=value" in error_of(tiny_config(tmp_path), ["train.epochs"])
+    assert "train.epochs: Input should be a valid integer" in error_of(tiny_config(tmp_path), ["train.epochs=many"])
+
+
+def test_files_relative_paths_and_yaml_errors(tmp_path):
+    with pytest.raises(DistillError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data: {source: digits\nteacher: [")
+    with pytest.raises(DistillError, match="not valid YAML"):
+        load_config(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(DistillError, match="expected a mapping"):
+        load_config(listing)
+    good = tmp_path / "sub" / "exp.yaml"
+    good.parent.mkdir()
+    good.write_text("data: {source: npz, path: arrays.npz}\nteacher: {kind: checkpoint, path: t.safetensors, model: {arch: mlp}}\nstudent: {arch: mlp}\n")
+    config = load_config(good)
+    assert config.data.path == good.parent / "arrays.npz"
+    assert config.teacher.path == good.parent / "t.safetensors"
+    assert config.output.name == "exp"

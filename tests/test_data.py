@@ -1,0 +1,106 @@
+"""Data loaders: IDX, npz and image folders, fixed splits, and one-line errors for bad data."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distill.data import DataSpec, iterate_batches, load_data, read_idx
+from distill.errors import DistillError
+
+from conftest import write_idx
+
+
+def test_idx_round_trip_plain_and_gzip(tmp_path):
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a-idx3-ubyte", images, compress=False)
+    write_idx(tmp_path / "b-idx3-ubyte", images, compress=True)
+    np.testing.assert_array_equal(read_idx(tmp_path / "a-idx3-ubyte"), images)
+    np.testing.assert_array_equal(read_idx(tmp_path / "b-idx3-ubyte.gz"), images)
+
+
+def test_truncated_and_foreign_idx_files_are_refused(tmp_path):
+    write_idx(tmp_path / "x", np.zeros((4, 5, 5), np.uint8), compress=False)
+    data = (tmp_path / "x").read_bytes()
+    (tmp_path / "short").write_bytes(data[:-7])
+    with pytest.raises(DistillError, match="header promises 100"):
+        read_idx(tmp_path / "short")
+    (tmp_path / "foreign").write_bytes(b"PK\x03\x04" + data[4:])
+    with pytest.raises(DistillError, match="bad magic"):
+        read_idx(tmp_path / "foreign")
+
+
+def test_fashion_mnist_from_any_directory_with_fixed_splits(fake_fashion):
+    spec = DataSpec(source="fashion_mnist", path=fake_fashion, val_fraction=0.2)
+    data = load_data(spec)
+    assert (len(data.train), len(data.val), len(data.test)) == (240, 60, 100)
+    assert data.input_shape == (1, 28, 28) and data.num_classes == 10
+    assert data.class_names[0] == "T-shirt/top"
+    # normalised with training statistics
+    assert abs(float(data.train.x.mean())) < 1e-4 and float(data.train.x.std()) == pytest.approx(1.0, rel=1e-3)
+    again = load_data(spec)
+    torch.testing.assert_close(again.val.x, data.val.x)
+    assert again.fingerprint == data.fingerprint
+    other = load_data(DataSpec(source="fashion_mnist", path=fake_fashion, val_fraction=0.2, split_seed=1))
+    assert other.fingerprint != data.fingerprint
+
+
+def test_missing_fashion_mnist_explains_how_to_get_it(tmp_path):
+    with pytest.raises(DistillError, match="apt-get install dataset-fashion-mnist"):
+        load_data(DataSpec(source="fashion_mnist", path=tmp_path / "nowhere"))
+
+
+def test_digits_splits_and_labeled_subset():
+    data = load_data(DataSpec(source="digits", labeled=100))
+    assert len(data.train) + len(data.val) + len(data.test) == 1797
+    assert data.train.labeled == 100 and int((data.train.y == -1).sum()) == len(data.train) - 100
+    assert data.val.labeled == len(data.val) and data.test.labeled == len(data.test)
+
+
+def test_npz_arrays_and_their_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ok.npz", x=rng.random((50, 6)).astype(np.float32), y=rng.integers(0, 3, 50))
+    data = load_data(DataSpec(source="npz", path=tmp_path / "ok.npz"))
+    assert data.input_shape == (6,) and data.num_classes == 3
+    cases = {
+        "nokeys.npz": dict(a=np.zeros(3)),
+        "empty.npz": dict(x=np.zeros((0, 4)), y=np.zeros(0, int)),
+        "mismatch.npz": dict(x=np.zeros((5, 4)), y=np.zeros(4, int)),
+        "negative.npz": dict(x=np.zeros((5, 4)), y=np.array([0, 1, -3, 1, 0])),
+        "floatlabels.npz": dict(x=np.zeros((5, 4)), y=np.zeros(5)),
+        "nan.npz": dict(x=np.full((5, 4), np.nan), y=np.zeros(5, int)),
+    }
+    for name, arrays in cases.items():
+        np.savez(tmp_path / name, **arrays)
+        with pytest.raises(DistillError) as info:
+            load_data(DataSpec(source="npz", path=tmp_path / name))
+        assert "\n" not in str(info.value)
+    (tmp_path / "corrupt.npz").write_bytes(b"not a zip file")
+    with pytest.raises(DistillError, match="cannot read"):
+        load_data(DataSpec(source="npz", path=tmp_path / "corrupt.npz"))
+    with pytest.raises(DistillError, match="does not exist"):
+        load_data(DataSpec(source="npz", path=tmp_path / "absent.npz"))
+
+
+def test_image_folders(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "ant", "bee"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    data = load_data(DataSpec(source="folder", path=tmp_path / "imgs"))
+    assert data.class_names == ["ant", "bee", "cat"] and data.input_shape == (3, 12, 10)
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(DistillError, match="no images found"):
+        load_data(DataSpec(source="folder", path=tmp_path / "empty"))
+    (tmp_path / "imgs" / "cat" / "broken.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(DistillError, match="broken.png"):
+        load_data(DataSpec(source="folder", path=tmp_path / "imgs"))
+
+
+def test_batches_cover_every_sample_once_in_seeded_order():
+    data = load_data(DataSpec(source="digits"))
+    order = torch.cat([y for _, y in iterate_batches(data.train, 100, torch.Generator().manual_seed(3))])
+    again = torch.cat([y for _, y in iterate_batches(data.train, 100, torch.Generator().manual_seed(3))])
+    assert len(order) == len(data.train)
+    assert torch.equal(order, again) and sorted(order.tolist()) == sorted(data.train.y.tolist())
