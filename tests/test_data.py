@@ -50,11 +50,16 @@ def test_missing_fashion_mnist_explains_how_to_get_it(tmp_path):
         load_data(DataSpec(source="fashion_mnist", path=tmp_path / "nowhere"))
 
 
-def test_digits_splits_and_labeled_subset():
-    data = load_data(DataSpec(source="digits", labeled=100))
+def test_digits_splits_and_label_budget():
+    data = load_data(DataSpec(source="digits"))
     assert len(data.train) + len(data.val) + len(data.test) == 1797
-    assert data.train.labeled == 100 and int((data.train.y == -1).sum()) == len(data.train) - 100
-    assert data.val.labeled == len(data.val) and data.test.labeled == len(data.test)
+    budget = data.with_label_budget(100, seed=0)
+    assert budget.train.labeled == 100 and int((budget.train.y == -1).sum()) == len(data.train) - 100
+    assert torch.equal(budget.train.y[budget.train.y >= 0], data.train.y[budget.train.y >= 0])
+    assert budget.val.labeled == len(data.val) and budget.test.labeled == len(data.test)
+    assert data.train.labeled == len(data.train)  # the original keeps every label
+    only = budget.labeled_only()
+    assert len(only.train) == 100 and only.train.labeled == 100
 
 
 def test_npz_arrays_and_their_errors(tmp_path):

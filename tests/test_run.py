@@ -157,3 +157,25 @@ def test_module_entry_point_exit_codes(tmp_path):
     assert done.returncode == 2 and "teacher: Field required" in done.stderr and "Traceback" not in done.stderr
     listing = subprocess.run([sys.executable, "-m", "distill", "methods"], capture_output=True, text=True)
     assert listing.returncode == 0 and "kd" in listing.stdout and "temperature" in listing.stdout
+
+
+def test_label_budget_gives_a_fair_scratch_baseline(tmp_path):
+    config = parse_config(tiny_config(tmp_path, **{"data.labeled": 200}))
+    result = run_experiment(config)
+    metrics = result.metrics
+    assert metrics["data"]["train_labeled"] == 200 and metrics["data"]["train"] > 1000
+    steps_per_epoch = -(-metrics["data"]["train"] // 64)
+    scratch_epochs = len(metrics["training"]["scratch"]["history"])
+    # the scratch student sees only the 200 labeled samples (4 batches an epoch), for the same number of steps
+    assert scratch_epochs == round(3 * steps_per_epoch / 4)
+    assert len(metrics["training"]["distilled"]["history"]) == 3
+    assert len(metrics["training"]["teacher"]["history"]) == 3
+
+
+def test_demo_config_runs_quick_on_any_fashion_mnist_directory(tmp_path, capsys, fake_fashion, monkeypatch):
+    monkeypatch.setenv("DISTILL_FASHION_MNIST", str(fake_fashion))
+    code, out, err = run_cli(capsys, "demo", "--quick", "--out", str(tmp_path / "runs"), "--set", "data.labeled=100")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "runs" / "demo-quick" / "metrics.json").read_text())
+    assert metrics["data"]["train"] == 270 and metrics["data"]["train_labeled"] == 100
+    assert "distilled student" in out and "scratch student" in out

@@ -55,7 +55,8 @@ def _methods(console: Console) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    console = Console(stderr=False, quiet=getattr(args, "quiet", False))
+    # logs and pipes get long lines rather than rich's default of 80 folded columns
+    console = Console(quiet=getattr(args, "quiet", False), width=None if sys.stdout.isatty() else 160)
     try:
         if args.command == "methods":
             _methods(console)
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.quiet:
             from .report import print_summary
 
-            print_summary(Console(), result.metrics, result.run_dir)
+            print_summary(Console(width=None if sys.stdout.isatty() else 160), result.metrics, result.run_dir)
         return 0
     except DistillError as err:
         print(f"distill: error: {err}", file=sys.stderr)

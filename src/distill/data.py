@@ -13,7 +13,7 @@ import gzip
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -53,7 +53,11 @@ class DataSpec(BaseModel):
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="used when the source has no test split")
     split_seed: int = 0
     limit_train: int | None = Field(None, gt=0, description="use only this many training samples")
-    labeled: int | None = Field(None, ge=0, description="keep labels on only this many training samples")
+    labeled: int | None = Field(
+        None, gt=0,
+        description="label budget of the students: keep labels on only this many training samples "
+        "(a teacher trained by distill still sees every label: it stands for a model trained elsewhere)",
+    )
     image_size: tuple[int, int] | None = Field(None, description="resize folder images to [H, W]")
 
 
@@ -94,6 +98,24 @@ class DataBundle:
     def fingerprint(self) -> str:
         """Content hash of all three splits: a cached teacher is reused only on identical data."""
         return hash_tensors(self.train.x, self.train.y, self.val.x, self.val.y, self.test.x, self.test.y)
+
+    def with_label_budget(self, labeled: int | None, seed: int = 0) -> "DataBundle":
+        """A copy whose training split keeps labels on only ``labeled`` samples (chosen by
+        ``seed``); the rest are marked unlabeled (-1). Validation and test keep their labels."""
+        if labeled is None or labeled >= len(self.train):
+            return self
+        # a stream of its own (seed sequence [seed, 1]): reusing the run's shuffle stream
+        # would put every labeled sample into the first batches of an epoch
+        order = np.random.default_rng([seed, 1]).permutation(len(self.train))
+        y = self.train.y.clone()
+        y[torch.as_tensor(order[labeled:])] = UNLABELED
+        return replace(self, train=Split(self.train.x, y))
+
+    def labeled_only(self) -> "DataBundle":
+        """A copy whose training split holds only its labeled samples."""
+        if self.train.labeled == len(self.train):
+            return self
+        return replace(self, train=self.train.subset(torch.nonzero(self.train.y >= 0).flatten()))
 
     def summary(self) -> dict:
         return {
@@ -298,10 +320,6 @@ def load_data(spec: DataSpec) -> DataBundle:
     train_split = Split(to_tensor(x[train_index]), torch.tensor(y[train_index], dtype=torch.long))
     val_split = Split(to_tensor(x[val_index]), torch.tensor(y[val_index], dtype=torch.long))
     test_split = Split(to_tensor(test[0]), torch.tensor(test[1], dtype=torch.long))
-
-    if spec.labeled is not None and spec.labeled < len(train_split):
-        unlabeled = torch.as_tensor(rng.permutation(len(train_split))[spec.labeled :])
-        train_split.y[unlabeled] = UNLABELED
 
     # normalise per channel with training statistics (images) or per feature dimension (vectors)
     dims = [0] + list(range(2, train_split.x.dim()))

@@ -46,23 +46,33 @@ def measure_latency(
     input_shape: Sequence[int],
     batch_size: int,
     repeats: int = 30,
-    warmup: int = 3,
     threads: int | None = None,
+    min_sample_ms: float = 5.0,
 ) -> float:
-    """Median wall-clock milliseconds of one forward pass on the CPU at ``batch_size``."""
+    """Median wall-clock milliseconds of one forward pass on the CPU at ``batch_size``.
+
+    Sub-millisecond passes are too short to time one by one, so each of the ``repeats``
+    samples times as many back-to-back passes as fill ``min_sample_ms`` (like ``timeit``).
+    """
     model = model.to("cpu").eval()
     x = torch.randn(batch_size, *input_shape)
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        for _ in range(warmup):
+        start = time.perf_counter()
+        warm = 0
+        while warm < 3 or (time.perf_counter() - start) * 1000 < 4 * min_sample_ms:  # warm-up
             model(x)
+            warm += 1
+        per_pass = (time.perf_counter() - start) * 1000 / warm
+        inner = max(1, int(min_sample_ms / max(per_pass, 1e-6)))
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - start) * 1000)
+            for _ in range(inner):
+                model(x)
+            times.append((time.perf_counter() - start) * 1000 / inner)
     finally:
         torch.set_num_threads(previous)
     return statistics.median(times)

@@ -8,6 +8,7 @@ continues a ``.partial`` run from its last epoch checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -22,7 +23,7 @@ from rich.console import Console
 from torch import nn
 
 from . import __version__
-from .config import CheckpointTeacher, ExperimentConfig, TrainedTeacher, config_to_dict
+from .config import CheckpointTeacher, ExperimentConfig, TrainedTeacher, TrainSpec, config_to_dict
 from .data import DataBundle, load_data
 from .distiller import Distiller, logits_of
 from .errors import DistillError
@@ -80,9 +81,7 @@ def _train_phase(phase_dir: Path, distiller: Distiller, data: DataBundle, config
         load_weights(distiller.student, weights)
         saved = json.loads(history_file.read_text())
         console.print(f"[dim]{label}: already trained, reusing {weights}[/]")
-        from .trainer import EpochLog
-
-        return TrainResult([EpochLog(**e) for e in saved["history"]], saved["best_epoch"], saved["best_val_acc"])
+        return TrainResult.from_dict(saved)
     phase_dir.mkdir(parents=True, exist_ok=True)
     result = train(distiller, data, config_train, seed=seed, device=device, checkpoint=phase_dir / "checkpoint.pt",
                    resume=resume, label=label, console=console, on_epoch_end=on_epoch_end)
@@ -109,9 +108,7 @@ def obtain_teacher(config: ExperimentConfig, data: DataBundle, device, console: 
         console.print(f"teacher: reusing cached teacher {final}")
         load_weights(model, final / "model.safetensors")
         saved = json.loads((final / "history.json").read_text())
-        from .trainer import EpochLog
-
-        return model, final / "model.safetensors", TrainResult([EpochLog(**e) for e in saved["history"]], saved["best_epoch"], saved["best_val_acc"])
+        return model, final / "model.safetensors", TrainResult.from_dict(saved)
     console.print(f"teacher: training {count_parameters(model):,} parameters (cached for later runs)")
     work = final.with_name(final.name + ".partial")
     distiller = Distiller(model, None, {"ce": HardLabelCE()})
@@ -124,6 +121,17 @@ def obtain_teacher(config: ExperimentConfig, data: DataBundle, device, console: 
     else:
         os.replace(work, final)
     return model.to("cpu"), final / "model.safetensors", result
+
+
+def scratch_setup(student_data: DataBundle, config: ExperimentConfig) -> tuple[DataBundle, TrainSpec]:
+    """The scratch baseline trains on the labeled samples only, for as many optimisation steps
+    as the distilled student takes (more epochs when labels are scarce): a fair baseline."""
+    labeled = student_data.labeled_only()
+    if len(labeled.train) == len(student_data.train):
+        return student_data, config.train
+    steps = config.train.epochs * math.ceil(len(student_data.train) / config.train.batch_size)
+    epochs = max(1, round(steps / math.ceil(len(labeled.train) / config.train.batch_size)))
+    return labeled, config.train.model_copy(update={"epochs": epochs})
 
 
 def build_distiller(config: ExperimentConfig, student: nn.Module, teacher: nn.Module) -> Distiller:
@@ -180,8 +188,9 @@ def run_experiment(
     terms = config.distill.resolved_terms()
     if not any(TERM.type != "ce" for TERM in terms):
         console.print("[yellow]note: the objective has no teacher term (alpha=0), so the distilled student is trained like the scratch one[/]")
-    if data.train.labeled < len(data.train) and any(t.type == "ce" for t in terms):
-        console.print(f"note: {len(data.train) - data.train.labeled} training samples are unlabeled; the ce term skips them")
+    if config.data.labeled is not None and config.data.labeled < len(data.train):
+        console.print(f"label budget: the students see labels on {config.data.labeled} of {len(data.train)} training samples"
+                      + ("; the ce term skips the rest" if any(t.type == "ce" for t in terms) else ""))
 
     final, partial = _prepare_run_dir(config, resume, overwrite, console)
     hook = (lambda role: (lambda epoch: on_epoch_end(role, epoch))) if on_epoch_end else (lambda role: None)
@@ -190,18 +199,21 @@ def run_experiment(
 
     results: dict[str, TrainResult | None] = {"teacher": teacher_result}
     students: dict[str, nn.Module] = {}
+    student_data = data.with_label_budget(config.data.labeled, config.data.split_seed)
     if config.baseline:
         scratch = seeded_model(config.student, data, config.seed, "student")
-        console.print(f"scratch student: {count_parameters(scratch):,} parameters, labels only")
-        results["scratch"] = _train_phase(partial / "scratch", Distiller(scratch, None, {"ce": HardLabelCE()}), data,
-                                          config.train, seed=config.seed, device=device, resume=resume,
+        scratch_data, scratch_train = scratch_setup(student_data, config)
+        console.print(f"scratch student: {count_parameters(scratch):,} parameters, {len(scratch_data.train)} labeled samples, "
+                      f"{scratch_train.epochs} epochs")
+        results["scratch"] = _train_phase(partial / "scratch", Distiller(scratch, None, {"ce": HardLabelCE()}), scratch_data,
+                                          scratch_train, seed=config.seed, device=device, resume=resume,
                                           label="scratch", console=console, on_epoch_end=hook("scratch"))
         students["scratch"] = scratch
     student = seeded_model(config.student, data, config.seed, "student")
     distiller = build_distiller(config, student, teacher)
     objective = " + ".join(f"{distiller.weights[k]:g}·{k}" for k in distiller.terms)
     console.print(f"distilled student: {count_parameters(student):,} parameters, loss = {objective}")
-    results["distilled"] = _train_phase(partial / "distilled", distiller, data, config.train, seed=config.seed,
+    results["distilled"] = _train_phase(partial / "distilled", distiller, student_data, config.train, seed=config.seed,
                                         device=device, resume=resume, label="distilled", console=console,
                                         on_epoch_end=hook("distilled"))
     students["distilled"] = student
@@ -213,7 +225,7 @@ def run_experiment(
         model.to("cpu")
         weights_paths[role] = partial / ("student.safetensors" if role == "distilled" else "scratch.safetensors")
         save_weights(model, weights_paths[role])
-    metrics = evaluate_models({"teacher": teacher, **students}, weights_paths, data, config)
+    metrics = evaluate_models({"teacher": teacher, **students}, weights_paths, student_data, config)
     metrics.update(
         name=final.name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), distill_version=__version__,
         device=str(device), seconds=time.perf_counter() - started, objective=objective,

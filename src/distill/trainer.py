@@ -50,6 +50,10 @@ class TrainResult:
     def seconds(self) -> float:
         return sum(e.seconds for e in self.history)
 
+    @classmethod
+    def from_dict(cls, saved: dict) -> "TrainResult":
+        return cls([EpochLog(**e) for e in saved["history"]], saved["best_epoch"], saved["best_val_acc"])
+
     def to_dict(self) -> dict:
         return {"best_epoch": self.best_epoch, "best_val_acc": self.best_val_acc, "seconds": self.seconds,
                 "history": [asdict(e) for e in self.history]}
@@ -122,7 +126,7 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         best_state = state["best_state"]
-        result = TrainResult([EpochLog(**e) for e in state["history"]], state["best_epoch"], state["best_val_acc"])
+        result = TrainResult.from_dict(state)
         start_epoch = state["epoch"]
         console.print(f"[dim]{label}: resumed after epoch {start_epoch}/{spec.epochs}[/]")
 
@@ -181,10 +185,12 @@ def train(
             result.best_val_acc, result.best_epoch = val_acc, epoch + 1
             best_state = {k: v.detach().cpu().clone() for k, v in distiller.student.state_dict().items()}
         terms = "  ".join(f"{k} {v:.4f}" for k, v in log.terms.items())
-        console.print(
-            f"{label} epoch {epoch + 1}/{spec.epochs}  loss {log.loss:.4f} ({terms})  "
-            f"train acc {log.train_acc:.4f}  val acc {val_acc:.4f}  {log.seconds:.1f}s"
-        )
+        every = max(1, spec.epochs // 10)  # long schedules log about ten lines
+        if (epoch + 1) % every == 0 or epoch + 1 == spec.epochs:
+            console.print(
+                f"{label} epoch {epoch + 1}/{spec.epochs}  loss {log.loss:.4f} ({terms})  "
+                f"train acc {log.train_acc:.4f}  val acc {val_acc:.4f}  {log.seconds:.1f}s"
+            )
         if checkpoint is not None:
             save_checkpoint(
                 {
