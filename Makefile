@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup data demo demo-quick test bench clean
+.PHONY: setup data demo demo-quick test lint bench clean
 
 setup: $(VENV)/.installed data
 
@@ -25,9 +25,13 @@ demo: setup
 demo-quick: setup
 	$(BIN)/distill demo --quick
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed lint
 	@bash scripts/get_data.sh || echo "note: Fashion-MNIST not installed; tests do not need it"
 	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 bench: setup
 	$(BIN)/python benchmarks/fashion_mnist.py

@@ -29,8 +29,7 @@ from rich.table import Table
 from distill.config import load_config
 from distill.data import load_data
 from distill.distiller import Distiller
-from distill.experiment import build_distiller, obtain_teacher, seeded_model, default_cache_dir
-from distill.experiment import run_experiment
+from distill.experiment import build_distiller, default_cache_dir, obtain_teacher, run_experiment, seeded_model
 from distill.losses import HardLabelCE
 from distill.trainer import make_optimizer
 
@@ -47,7 +46,10 @@ def fmt(values: list[float], scale: float = 100.0) -> str:
 def step_times(config, data, teacher, steps: int, repeats: int) -> dict[str, float]:
     """Median ms of one optimisation step: plain student (ce) vs distillation (the config's terms)."""
     batch_size = config.train.batch_size
-    batches = [(data.train.x[i * batch_size:(i + 1) * batch_size], data.train.y[i * batch_size:(i + 1) * batch_size]) for i in range(steps)]
+    batches = [
+        (data.train.x[i * batch_size : (i + 1) * batch_size], data.train.y[i * batch_size : (i + 1) * batch_size])
+        for i in range(steps)
+    ]
     setups = {
         "plain": Distiller(seeded_model(config.student, data, 0, "student"), None, {"ce": HardLabelCE()}),
         "distill": build_distiller(config, seeded_model(config.student, data, 0, "student"), teacher),
@@ -76,41 +78,59 @@ def main() -> int:
     console = Console()
 
     runs = []
-    with resources.as_file(resources.files("distill") / "configs" / "demo.yaml") as demo, tempfile.TemporaryDirectory() as tmp:
+    with (
+        resources.as_file(resources.files("distill") / "configs" / "demo.yaml") as demo,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         for seed in args.seeds:
-            config = load_config(demo, [f"seed={seed}", f"output.dir={tmp}", f"output.name=seed{seed}", *args.overrides])
+            config = load_config(
+                demo, [f"seed={seed}", f"output.dir={tmp}", f"output.name=seed{seed}", *args.overrides]
+            )
             console.rule(f"seed {seed}")
             runs.append(run_experiment(config, console=Console(quiet=True)).metrics)
             m = runs[-1]["models"]
-            console.print(f"seed {seed}: teacher {100 * m['teacher']['test_acc']:.2f}  scratch {100 * m['scratch']['test_acc']:.2f}  "
-                          f"distilled {100 * m['distilled']['test_acc']:.2f}")
+            console.print(
+                f"seed {seed}: teacher {100 * m['teacher']['test_acc']:.2f}  scratch {100 * m['scratch']['test_acc']:.2f}  "
+                f"distilled {100 * m['distilled']['test_acc']:.2f}"
+            )
         data = load_data(config.data)
-        teacher, _, _ = obtain_teacher(config, data, "cpu", Console(quiet=True), default_cache_dir(), resume=True)
+        teacher, _, _ = obtain_teacher(config, data, "cpu", Console(quiet=True), default_cache_dir())
         timing = step_times(config, data, teacher.to("cpu"), steps=20, repeats=7)
 
     acc = {role: [r["models"][role]["test_acc"] for r in runs] for role in ("teacher", "scratch", "distilled")}
     gap = [r["models"]["distilled"]["gap_closed"] for r in runs]
-    gain = [d - s for d, s in zip(acc["distilled"], acc["scratch"])]
+    gain = [d - s for d, s in zip(acc["distilled"], acc["scratch"], strict=True)]
     first = runs[0]["models"]
     table = Table(title=f"Fashion-MNIST test accuracy (%), {len(runs)} seeds, mean ± std")
     for column in ("model", "test acc", "params", "ms @1", "ms @256"):
         table.add_column(column, justify="right" if column != "model" else "left")
     for role in ("teacher", "scratch", "distilled"):
         lat = [r["models"][role]["latency_ms"] for r in runs]
-        table.add_row(role, fmt(acc[role]), f"{first[role]['params']:,}",
-                      f"{statistics.median(l['1'] for l in lat):.2f}", f"{statistics.median(l['256'] for l in lat):.2f}")
+        table.add_row(
+            role,
+            fmt(acc[role]),
+            f"{first[role]['params']:,}",
+            f"{statistics.median(ms['1'] for ms in lat):.2f}",
+            f"{statistics.median(ms['256'] for ms in lat):.2f}",
+        )
     console.print(table)
     console.print(f"distilled − scratch: {fmt(gain)} points; gap closed {fmt(gap)} %")
     ratio = timing["distill"] / timing["plain"]
-    console.print(f"step time (batch {config.train.batch_size}, CPU, {torch.get_num_threads()} threads): plain {timing['plain']:.2f} ms, "
-                  f"distillation {timing['distill']:.2f} ms, ratio {ratio:.2f}×")
+    console.print(
+        f"step time (batch {config.train.batch_size}, CPU, {torch.get_num_threads()} threads): plain {timing['plain']:.2f} ms, "
+        f"distillation {timing['distill']:.2f} ms, ratio {ratio:.2f}×"
+    )
 
     result = {
         "benchmark": "fashion_mnist",
         "seeds": args.seeds,
         "overrides": args.overrides,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
         "test_acc": {role: {"values": v, "mean": mean_std(v)[0], "std": mean_std(v)[1]} for role, v in acc.items()},
         "distilled_minus_scratch": {"values": gain, "mean": mean_std(gain)[0], "std": mean_std(gain)[1]},
         "gap_closed": {"values": gap, "mean": mean_std(gap)[0], "std": mean_std(gap)[1]},

@@ -43,8 +43,11 @@ def tiny_config(tmp_path: Path, **changes) -> dict:
     config = {
         "seed": 0,
         "data": {"source": "digits"},
-        "teacher": {"kind": "train", "model": {"arch": "cnn", "channels": [16, 32], "hidden": 32},
-                    "train": {"epochs": 3, "batch_size": 64, "lr": 0.05}},
+        "teacher": {
+            "kind": "train",
+            "model": {"arch": "cnn", "channels": [16, 32], "hidden": 32},
+            "train": {"epochs": 3, "batch_size": 64, "lr": 0.05},
+        },
         "student": {"arch": "mlp", "hidden": [16]},
         "distill": {"alpha": 0.7, "temperature": 2.0},
         "train": {"epochs": 3, "batch_size": 64, "lr": 0.05},

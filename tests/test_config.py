@@ -1,11 +1,10 @@
 """Config validation: every mistake is one line naming the field."""
 
 import pytest
+from conftest import tiny_config
 
 from distill.config import load_config, parse_config
 from distill.errors import DistillError
-
-from conftest import tiny_config
 
 
 def error_of(raw, overrides=None) -> str:
@@ -19,7 +18,10 @@ def error_of(raw, overrides=None) -> str:
 def test_a_valid_config_resolves_hinton_terms(tmp_path):
     config = parse_config(tiny_config(tmp_path))
     terms = config.distill.resolved_terms()
-    assert [(t.type, t.weight, t.params) for t in terms] == [("kd", 0.7, {"temperature": 2.0}), ("ce", pytest.approx(0.3), {})]
+    assert [(t.type, t.weight, t.params) for t in terms] == [
+        ("kd", 0.7, {"temperature": 2.0}),
+        ("ce", pytest.approx(0.3), {}),
+    ]
 
 
 def test_alpha_one_drops_the_label_term(tmp_path):
@@ -65,7 +67,9 @@ def test_terms_are_checked_against_the_registry(tmp_path):
 
 
 def test_overrides_parse_yaml_values(tmp_path):
-    config = parse_config(tiny_config(tmp_path), overrides=["train.epochs=7", "student.hidden=[4, 8]", "distill.alpha=1"])
+    config = parse_config(
+        tiny_config(tmp_path), overrides=["train.epochs=7", "student.hidden=[4, 8]", "distill.alpha=1"]
+    )
     assert config.train.epochs == 7 and config.student.hidden == [4, 8] and config.distill.alpha == 1.0
     assert "expected key=value" in error_of(tiny_config(tmp_path), ["train.epochs"])
     assert "train.epochs: Input should be a valid integer" in error_of(tiny_config(tmp_path), ["train.epochs=many"])
@@ -84,7 +88,9 @@ def test_files_relative_paths_and_yaml_errors(tmp_path):
         load_config(listing)
     good = tmp_path / "sub" / "exp.yaml"
     good.parent.mkdir()
-    good.write_text("data: {source: npz, path: arrays.npz}\nteacher: {kind: checkpoint, path: t.safetensors, model: {arch: mlp}}\nstudent: {arch: mlp}\n")
+    good.write_text(
+        "data: {source: npz, path: arrays.npz}\nteacher: {kind: checkpoint, path: t.safetensors, model: {arch: mlp}}\nstudent: {arch: mlp}\n"
+    )
     config = load_config(good)
     assert config.data.path == good.parent / "arrays.npz"
     assert config.teacher.path == good.parent / "t.safetensors"

@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from conftest import write_idx
 from PIL import Image
 
 from distill.data import DataSpec, iterate_batches, load_data, read_idx
 from distill.errors import DistillError
-
-from conftest import write_idx
 
 
 def test_idx_round_trip_plain_and_gzip(tmp_path):
@@ -92,7 +91,9 @@ def test_image_folders(tmp_path):
     for cls in ("cat", "ant", "bee"):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         for i in range(10):
-            Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+            Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(
+                tmp_path / "imgs" / cls / f"{i}.png"
+            )
     data = load_data(DataSpec(source="folder", path=tmp_path / "imgs"))
     assert data.class_names == ["ant", "bee", "cat"] and data.input_shape == (3, 12, 10)
     (tmp_path / "empty" / "a").mkdir(parents=True)

@@ -13,8 +13,9 @@ def teacher_with_bn_and_dropout() -> nn.Module:
 
 
 def hinton(student, teacher, alpha, temperature=2.0):
-    return Distiller(student, teacher, {"kd": SoftTargetKD(temperature), "ce": HardLabelCE()},
-                     {"kd": alpha, "ce": 1 - alpha})
+    return Distiller(
+        student, teacher, {"kd": SoftTargetKD(temperature), "ce": HardLabelCE()}, {"kd": alpha, "ce": 1 - alpha}
+    )
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from distill.losses import build_term, hard_label_ce, soft_target_kl
 
 
 def kl(p, q):
-    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
 
 
 def softmax(logits, temperature=1.0):
@@ -63,12 +63,18 @@ def test_kd_on_sequences_averages_over_unmasked_positions():
     torch.manual_seed(1)
     student, teacher = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
-    rows = [soft_target_kl(student[b, s][None], teacher[b, s][None], 2.0) for b in range(2) for s in range(5) if mask[b, s]]
-    assert soft_target_kl(student, teacher, 2.0, mask).item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-5)
+    rows = [
+        soft_target_kl(student[b, s][None], teacher[b, s][None], 2.0) for b in range(2) for s in range(5) if mask[b, s]
+    ]
+    assert soft_target_kl(student, teacher, 2.0, mask).item() == pytest.approx(
+        torch.stack(rows).mean().item(), rel=1e-5
+    )
     # masked positions have no influence at all
     changed = student.clone()
     changed[~mask] = 100.0
-    assert soft_target_kl(changed, teacher, 2.0, mask).item() == pytest.approx(soft_target_kl(student, teacher, 2.0, mask).item())
+    assert soft_target_kl(changed, teacher, 2.0, mask).item() == pytest.approx(
+        soft_target_kl(student, teacher, 2.0, mask).item()
+    )
 
 
 def test_kd_rejects_mismatched_class_sets():
@@ -80,7 +86,9 @@ def test_kd_handles_half_precision_logits_in_float32():
     student, teacher = torch.randn(4, 10), torch.randn(4, 10)
     half = soft_target_kl(student.bfloat16(), teacher.bfloat16(), 2.0)
     assert half.dtype == torch.float32
-    assert half.item() == pytest.approx(soft_target_kl(student.bfloat16().float(), teacher.bfloat16().float(), 2.0).item())
+    assert half.item() == pytest.approx(
+        soft_target_kl(student.bfloat16().float(), teacher.bfloat16().float(), 2.0).item()
+    )
 
 
 def test_ce_skips_unlabeled_samples_and_is_zero_without_labels():

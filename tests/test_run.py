@@ -7,14 +7,13 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import tiny_config
 from safetensors.torch import load_file, save_file
 
 from distill.cli import main
 from distill.config import parse_config
 from distill.experiment import run_experiment
 from distill.models import MLP, MLPSpec
-
-from conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,15 @@ def test_run_writes_a_complete_run_directory(finished_run):
     result, _, tmp = finished_run
     run = result.run_dir
     assert run == tmp / "runs" / "tiny" and not (tmp / "runs" / "tiny.partial").exists()
-    for name in ("config.yaml", "metrics.json", "report.md", "curves.png", "tradeoff.png", "student.safetensors", "scratch.safetensors"):
+    for name in (
+        "config.yaml",
+        "metrics.json",
+        "report.md",
+        "curves.png",
+        "tradeoff.png",
+        "student.safetensors",
+        "scratch.safetensors",
+    ):
         assert (run / name).stat().st_size > 0, name
     student = MLP((1, 8, 8), 10, MLPSpec(hidden=[16]))
     student.load_state_dict(load_file(run / "student.safetensors"))
@@ -92,8 +99,14 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
         assert torch.equal(full[key], again[key]), key
     assert resumed.metrics["training"]["distilled"] == uninterrupted.metrics["training"]["distilled"] | {
         "seconds": resumed.metrics["training"]["distilled"]["seconds"],
-        "history": [a | {"seconds": b["seconds"]} for a, b in zip(uninterrupted.metrics["training"]["distilled"]["history"],
-                                                                   resumed.metrics["training"]["distilled"]["history"])],
+        "history": [
+            a | {"seconds": b["seconds"]}
+            for a, b in zip(
+                uninterrupted.metrics["training"]["distilled"]["history"],
+                resumed.metrics["training"]["distilled"]["history"],
+                strict=True,
+            )
+        ],
     }
 
 
@@ -115,8 +128,14 @@ def run_cli(capsys, *argv):
         ({"train.epochs": 0}, "train.epochs: Input should be greater than 0"),
         ({"student.arch": "factory", "student.hidden": None}, "student.factory: Field required"),
         ({"data.source": "npz", "data.path": "missing.npz"}, "missing.npz does not exist"),
-        ({"student": {"arch": "factory", "factory": "nonexistent_pkg.models:make"}}, "student.factory: cannot import module 'nonexistent_pkg.models'"),
-        ({"teacher": {"kind": "checkpoint", "path": "nope.safetensors", "model": {"arch": "mlp"}}}, "teacher.path: weights file"),
+        (
+            {"student": {"arch": "factory", "factory": "nonexistent_pkg.models:make"}},
+            "student.factory: cannot import module 'nonexistent_pkg.models'",
+        ),
+        (
+            {"teacher": {"kind": "checkpoint", "path": "nope.safetensors", "model": {"arch": "mlp"}}},
+            "teacher.path: weights file",
+        ),
     ],
 )
 def test_cli_rejects_bad_input_with_one_line_and_no_run_directory(tmp_path, capsys, changes, message):
@@ -131,7 +150,10 @@ def test_cli_rejects_bad_input_with_one_line_and_no_run_directory(tmp_path, caps
 def test_class_count_mismatch_between_teacher_and_data(tmp_path, capsys):
     teacher = MLP((1, 8, 8), 7, MLPSpec(hidden=[12]))
     save_file(teacher.state_dict(), tmp_path / "teacher7.safetensors")
-    path = write_config(tmp_path, teacher={"kind": "checkpoint", "path": "teacher7.safetensors", "model": {"arch": "mlp", "hidden": [12]}})
+    path = write_config(
+        tmp_path,
+        teacher={"kind": "checkpoint", "path": "teacher7.safetensors", "model": {"arch": "mlp", "hidden": [12]}},
+    )
     code, _, err = run_cli(capsys, "run", str(path))
     assert code == 2 and err.count("\n") == 1
     assert "teacher.path: weights in" in err and "head.weight is [7, 12] in the file but [10, 12] in the model" in err
@@ -142,7 +164,10 @@ def test_cli_runs_with_a_checkpoint_teacher_and_refuses_to_overwrite(tmp_path, c
     torch.manual_seed(0)
     teacher = MLP((1, 8, 8), 10, MLPSpec(hidden=[32]))
     save_file(teacher.state_dict(), tmp_path / "teacher.safetensors")
-    path = write_config(tmp_path, teacher={"kind": "checkpoint", "path": "teacher.safetensors", "model": {"arch": "mlp", "hidden": [32]}})
+    path = write_config(
+        tmp_path,
+        teacher={"kind": "checkpoint", "path": "teacher.safetensors", "model": {"arch": "mlp", "hidden": [32]}},
+    )
     code, out, err = run_cli(capsys, "run", str(path), "--set", "train.epochs=1", "--set", "baseline=false")
     assert code == 0, err
     assert "distilled student" in out and (tmp_path / "runs" / "tiny" / "metrics.json").exists()

@@ -23,14 +23,22 @@ DEMO_QUICK_OVERRIDES = [
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distill", description="Knowledge distillation: teacher → student, measured honestly.")
+    parser = argparse.ArgumentParser(
+        prog="distill", description="Knowledge distillation: teacher → student, measured honestly."
+    )
     parser.add_argument("--version", action="version", version=f"distill {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run an experiment from a YAML config")
     run.add_argument("config", type=Path, help="experiment config (YAML)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=3 (repeatable)",
+    )
     run.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     run.add_argument("--quiet", action="store_true", help="print only the final table")
@@ -71,9 +79,14 @@ def main(argv: list[str] | None = None) -> int:
             demo_file = resources.files("distill") / "configs" / "demo.yaml"
             with resources.as_file(demo_file) as path:
                 overrides = (DEMO_QUICK_OVERRIDES if args.quick else []) + [
-                    f"output.dir={args.out.resolve()}", f"output.name={'demo-quick' if args.quick else 'demo'}", *args.overrides]
+                    f"output.dir={args.out.resolve()}",
+                    f"output.name={'demo-quick' if args.quick else 'demo'}",
+                    *args.overrides,
+                ]
                 config = load_config(path, overrides)
-            result = run_experiment(config, overwrite=True, console=console)
+            result = run_experiment(
+                config, resume=True, overwrite=True, console=console
+            )  # the demo picks up where it stopped
         if args.quiet:
             from .report import print_summary
 

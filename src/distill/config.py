@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -52,7 +52,7 @@ class CheckpointTeacher(Strict):
     path: Path
 
 
-TeacherSpec = Annotated[Union[TrainedTeacher, CheckpointTeacher], Field(discriminator="kind")]
+TeacherSpec = Annotated[TrainedTeacher | CheckpointTeacher, Field(discriminator="kind")]
 
 
 class TermSpec(BaseModel):
@@ -73,7 +73,7 @@ class TermSpec(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _params(self) -> "TermSpec":
+    def _params(self) -> TermSpec:
         TERMS[self.type].Params(**self.params)  # raises ValidationError naming the parameter
         return self
 
@@ -95,7 +95,7 @@ class DistillSpec(Strict):
     terms: list[TermSpec] | None = None
 
     @model_validator(mode="after")
-    def _exclusive(self) -> "DistillSpec":
+    def _exclusive(self) -> DistillSpec:
         if self.terms is not None:
             if not self.terms:
                 raise ValueError("terms: list at least one loss term")
@@ -209,11 +209,15 @@ def _resolve_paths(raw: dict, base: Path) -> None:
             node[key] = str(path if path.is_absolute() else base / path)
 
 
-def parse_config(raw: Any, source: str = "config", overrides: list[str] | None = None, base: Path | None = None) -> ExperimentConfig:
+def parse_config(
+    raw: Any, source: str = "config", overrides: list[str] | None = None, base: Path | None = None
+) -> ExperimentConfig:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise DistillError(f"{source}: expected a mapping of sections (data, teacher, student, ...), got {type(raw).__name__}")
+        raise DistillError(
+            f"{source}: expected a mapping of sections (data, teacher, student, ...), got {type(raw).__name__}"
+        )
     for assignment in overrides or []:
         apply_override(raw, assignment)
     if base is not None:

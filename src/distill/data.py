@@ -54,7 +54,8 @@ class DataSpec(BaseModel):
     split_seed: int = 0
     limit_train: int | None = Field(None, gt=0, description="use only this many training samples")
     labeled: int | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="label budget of the students: keep labels on only this many training samples "
         "(a teacher trained by distill still sees every label: it stands for a model trained elsewhere)",
     )
@@ -75,7 +76,7 @@ class Split:
     def labeled(self) -> int:
         return int((self.y >= 0).sum())
 
-    def subset(self, index: Tensor) -> "Split":
+    def subset(self, index: Tensor) -> Split:
         return Split(self.x[index], self.y[index])
 
 
@@ -99,7 +100,7 @@ class DataBundle:
         """Content hash of all three splits: a cached teacher is reused only on identical data."""
         return hash_tensors(self.train.x, self.train.y, self.val.x, self.val.y, self.test.x, self.test.y)
 
-    def with_label_budget(self, labeled: int | None, seed: int = 0) -> "DataBundle":
+    def with_label_budget(self, labeled: int | None, seed: int = 0) -> DataBundle:
         """A copy whose training split keeps labels on only ``labeled`` samples (chosen by
         ``seed``); the rest are marked unlabeled (-1). Validation and test keep their labels."""
         if labeled is None or labeled >= len(self.train):
@@ -111,7 +112,7 @@ class DataBundle:
         y[torch.as_tensor(order[labeled:])] = UNLABELED
         return replace(self, train=Split(self.train.x, y))
 
-    def labeled_only(self) -> "DataBundle":
+    def labeled_only(self) -> DataBundle:
         """A copy whose training split holds only its labeled samples."""
         if self.train.labeled == len(self.train):
             return self
@@ -130,7 +131,9 @@ class DataBundle:
         }
 
 
-def iterate_batches(split: Split, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+def iterate_batches(
+    split: Split, batch_size: int, generator: torch.Generator | None = None
+) -> Iterator[tuple[Tensor, Tensor]]:
     """Mini-batches of ``split``; shuffled by ``generator`` when one is given."""
     n = len(split)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
@@ -224,7 +227,11 @@ def _load_folder(path: Path, field_name: str, image_size, class_names=None):
         raise DistillError(f"{field_name}: {path} has no class sub-directories (expected root/<class>/*.png)")
     images, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(f for f in (path / name).glob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if (path / name).is_dir() else []
+        files = (
+            sorted(f for f in (path / name).glob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            if (path / name).is_dir()
+            else []
+        )
         for file in files:
             try:
                 with Image.open(file) as image:
@@ -238,7 +245,7 @@ def _load_folder(path: Path, field_name: str, image_size, class_names=None):
     mode = "L" if all(im.mode in ("L", "1", "I;16", "I") for im in images) else "RGB"
     size = tuple(image_size[::-1]) if image_size else images[0].size
     arrays = []
-    for image, file_label in zip(images, labels):
+    for image in images:
         image = image.convert(mode)
         if image.size != size:
             if not image_size:
@@ -293,7 +300,9 @@ def load_data(spec: DataSpec) -> DataBundle:
             raise DistillError("data.path: set it to an image-folder root laid out as root/<class>/*.png")
         *train, class_names = _load_folder(spec.path, "data.path", spec.image_size)
         if spec.test_path is not None:
-            *test, _ = _load_folder(spec.test_path, "data.test_path", spec.image_size or train[0].shape[-2:], class_names)
+            *test, _ = _load_folder(
+                spec.test_path, "data.test_path", spec.image_size or train[0].shape[-2:], class_names
+            )
         where = str(spec.path)
 
     x, y = train

@@ -81,7 +81,7 @@ class Distiller(nn.Module):
     def uses_teacher(self) -> bool:
         return self.teacher is not None and any(term.needs_teacher for term in self.terms.values())
 
-    def train(self, mode: bool = True) -> "Distiller":
+    def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()

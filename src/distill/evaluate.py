@@ -37,7 +37,10 @@ def agreement(logits_a: Tensor, logits_b: Tensor) -> float:
 
 def per_class_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> list[float]:
     predictions = logits.argmax(-1)
-    return [float((predictions[labels == c] == c).float().mean()) if bool((labels == c).any()) else float("nan") for c in range(num_classes)]
+    return [
+        float((predictions[labels == c] == c).float().mean()) if bool((labels == c).any()) else float("nan")
+        for c in range(num_classes)
+    ]
 
 
 @torch.inference_mode()

@@ -12,10 +12,11 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -73,8 +74,19 @@ def seeded_model(spec, data: DataBundle, seed: int, field: str) -> nn.Module:
     return model
 
 
-def _train_phase(phase_dir: Path, distiller: Distiller, data: DataBundle, config_train, *, seed, device,
-                 resume, label, console, on_epoch_end) -> TrainResult:
+def _train_phase(
+    phase_dir: Path,
+    distiller: Distiller,
+    data: DataBundle,
+    config_train,
+    *,
+    seed,
+    device,
+    resume,
+    label,
+    console,
+    on_epoch_end,
+) -> TrainResult:
     """Train one model inside ``phase_dir``; a finished phase is loaded, not retrained."""
     weights, history_file = phase_dir / "model.safetensors", phase_dir / "history.json"
     if resume and weights.exists() and history_file.exists():
@@ -83,8 +95,18 @@ def _train_phase(phase_dir: Path, distiller: Distiller, data: DataBundle, config
         console.print(f"[dim]{label}: already trained, reusing {weights}[/]")
         return TrainResult.from_dict(saved)
     phase_dir.mkdir(parents=True, exist_ok=True)
-    result = train(distiller, data, config_train, seed=seed, device=device, checkpoint=phase_dir / "checkpoint.pt",
-                   resume=resume, label=label, console=console, on_epoch_end=on_epoch_end)
+    result = train(
+        distiller,
+        data,
+        config_train,
+        seed=seed,
+        device=device,
+        checkpoint=phase_dir / "checkpoint.pt",
+        resume=resume,
+        label=label,
+        console=console,
+        on_epoch_end=on_epoch_end,
+    )
     distiller.student.to("cpu")
     save_weights(distiller.student, weights)
     write_json(history_file, result.to_dict())
@@ -92,8 +114,9 @@ def _train_phase(phase_dir: Path, distiller: Distiller, data: DataBundle, config
     return result
 
 
-def obtain_teacher(config: ExperimentConfig, data: DataBundle, device, console: Console, cache_dir: Path,
-                   resume: bool) -> tuple[nn.Module, Path, TrainResult | None]:
+def obtain_teacher(
+    config: ExperimentConfig, data: DataBundle, device, console: Console, cache_dir: Path
+) -> tuple[nn.Module, Path, TrainResult | None]:
     """The teacher model, the path of its weights, and its training history if distill trained it."""
     spec = config.teacher
     model = seeded_model(spec.model, data, config.seed, "teacher.model")
@@ -102,7 +125,9 @@ def obtain_teacher(config: ExperimentConfig, data: DataBundle, device, console: 
         check_outputs(model, data, "teacher.path")
         return model, spec.path, None
     assert isinstance(spec, TrainedTeacher)
-    key = hash_json({"teacher": spec.model_dump(mode="json"), "seed": config.seed, "data": data.fingerprint, "format": 1})
+    key = hash_json(
+        {"teacher": spec.model_dump(mode="json"), "seed": config.seed, "data": data.fingerprint, "format": 1}
+    )
     final = cache_dir / "teachers" / key[:20]
     if (final / "model.safetensors").exists():
         console.print(f"teacher: reusing cached teacher {final}")
@@ -112,10 +137,28 @@ def obtain_teacher(config: ExperimentConfig, data: DataBundle, device, console: 
     console.print(f"teacher: training {count_parameters(model):,} parameters (cached for later runs)")
     work = final.with_name(final.name + ".partial")
     distiller = Distiller(model, None, {"ce": HardLabelCE()})
-    result = _train_phase(work, distiller, data, spec.train, seed=config.seed, device=device, resume=True,
-                          label="teacher", console=console, on_epoch_end=None)
-    write_json(work / "meta.json", {"key": key, "teacher": spec.model_dump(mode="json"), "data": data.summary(),
-                                     "seed": config.seed, "distill_version": __version__})
+    result = _train_phase(
+        work,
+        distiller,
+        data,
+        spec.train,
+        seed=config.seed,
+        device=device,
+        resume=True,
+        label="teacher",
+        console=console,
+        on_epoch_end=None,
+    )
+    write_json(
+        work / "meta.json",
+        {
+            "key": key,
+            "teacher": spec.model_dump(mode="json"),
+            "data": data.summary(),
+            "seed": config.seed,
+            "distill_version": __version__,
+        },
+    )
     if final.exists():  # a concurrent run finished first
         shutil.rmtree(work, ignore_errors=True)
     else:
@@ -142,6 +185,10 @@ def build_distiller(config: ExperimentConfig, student: nn.Module, teacher: nn.Mo
     return Distiller(student, teacher, terms, weights)
 
 
+def _without_output(config: dict) -> dict:
+    return {key: value for key, value in config.items() if key != "output"}
+
+
 def _prepare_run_dir(config: ExperimentConfig, resume: bool, overwrite: bool, console: Console) -> tuple[Path, Path]:
     final = config.output.dir / (config.output.name or "run")
     partial = final.with_name(final.name + ".partial")
@@ -149,14 +196,21 @@ def _prepare_run_dir(config: ExperimentConfig, resume: bool, overwrite: bool, co
     if final.exists() and not overwrite:
         raise DistillError(f"run directory {final} already exists; pass --overwrite or choose another output.name")
     if partial.exists():
-        if not resume:
-            raise DistillError(f"an unfinished run exists at {partial}; pass --resume to continue it or delete it")
         previous = yaml.safe_load(saved_config.read_text()) if saved_config.exists() else None
-        current = config_to_dict(config)
-        if previous is not None and {k: v for k, v in previous.items() if k != "output"} != {k: v for k, v in current.items() if k != "output"}:
-            raise DistillError(f"--resume: the config differs from the one {partial} was started with ({saved_config}); use the same config")
-        console.print(f"resuming {partial}")
-    elif resume:
+        same = previous is not None and _without_output(previous) == _without_output(config_to_dict(config))
+        if resume and same:
+            console.print(f"resuming {partial}")
+        elif overwrite:  # with both flags (the demo): resume when possible, else start over
+            shutil.rmtree(partial)
+        elif resume:
+            raise DistillError(
+                f"--resume: the config differs from the one {partial} was started with ({saved_config}); use the same config"
+            )
+        else:
+            raise DistillError(
+                f"an unfinished run exists at {partial}; pass --resume to continue it or --overwrite to start over"
+            )
+    elif resume and not overwrite:
         console.print(f"[dim]--resume: nothing to resume at {partial}, starting a new run[/]")
     partial.mkdir(parents=True, exist_ok=True)
     write_text(saved_config, yaml.safe_dump(config_to_dict(config), sort_keys=False))
@@ -172,79 +226,112 @@ def run_experiment(
     cache_dir: Path | None = None,
     on_epoch_end: Callable[[str, int], None] | None = None,
 ) -> RunResult:
-    """Train teacher (or load it), scratch and distilled students; evaluate; write the run directory."""
+    """Train teacher (or load it), scratch and distilled students; evaluate; write the run directory.
+
+    ``on_epoch_end(role, epoch)`` is called after each student epoch (``role`` is "scratch" or
+    "distilled"); raising there interrupts the run as a crash would.
+    """
     console = console or Console()
     started = time.perf_counter()
     device = pick_device(config.device)
-    cache_dir = cache_dir or default_cache_dir()
-
-    # everything that can be wrong with the input is checked before the run directory exists
     data = load_data(config.data)
-    console.print(f"data: {data.name}, {len(data.train)} train ({data.train.labeled} labeled) / "
-                  f"{len(data.val)} val / {len(data.test)} test, {data.num_classes} classes, input {list(data.input_shape)}")
-    seeded_model(config.student, data, config.seed, "student")
-    if isinstance(config.teacher, CheckpointTeacher):
-        load_weights(seeded_model(config.teacher.model, data, config.seed, "teacher.model"), config.teacher.path, "teacher.path")
-    terms = config.distill.resolved_terms()
-    if not any(TERM.type != "ce" for TERM in terms):
-        console.print("[yellow]note: the objective has no teacher term (alpha=0), so the distilled student is trained like the scratch one[/]")
-    if config.data.labeled is not None and config.data.labeled < len(data.train):
-        console.print(f"label budget: the students see labels on {config.data.labeled} of {len(data.train)} training samples"
-                      + ("; the ce term skips the rest" if any(t.type == "ce" for t in terms) else ""))
-
+    _check_inputs(config, data, console)  # everything that can be wrong is found before the run directory exists
     final, partial = _prepare_run_dir(config, resume, overwrite, console)
-    hook = (lambda role: (lambda epoch: on_epoch_end(role, epoch))) if on_epoch_end else (lambda role: None)
+    teacher, teacher_weights, teacher_result = obtain_teacher(
+        config, data, device, console, cache_dir or default_cache_dir()
+    )
 
-    teacher, teacher_weights, teacher_result = obtain_teacher(config, data, device, console, cache_dir, resume)
-
+    student_data = data.with_label_budget(config.data.labeled, config.data.split_seed)
     results: dict[str, TrainResult | None] = {"teacher": teacher_result}
     students: dict[str, nn.Module] = {}
-    student_data = data.with_label_budget(config.data.labeled, config.data.split_seed)
+
+    def train_student(role: str, distiller: Distiller, phase_data: DataBundle, spec: TrainSpec) -> None:
+        hook = (lambda epoch: on_epoch_end(role, epoch)) if on_epoch_end else None
+        results[role] = _train_phase(
+            partial / role,
+            distiller,
+            phase_data,
+            spec,
+            seed=config.seed,
+            device=device,
+            resume=resume,
+            label=role,
+            console=console,
+            on_epoch_end=hook,
+        )
+        students[role] = distiller.student.to("cpu")
+
     if config.baseline:
+        scratch_data, scratch_spec = scratch_setup(student_data, config)
         scratch = seeded_model(config.student, data, config.seed, "student")
-        scratch_data, scratch_train = scratch_setup(student_data, config)
-        console.print(f"scratch student: {count_parameters(scratch):,} parameters, {len(scratch_data.train)} labeled samples, "
-                      f"{scratch_train.epochs} epochs")
-        results["scratch"] = _train_phase(partial / "scratch", Distiller(scratch, None, {"ce": HardLabelCE()}), scratch_data,
-                                          scratch_train, seed=config.seed, device=device, resume=resume,
-                                          label="scratch", console=console, on_epoch_end=hook("scratch"))
-        students["scratch"] = scratch
-    student = seeded_model(config.student, data, config.seed, "student")
-    distiller = build_distiller(config, student, teacher)
+        console.print(
+            f"scratch student: {count_parameters(scratch):,} parameters, {len(scratch_data.train)} labeled "
+            f"samples, {scratch_spec.epochs} epochs"
+        )
+        train_student("scratch", Distiller(scratch, None, {"ce": HardLabelCE()}), scratch_data, scratch_spec)
+    distiller = build_distiller(config, seeded_model(config.student, data, config.seed, "student"), teacher)
     objective = " + ".join(f"{distiller.weights[k]:g}·{k}" for k in distiller.terms)
-    console.print(f"distilled student: {count_parameters(student):,} parameters, loss = {objective}")
-    results["distilled"] = _train_phase(partial / "distilled", distiller, student_data, config.train, seed=config.seed,
-                                        device=device, resume=resume, label="distilled", console=console,
-                                        on_epoch_end=hook("distilled"))
-    students["distilled"] = student
+    console.print(f"distilled student: {count_parameters(distiller.student):,} parameters, loss = {objective}")
+    train_student("distilled", distiller, student_data, config.train)
 
     console.print("evaluating on the test split and timing CPU latency ...")
-    teacher.to("cpu")
     weights_paths = {"teacher": Path(teacher_weights)}
     for role, model in students.items():
-        model.to("cpu")
-        weights_paths[role] = partial / ("student.safetensors" if role == "distilled" else "scratch.safetensors")
+        weights_paths[role] = partial / ("student.safetensors" if role == "distilled" else f"{role}.safetensors")
         save_weights(model, weights_paths[role])
-    metrics = evaluate_models({"teacher": teacher, **students}, weights_paths, student_data, config)
+    metrics = evaluate_models({"teacher": teacher.to("cpu"), **students}, weights_paths, student_data, config)
     metrics.update(
-        name=final.name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), distill_version=__version__,
-        device=str(device), seconds=time.perf_counter() - started, objective=objective,
+        name=final.name,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        distill_version=__version__,
+        device=str(device),
+        seconds=time.perf_counter() - started,
+        objective=objective,
         training={role: (r.to_dict() if r else None) for role, r in results.items()},
     )
-    write_json(partial / "metrics.json", metrics)
-    histories = {role: (r.to_dict()["history"] if r else []) for role, r in results.items()}
-    write_plots(partial, metrics, histories)
-    write_markdown(partial / "report.md", metrics, yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    for phase in ("scratch", "distilled"):
-        shutil.rmtree(partial / phase, ignore_errors=True)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(partial, final)
+    _write_run(partial, final, config, metrics)
     print_summary(console, metrics, final)
     return RunResult(final, metrics)
 
 
-def evaluate_models(models: dict[str, nn.Module], weights: dict[str, Path], data: DataBundle, config: ExperimentConfig) -> dict[str, Any]:
+def _check_inputs(config: ExperimentConfig, data: DataBundle, console: Console) -> None:
+    """Models build, weights fit and class counts agree; notes on unusual objectives."""
+    console.print(
+        f"data: {data.name}, {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
+        f"{data.num_classes} classes, input {list(data.input_shape)}"
+    )
+    seeded_model(config.student, data, config.seed, "student")
+    if isinstance(config.teacher, CheckpointTeacher):
+        load_weights(
+            seeded_model(config.teacher.model, data, config.seed, "teacher.model"), config.teacher.path, "teacher.path"
+        )
+    terms = config.distill.resolved_terms()
+    if all(term.type == "ce" for term in terms):
+        console.print(
+            "[yellow]note: the objective has no teacher term (alpha=0): the distilled student trains like the scratch one[/]"
+        )
+    if config.data.labeled is not None and config.data.labeled < len(data.train):
+        console.print(
+            f"label budget: the students see labels on {config.data.labeled} of {len(data.train)} training samples"
+            + ("; the ce term skips the rest" if any(t.type == "ce" for t in terms) else "")
+        )
+
+
+def _write_run(partial: Path, final: Path, config: ExperimentConfig, metrics: dict[str, Any]) -> None:
+    """Write metrics, plots and report into the partial directory, then move it into place."""
+    write_json(partial / "metrics.json", metrics)
+    write_plots(partial, metrics, {role: (r["history"] if r else []) for role, r in metrics["training"].items()})
+    write_markdown(partial / "report.md", metrics, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    for role in ("scratch", "distilled"):
+        shutil.rmtree(partial / role, ignore_errors=True)  # phase checkpoints are no longer needed
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+
+
+def evaluate_models(
+    models: dict[str, nn.Module], weights: dict[str, Path], data: DataBundle, config: ExperimentConfig
+) -> dict[str, Any]:
     """Test accuracy, agreement, retention, gap closed, size and latency for each model."""
     spec = config.eval
     logits = {role: predict(model, data.test.x) for role, model in models.items()}
@@ -255,18 +342,22 @@ def evaluate_models(models: dict[str, nn.Module], weights: dict[str, Path], data
             "agreement": agreement(logits[role], logits["teacher"]),
             "params": count_parameters(model),
             "size_bytes": weights[role].stat().st_size,
-            "latency_ms": {str(b): measure_latency(model, data.input_shape, b, spec.latency_repeats, threads=spec.latency_threads)
-                           for b in spec.latency_batch_sizes},
+            "latency_ms": {
+                str(b): measure_latency(model, data.input_shape, b, spec.latency_repeats, threads=spec.latency_threads)
+                for b in spec.latency_batch_sizes
+            },
             "per_class_acc": per_class_accuracy(logits[role], data.test.y, data.num_classes),
         }
     teacher = out["teacher"]
-    for role, m in out.items():
+    for m in out.values():
         m["retention"] = m["test_acc"] / teacher["test_acc"] if teacher["test_acc"] > 0 else float("nan")
         m["speedup"] = {b: teacher["latency_ms"][b] / m["latency_ms"][b] for b in m["latency_ms"]}
         m["compression"] = teacher["params"] / m["params"]
     if "scratch" in out:
         gap = teacher["test_acc"] - out["scratch"]["test_acc"]
-        out["distilled"]["gap_closed"] = (out["distilled"]["test_acc"] - out["scratch"]["test_acc"]) / gap if gap > 0 else float("nan")
+        out["distilled"]["gap_closed"] = (
+            (out["distilled"]["test_acc"] - out["scratch"]["test_acc"]) / gap if gap > 0 else float("nan")
+        )
     return {
         "models": out,
         "data": data.summary(),

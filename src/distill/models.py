@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -47,7 +47,7 @@ class FactorySpec(_Spec):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-ModelSpec = Annotated[Union[CNNSpec, MLPSpec, FactorySpec], Field(discriminator="arch")]
+ModelSpec = Annotated[CNNSpec | MLPSpec | FactorySpec, Field(discriminator="arch")]
 
 
 class SmallCNN(nn.Module):
@@ -117,7 +117,9 @@ def load_factory(path: str, field: str = "factory"):
     return obj
 
 
-def build_model(spec: CNNSpec | MLPSpec | FactorySpec, in_shape: Sequence[int], num_classes: int, field: str = "model") -> nn.Module:
+def build_model(
+    spec: CNNSpec | MLPSpec | FactorySpec, in_shape: Sequence[int], num_classes: int, field: str = "model"
+) -> nn.Module:
     """Build a model from its spec for inputs of ``in_shape`` and ``num_classes`` outputs."""
     if isinstance(spec, CNNSpec):
         return SmallCNN(in_shape, num_classes, spec)

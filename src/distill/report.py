@@ -41,8 +41,15 @@ def table_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         m = metrics["models"].get(role)
         if m is None:
             continue
-        row = [ROLE_TITLES[role], _pct(m["test_acc"]), _pct(m.get("agreement")), _pct(m.get("retention")),
-               _pct(m.get("gap_closed")), f"{m['params']:,}", _size(m["size_bytes"])]
+        row = [
+            ROLE_TITLES[role],
+            _pct(m["test_acc"]),
+            _pct(m.get("agreement")),
+            _pct(m.get("retention")),
+            _pct(m.get("gap_closed")),
+            f"{m['params']:,}",
+            _size(m["size_bytes"]),
+        ]
         row += [_num(m["latency_ms"].get(str(b)), ".2f") for b in batch_sizes]
         row += [_num(m["speedup"].get(str(b)), ".1f", "×") for b in batch_sizes]
         rows.append(row)
@@ -74,8 +81,10 @@ def verdict(metrics: dict[str, Any]) -> str:
     delta = 100 * (models["distilled"]["test_acc"] - models["scratch"]["test_acc"])
     if delta > 0:
         return f"Distillation helped: the distilled student beats the same student trained from scratch by {delta:.2f} points."
-    return (f"Distillation did not help here: the distilled student is {abs(delta):.2f} points "
-            f"{'below' if delta < 0 else 'level with'} the same student trained from scratch.")
+    return (
+        f"Distillation did not help here: the distilled student is {abs(delta):.2f} points "
+        f"{'below' if delta < 0 else 'level with'} the same student trained from scratch."
+    )
 
 
 def write_markdown(path: Path, metrics: dict[str, Any], config_yaml: str) -> None:
@@ -126,7 +135,9 @@ def write_plots(run_dir: Path, metrics: dict[str, Any], histories: dict[str, lis
         # epochs) and the distilled student (few long ones) line up
         epochs = [e["epoch"] / len(history) for e in history]
         ax_loss.plot(epochs, [e["loss"] for e in history], marker="o", color=colors[role], label=ROLE_TITLES[role])
-        ax_acc.plot(epochs, [100 * e["val_acc"] for e in history], marker="o", color=colors[role], label=ROLE_TITLES[role])
+        ax_acc.plot(
+            epochs, [100 * e["val_acc"] for e in history], marker="o", color=colors[role], label=ROLE_TITLES[role]
+        )
     ax_loss.set(xlabel="fraction of training", ylabel="training loss (weighted sum of terms)", title="training loss")
     ax_acc.set(xlabel="fraction of training", ylabel="validation accuracy (%)", title="validation accuracy")
     for ax in (ax_loss, ax_acc):
@@ -143,7 +154,12 @@ def write_plots(run_dir: Path, metrics: dict[str, Any], histories: dict[str, lis
         for ax, x in ((ax_params, m["params"]), (ax_latency, m["latency_ms"][batch])):
             ax.scatter([x], [100 * m["test_acc"]], s=60, color=colors[role], label=ROLE_TITLES[role], zorder=3)
     ax_params.set(xscale="log", xlabel="parameters", ylabel="test accuracy (%)", title="accuracy vs size")
-    ax_latency.set(xscale="log", xlabel=f"CPU latency at batch {batch} (ms)", ylabel="test accuracy (%)", title="accuracy vs latency")
+    ax_latency.set(
+        xscale="log",
+        xlabel=f"CPU latency at batch {batch} (ms)",
+        ylabel="test accuracy (%)",
+        title="accuracy vs latency",
+    )
     for ax in (ax_params, ax_latency):
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
@@ -158,4 +174,3 @@ def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> N
     console.print(console_table(metrics, f"distill: {metrics['name']} ({metrics['data']['name']}, test split)"))
     console.print(verdict(metrics))
     console.print(f"[dim]run directory: {run_dir}[/]")
-

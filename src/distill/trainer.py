@@ -51,12 +51,16 @@ class TrainResult:
         return sum(e.seconds for e in self.history)
 
     @classmethod
-    def from_dict(cls, saved: dict) -> "TrainResult":
+    def from_dict(cls, saved: dict) -> TrainResult:
         return cls([EpochLog(**e) for e in saved["history"]], saved["best_epoch"], saved["best_val_acc"])
 
     def to_dict(self) -> dict:
-        return {"best_epoch": self.best_epoch, "best_val_acc": self.best_val_acc, "seconds": self.seconds,
-                "history": [asdict(e) for e in self.history]}
+        return {
+            "best_epoch": self.best_epoch,
+            "best_val_acc": self.best_val_acc,
+            "seconds": self.seconds,
+            "history": [asdict(e) for e in self.history],
+        }
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -74,7 +78,9 @@ def pick_device(name: str = "auto") -> torch.device:
 def make_optimizer(params, spec: TrainSpec) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if spec.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=spec.momentum > 0)
+        return torch.optim.SGD(
+            params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=spec.momentum > 0
+        )
     return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
 
 
@@ -136,9 +142,14 @@ def train(
         sums: dict[str, float] = {}
         seen = correct = labeled = 0
         with Progress(
-            TextColumn(f"{label} {epoch + 1}/{spec.epochs}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
-            console=console, transient=True, disable=console.quiet or not console.is_terminal,
+            TextColumn(f"{label} {epoch + 1}/{spec.epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            disable=console.quiet or not console.is_terminal,
         ) as progress:
             task = progress.add_task("train", total=steps_per_epoch, stats="")
             for step, (x, y) in enumerate(iterate_batches(data.train, spec.batch_size, epoch_generator(seed, epoch))):
@@ -165,7 +176,9 @@ def train(
                 keep = y >= 0
                 labeled += int(keep.sum())
                 correct += int((out.student.logits.argmax(-1)[keep] == y[keep]).sum())
-                progress.update(task, advance=1, stats=f"loss {sums['loss'] / seen:.4f}  acc {correct / max(labeled, 1):.3f}")
+                progress.update(
+                    task, advance=1, stats=f"loss {sums['loss'] / seen:.4f}  acc {correct / max(labeled, 1):.3f}"
+                )
 
         val_logits = predict(distiller.student, data.val.x, device=device)
         val_acc = accuracy(val_logits, data.val.y)

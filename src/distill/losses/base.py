@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 
