@@ -18,11 +18,11 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from importlib import resources
 from pathlib import Path
 
 import torch
+from _common import fmt, step_times, summary
 from rich.console import Console
 from rich.table import Table
 
@@ -31,42 +31,6 @@ from distill.data import load_data
 from distill.distiller import Distiller
 from distill.experiment import build_distiller, default_cache_dir, obtain_teacher, run_experiment, seeded_model
 from distill.losses import HardLabelCE
-from distill.trainer import make_optimizer
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def fmt(values: list[float], scale: float = 100.0) -> str:
-    mean, std = mean_std([v * scale for v in values])
-    return f"{mean:.2f} ± {std:.2f}"
-
-
-def step_times(config, data, teacher, steps: int, repeats: int) -> dict[str, float]:
-    """Median ms of one optimisation step: plain student (ce) vs distillation (the config's terms)."""
-    batch_size = config.train.batch_size
-    batches = [
-        (data.train.x[i * batch_size : (i + 1) * batch_size], data.train.y[i * batch_size : (i + 1) * batch_size])
-        for i in range(steps)
-    ]
-    setups = {
-        "plain": Distiller(seeded_model(config.student, data, 0, "student"), None, {"ce": HardLabelCE()}),
-        "distill": build_distiller(config, seeded_model(config.student, data, 0, "student"), teacher),
-    }
-    optimizers = {name: make_optimizer(d.trainable_parameters(), config.train) for name, d in setups.items()}
-    samples: dict[str, list[float]] = {name: [] for name in setups}
-    for _ in range(repeats):  # alternate so that machine noise hits both alike
-        for name, distiller in setups.items():
-            distiller.train()
-            start = time.perf_counter()
-            for x, y in batches:
-                out = distiller(x, labels=y)
-                optimizers[name].zero_grad(set_to_none=True)
-                out.loss.backward()
-                optimizers[name].step()
-            samples[name].append((time.perf_counter() - start) * 1000 / steps)
-    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def main() -> int:
@@ -95,7 +59,12 @@ def main() -> int:
             )
         data = load_data(config.data)
         teacher, _, _ = obtain_teacher(config, data, "cpu", Console(quiet=True), default_cache_dir())
-        timing = step_times(config, data, teacher.to("cpu"), steps=20, repeats=7)
+        student_data = data.with_label_budget(config.data.labeled, config.data.split_seed)
+        setups = {
+            "plain": Distiller(seeded_model(config.student, data, 0, "student"), None, {"ce": HardLabelCE()}),
+            "distill": build_distiller(config, seeded_model(config.student, data, 0, "student"), teacher, data),
+        }
+        timing = step_times(setups, student_data, config.train)
 
     acc = {role: [r["models"][role]["test_acc"] for r in runs] for role in ("teacher", "scratch", "distilled")}
     gap = [r["models"]["distilled"]["gap_closed"] for r in runs]
@@ -131,9 +100,9 @@ def main() -> int:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
         },
-        "test_acc": {role: {"values": v, "mean": mean_std(v)[0], "std": mean_std(v)[1]} for role, v in acc.items()},
-        "distilled_minus_scratch": {"values": gain, "mean": mean_std(gain)[0], "std": mean_std(gain)[1]},
-        "gap_closed": {"values": gap, "mean": mean_std(gap)[0], "std": mean_std(gap)[1]},
+        "test_acc": {role: summary(v) for role, v in acc.items()},
+        "distilled_minus_scratch": summary(gain),
+        "gap_closed": summary(gap),
         "params": {role: first[role]["params"] for role in acc},
         "latency_ms": {role: first[role]["latency_ms"] for role in acc},
         "step_ms": timing,

@@ -57,7 +57,7 @@ def test_terms_are_checked_against_the_registry(tmp_path):
     raw = tiny_config(tmp_path)
     del raw["distill"]
     raw["distill"] = {"terms": [{"type": "kd", "weight": 0.5, "temperature": 2}, {"type": "fitnet"}]}
-    assert "unknown loss term 'fitnet'; available: ce, kd" in error_of(raw)
+    assert "unknown loss term 'fitnet'; available: at, ce, dkd, hint, kd, pkt, rkd_angle, rkd_distance, sp" in error_of(raw)
     raw["distill"] = {"terms": [{"type": "kd", "temprature": 2}]}
     assert "distill.terms.0.temprature: Extra inputs are not permitted" in error_of(raw)
     raw["distill"] = {"terms": [{"type": "kd"}], "alpha": 0.5}

@@ -63,6 +63,7 @@ class TermSpec(BaseModel):
 
     type: str
     weight: float = Field(1.0, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0, description="grow the weight linearly from 0 over these epochs")
     name: str | None = None
 
     @field_validator("type")

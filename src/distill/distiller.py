@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .losses import Batch, LossTerm, ModelOutputs
+from .taps import FeatureTaps
 
 
 @dataclass
@@ -48,15 +49,43 @@ def logits_of(output: object) -> Tensor:
     raise TypeError(f"cannot find logits in model output of type {type(output).__name__}")
 
 
+@dataclass(frozen=True)
+class LinearWarmup:
+    """A term weight that grows linearly from 0 to ``weight`` over the first ``epochs`` epochs."""
+
+    weight: float
+    epochs: float
+
+    def __call__(self, progress: float) -> float:
+        return self.weight * min(1.0, progress / self.epochs) if self.epochs > 0 else self.weight
+
+    def __str__(self) -> str:
+        return f"{self.weight:g} (warm-up {self.epochs:g} ep)"
+
+
+Weight = float | LinearWarmup
+
+
+def _has_setup(term: LossTerm) -> bool:
+    return type(term).setup is not LossTerm.setup
+
+
 class Distiller(nn.Module):
-    """Wraps ``student`` and a frozen ``teacher`` and returns the weighted sum of ``terms``."""
+    """Wraps ``student`` and a frozen ``teacher`` and returns the weighted sum of ``terms``.
+
+    Terms that read intermediate features get them through forward hooks on the modules they
+    name. Terms with shape-dependent parts (adapters) are built by ``prepare(example_inputs)``,
+    which must run before the optimiser is created (pass ``example_inputs`` here to do it now).
+    ``progress`` (epochs done, fractional) drives weight schedules; the trainer sets it.
+    """
 
     def __init__(
         self,
         student: nn.Module,
         teacher: nn.Module | None = None,
         terms: Mapping[str, LossTerm] | None = None,
-        weights: Mapping[str, float] | None = None,
+        weights: Mapping[str, Weight] | None = None,
+        example_inputs: object | None = None,
     ) -> None:
         super().__init__()
         terms = dict(terms or {})
@@ -71,15 +100,28 @@ class Distiller(nn.Module):
             raise ValueError(f"terms {needs_teacher} need a teacher, but none was given")
         self.student = student
         self.terms = nn.ModuleDict(terms)
-        self.weights = {name: float(w) for name, w in weights.items()}
+        self.weights = {name: w if isinstance(w, LinearWarmup) else float(w) for name, w in weights.items()}
         self.teacher = teacher
+        self.progress = 0.0
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
+        student_taps = [name for term in terms.values() for name in term.student_taps()]
+        teacher_taps = [name for term in terms.values() for name in term.teacher_taps()] if self.uses_teacher else []
+        self._student_taps = FeatureTaps(student, student_taps, "student") if student_taps else None
+        self._teacher_taps = FeatureTaps(teacher, teacher_taps, "teacher") if teacher_taps else None
+        self._prepared = not any(_has_setup(term) for term in terms.values())
+        if example_inputs is not None:
+            self.prepare(example_inputs)
 
     @property
     def uses_teacher(self) -> bool:
         return self.teacher is not None and any(term.needs_teacher for term in self.terms.values())
+
+    def weight(self, name: str) -> float:
+        """The current weight of term ``name`` (after any schedule)."""
+        weight = self.weights[name]
+        return weight(self.progress) if isinstance(weight, LinearWarmup) else weight
 
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
@@ -92,15 +134,50 @@ class Distiller(nn.Module):
         yield from self.student.parameters()
         yield from self.terms.parameters()
 
-    def forward(self, inputs: object, labels: Tensor | None = None, mask: Tensor | None = None) -> DistillOutput:
-        batch = Batch(inputs=inputs, labels=labels, mask=mask)
+    def _outputs(self, inputs: object) -> tuple[ModelOutputs, ModelOutputs | None]:
         student = ModelOutputs(logits=logits_of(self.student(inputs)))
+        if self._student_taps is not None:
+            student.features = self._student_taps.take()
         teacher = None
         if self.uses_teacher:
             with torch.no_grad():
                 teacher = ModelOutputs(logits=logits_of(self.teacher(inputs)))
+                if self._teacher_taps is not None:
+                    teacher.features = self._teacher_taps.take()
+        return student, teacher
+
+    def prepare(self, example_inputs: object) -> None:
+        """Build the terms' shape-dependent parts (adapters) from one example batch; checks
+        every tap and shape before training starts. Idempotent."""
+        if self._prepared:
+            return
+        was_training = self.student.training
+        self.student.eval()  # no batch-norm statistics are updated by the probe
+        with torch.no_grad():
+            student, teacher = self._outputs(example_inputs)
+        self.student.train(was_training)
+        for term in self.terms.values():
+            term.setup(student, teacher)
+        device = next(self.student.parameters(), torch.empty(0)).device
+        self.terms.to(device)
+        self._prepared = True
+
+    def remove_taps(self) -> None:
+        """Remove the forward hooks this Distiller put on student and teacher."""
+        for taps in (self._student_taps, self._teacher_taps):
+            if taps is not None:
+                taps.remove()
+
+    def forward(self, inputs: object, labels: Tensor | None = None, mask: Tensor | None = None) -> DistillOutput:
+        if not self._prepared:
+            raise RuntimeError(
+                "some terms build adapters from example shapes: call distiller.prepare(example_inputs) "
+                "(or pass example_inputs=...) before creating the optimiser"
+            )
+        batch = Batch(inputs=inputs, labels=labels, mask=mask)
+        student, teacher = self._outputs(inputs)
         values = {name: term(student, teacher, batch) for name, term in self.terms.items()}
-        loss = sum(self.weights[name] * value for name, value in values.items())
+        loss = sum(self.weight(name) * value for name, value in values.items())
         return DistillOutput(
             loss=loss,
             terms={name: value.detach() for name, value in values.items()},

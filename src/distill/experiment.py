@@ -26,13 +26,13 @@ from torch import nn
 from . import __version__
 from .config import CheckpointTeacher, ExperimentConfig, TrainedTeacher, TrainSpec, config_to_dict
 from .data import DataBundle, load_data
-from .distiller import Distiller, logits_of
+from .distiller import Distiller, LinearWarmup, logits_of
 from .errors import DistillError
 from .evaluate import accuracy, agreement, measure_latency, per_class_accuracy, predict
 from .io import hash_json, load_weights, save_weights, write_json, write_text
-from .losses import HardLabelCE, build_term
+from .losses import HardLabelCE, LossTerm, build_term
 from .models import build_model, count_parameters
-from .report import print_summary, write_markdown, write_plots
+from .report import ROLES, print_summary, write_markdown, write_plots
 from .trainer import TrainResult, pick_device, train
 
 
@@ -78,27 +78,36 @@ def _train_phase(
     phase_dir: Path,
     distiller: Distiller,
     data: DataBundle,
-    config_train,
+    spec: TrainSpec,
     *,
-    seed,
-    device,
-    resume,
-    label,
-    console,
-    on_epoch_end,
+    seed: int,
+    device: torch.device,
+    resume: bool,
+    label: str,
+    console: Console,
+    on_epoch_end: Callable[[int], None] | None = None,
+    select_best: bool = True,
 ) -> TrainResult:
-    """Train one model inside ``phase_dir``; a finished phase is loaded, not retrained."""
-    weights, history_file = phase_dir / "model.safetensors", phase_dir / "history.json"
+    """Train one model inside ``phase_dir``; a finished phase is loaded, not retrained.
+
+    The student's weights and the terms' learnable parts (adapters) are kept separately, so
+    the exported student never carries distillation machinery.
+    """
+    weights, adapters, history_file = (
+        phase_dir / n for n in ("model.safetensors", "adapters.safetensors", "history.json")
+    )
     if resume and weights.exists() and history_file.exists():
+        distiller.prepare(data.train.x[:2])
         load_weights(distiller.student, weights)
-        saved = json.loads(history_file.read_text())
+        if adapters.exists():
+            load_weights(distiller.terms, adapters)
         console.print(f"[dim]{label}: already trained, reusing {weights}[/]")
-        return TrainResult.from_dict(saved)
+        return TrainResult.from_dict(json.loads(history_file.read_text()))
     phase_dir.mkdir(parents=True, exist_ok=True)
     result = train(
         distiller,
         data,
-        config_train,
+        spec,
         seed=seed,
         device=device,
         checkpoint=phase_dir / "checkpoint.pt",
@@ -106,9 +115,12 @@ def _train_phase(
         label=label,
         console=console,
         on_epoch_end=on_epoch_end,
+        select_best=select_best,
     )
-    distiller.student.to("cpu")
+    distiller.to("cpu")
     save_weights(distiller.student, weights)
+    if any(True for _ in distiller.terms.state_dict()):
+        save_weights(distiller.terms, adapters)
     write_json(history_file, result.to_dict())
     (phase_dir / "checkpoint.pt").unlink(missing_ok=True)
     return result
@@ -177,12 +189,37 @@ def scratch_setup(student_data: DataBundle, config: ExperimentConfig) -> tuple[D
     return labeled, config.train.model_copy(update={"epochs": epochs})
 
 
-def build_distiller(config: ExperimentConfig, student: nn.Module, teacher: nn.Module) -> Distiller:
+def build_distiller(config: ExperimentConfig, student: nn.Module, teacher: nn.Module, data: DataBundle) -> Distiller:
+    """The configured objective around ``student``; taps and adapter shapes are checked here."""
     terms, weights = {}, {}
     for spec in config.distill.resolved_terms():
         terms[spec.key] = build_term(spec.type, spec.params)
-        weights[spec.key] = spec.weight
-    return Distiller(student, teacher, terms, weights)
+        weights[spec.key] = LinearWarmup(spec.weight, spec.warmup_epochs) if spec.warmup_epochs else spec.weight
+    return Distiller(student, teacher, terms, weights, example_inputs=data.train.x[:2])
+
+
+def hint_stages(distiller: Distiller) -> list[tuple[str, LossTerm]]:
+    """Terms that ask for a stage of their own before full training (FitNets' first stage)."""
+    return [(name, term) for name, term in distiller.terms.items() if getattr(term, "stage_epochs", 0) > 0]
+
+
+def run_hint_stage(name: str, term: LossTerm, distiller: Distiller, data: DataBundle, train_phase) -> TrainResult:
+    """Train only the student parameters that feed term ``name`` (and its adapter) on that term
+    alone, as FitNets' first stage; the rest of the student is frozen meanwhile."""
+    stage = Distiller(distiller.student, distiller.teacher, {name: term}, example_inputs=data.train.x[:2])
+    stage.train()
+    stage(data.train.x[:8]).loss.backward()
+    frozen = [p for p in distiller.student.parameters() if p.grad is None or not bool(p.grad.abs().sum())]
+    distiller.student.zero_grad(set_to_none=True)
+    term.zero_grad(set_to_none=True)
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    try:
+        return train_phase(stage, epochs=term.stage_epochs)
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+        stage.remove_taps()
 
 
 def _without_output(config: dict) -> dict:
@@ -269,10 +306,31 @@ def run_experiment(
             f"samples, {scratch_spec.epochs} epochs"
         )
         train_student("scratch", Distiller(scratch, None, {"ce": HardLabelCE()}), scratch_data, scratch_spec)
-    distiller = build_distiller(config, seeded_model(config.student, data, config.seed, "student"), teacher)
-    objective = " + ".join(f"{distiller.weights[k]:g}·{k}" for k in distiller.terms)
+    distiller = build_distiller(config, seeded_model(config.student, data, config.seed, "student"), teacher, data)
+    objective = " + ".join(f"{w:g}·{k}" if isinstance(w, float) else f"{w}·{k}" for k, w in distiller.weights.items())
     console.print(f"distilled student: {count_parameters(distiller.student):,} parameters, loss = {objective}")
+    for name, term in hint_stages(distiller):
+        console.print(f"{name} stage: {term.stage_epochs} epoch(s) on the {name} term alone, lower layers only")
+
+        def stage_phase(stage: Distiller, epochs: int, name: str = name) -> TrainResult:
+            spec = config.train.model_copy(update={"epochs": epochs})
+            return _train_phase(
+                partial / f"stage-{name}",
+                stage,
+                student_data,
+                spec,
+                seed=config.seed,
+                device=device,
+                resume=resume,
+                label=f"{name} stage",
+                console=console,
+                select_best=False,
+            )
+
+        results[f"stage-{name}"] = run_hint_stage(name, term, distiller, student_data, stage_phase)
     train_student("distilled", distiller, student_data, config.train)
+    if any(True for _ in distiller.terms.state_dict()):
+        save_weights(distiller.terms, partial / "adapters.safetensors")
 
     console.print("evaluating on the test split and timing CPU latency ...")
     weights_paths = {"teacher": Path(teacher_weights)}
@@ -300,11 +358,11 @@ def _check_inputs(config: ExperimentConfig, data: DataBundle, console: Console) 
         f"data: {data.name}, {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
         f"{data.num_classes} classes, input {list(data.input_shape)}"
     )
-    seeded_model(config.student, data, config.seed, "student")
+    student = seeded_model(config.student, data, config.seed, "student")
+    teacher = seeded_model(config.teacher.model, data, config.seed, "teacher.model")
     if isinstance(config.teacher, CheckpointTeacher):
-        load_weights(
-            seeded_model(config.teacher.model, data, config.seed, "teacher.model"), config.teacher.path, "teacher.path"
-        )
+        load_weights(teacher, config.teacher.path, "teacher.path")
+    build_distiller(config, student, teacher, data).remove_taps()  # the taps exist and adapters fit
     terms = config.distill.resolved_terms()
     if all(term.type == "ce" for term in terms):
         console.print(
@@ -320,10 +378,12 @@ def _check_inputs(config: ExperimentConfig, data: DataBundle, console: Console) 
 def _write_run(partial: Path, final: Path, config: ExperimentConfig, metrics: dict[str, Any]) -> None:
     """Write metrics, plots and report into the partial directory, then move it into place."""
     write_json(partial / "metrics.json", metrics)
-    write_plots(partial, metrics, {role: (r["history"] if r else []) for role, r in metrics["training"].items()})
+    histories = {role: (r["history"] if r else []) for role, r in metrics["training"].items() if role in ROLES}
+    write_plots(partial, metrics, histories)
     write_markdown(partial / "report.md", metrics, yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    for role in ("scratch", "distilled"):
-        shutil.rmtree(partial / role, ignore_errors=True)  # phase checkpoints are no longer needed
+    for phase in partial.iterdir():  # phase checkpoints are no longer needed
+        if phase.is_dir():
+            shutil.rmtree(phase)
     if final.exists():
         shutil.rmtree(final)
     os.replace(partial, final)

@@ -109,14 +109,17 @@ def train(
     label: str = "model",
     console: Console | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
+    select_best: bool = True,
 ) -> TrainResult:
     """Train ``distiller.student`` (and any learnable term parts); return per-epoch history.
 
-    On return the student holds the weights of its best validation epoch.
+    On return the student holds the weights of its best validation epoch (of its last epoch
+    with ``select_best=False``, e.g. for a stage whose classifier is not trained yet).
     """
     console = console or Console(quiet=True)
     device = torch.device(device)
     distiller.to(device)
+    distiller.prepare(data.train.x[:2].to(device))  # adapters exist before the optimiser does
     optimizer = make_optimizer(distiller.trainable_parameters(), spec)
     steps_per_epoch = math.ceil(len(data.train) / spec.batch_size)
     scheduler = make_scheduler(optimizer, spec, spec.epochs * steps_per_epoch)
@@ -154,6 +157,7 @@ def train(
             task = progress.add_task("train", total=steps_per_epoch, stats="")
             for step, (x, y) in enumerate(iterate_batches(data.train, spec.batch_size, epoch_generator(seed, epoch))):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                distiller.progress = epoch + step / steps_per_epoch
                 out = distiller(x, labels=y)
                 if not torch.isfinite(out.loss):
                     bad = [n for n, v in out.terms.items() if not torch.isfinite(v)] or ["total"]
@@ -223,5 +227,6 @@ def train(
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
 
-    distiller.student.load_state_dict(best_state)
+    if select_best:
+        distiller.student.load_state_dict(best_state)
     return result

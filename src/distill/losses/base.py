@@ -44,15 +44,66 @@ class TermParams(BaseModel):
 
 
 class LossTerm(nn.Module):
-    """A named distillation loss: ``forward(student, teacher, batch) -> scalar``."""
+    """A named distillation loss: ``forward(student, teacher, batch) -> scalar``.
+
+    A term that reads intermediate features names the modules in ``student_taps`` /
+    ``teacher_taps``; the Distiller hooks them and fills ``ModelOutputs.features``. A term
+    with learnable parts that depend on shapes (adapters) builds them in ``setup``, which the
+    Distiller calls once with example outputs before the optimiser is created.
+    """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     needs_teacher: ClassVar[bool] = True
     Params: ClassVar[type[TermParams]] = TermParams
 
+    def student_taps(self) -> list[str]:
+        return []
+
+    def teacher_taps(self) -> list[str]:
+        return []
+
+    def setup(self, student: ModelOutputs, teacher: ModelOutputs | None) -> None:
+        """Build shape-dependent parts from example outputs (default: nothing to build)."""
+
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch) -> Tensor:
         raise NotImplementedError
+
+
+class TappedPairParams(TermParams):
+    """Which outputs a feature or relation term compares: module names, or null for the logits."""
+
+    student: str | None = None
+    teacher: str | None = None
+
+
+class TappedPairTerm(LossTerm):
+    """Base of terms comparing one student output with one teacher output (features or logits)."""
+
+    Params: ClassVar[type[TermParams]] = TappedPairParams
+
+    def __init__(self, student: str | None = None, teacher: str | None = None) -> None:
+        super().__init__()
+        self.student_name, self.teacher_name = student, teacher
+
+    def student_taps(self) -> list[str]:
+        return [self.student_name] if self.student_name else []
+
+    def teacher_taps(self) -> list[str]:
+        return [self.teacher_name] if self.teacher_name else []
+
+    def pair(self, student: ModelOutputs, teacher: ModelOutputs | None) -> tuple[Tensor, Tensor]:
+        if teacher is None:
+            raise ValueError(f"the {self.name} term needs teacher outputs")
+        s = student.features[self.student_name] if self.student_name else student.logits
+        t = teacher.features[self.teacher_name] if self.teacher_name else teacher.logits
+        return s, t.detach()
+
+    def describe_pair(self) -> str:
+        return f"student {self.student_name or 'logits'} / teacher {self.teacher_name or 'logits'}"
+
+    def extra_repr(self) -> str:
+        return self.describe_pair()
 
 
 TERMS: dict[str, type[LossTerm]] = {}
@@ -111,6 +162,8 @@ __all__ = [
     "LossTerm",
     "ModelOutputs",
     "TERMS",
+    "TappedPairParams",
+    "TappedPairTerm",
     "TermParams",
     "build_term",
     "masked_mean",
