@@ -22,7 +22,6 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from _common import fmt, step_times, summary
 from rich.console import Console
 from rich.table import Table
 
@@ -31,6 +30,8 @@ from distill.data import load_data
 from distill.distiller import Distiller
 from distill.experiment import build_distiller, default_cache_dir, obtain_teacher, run_experiment, seeded_model
 from distill.losses import HardLabelCE
+
+from _common import fmt, step_times, summary
 
 
 def main() -> int:

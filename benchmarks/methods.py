@@ -21,7 +21,6 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from _common import fmt, step_times, summary
 from pydantic import TypeAdapter
 from rich.console import Console
 from rich.table import Table
@@ -43,6 +42,8 @@ from distill.experiment import (
 from distill.losses import HardLabelCE
 from distill.models import ModelSpec, count_parameters
 from distill.trainer import train
+
+from _common import fmt, step_times, summary
 
 KD = [{"type": "kd", "weight": 0.9, "temperature": 4.0}, {"type": "ce", "weight": 0.1}]
 
@@ -106,8 +107,8 @@ def fit(distiller: Distiller, spec, student_data, seed: int) -> None:
     """Train like ``distill run``: the scratch baseline on the labeled samples for the same
     number of steps; a distilled student after any hint stage."""
     if not distiller.uses_teacher:
-        train_data, train_spec = scratch_setup(student_data, spec)
-        train(distiller, train_data, train_spec, seed=seed)
+        train_data, passes = scratch_setup(student_data, spec)
+        train(distiller, train_data, spec.train, seed=seed, passes_per_epoch=passes)
         return
 
     def stage_phase(stage: Distiller, epochs: int):

@@ -1,10 +1,11 @@
 """Config validation: every mistake is one line naming the field."""
 
 import pytest
-from conftest import tiny_config
 
 from distill.config import load_config, parse_config
 from distill.errors import DistillError
+
+from conftest import tiny_config
 
 
 def error_of(raw, overrides=None) -> str:
@@ -41,6 +42,11 @@ def test_alpha_one_drops_the_label_term(tmp_path):
         ({"student.hidden": "wide"}, "student.hidden: Input should be a valid list"),
         ({"data.source": "cifar"}, "data.source: Input should be"),
         ({"teacher.kind": "magic"}, "teacher: Input tag 'magic'"),
+        ({"output.name": ".."}, "output.name: must name a directory inside output.dir"),
+        ({"eval.latency_batch_sizes": []}, "eval.latency_batch_sizes: List should have at least 1 item"),
+        ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
+        ({"data.image_size": [0, 4]}, "data.image_size.0: Input should be greater than 0"),
+        ({"distill": {"terms": [{"type": "kd", "weight": 0}]}}, "every weight is 0"),
     ],
 )
 def test_bad_fields_are_named(tmp_path, change, expected):
@@ -57,7 +63,9 @@ def test_terms_are_checked_against_the_registry(tmp_path):
     raw = tiny_config(tmp_path)
     del raw["distill"]
     raw["distill"] = {"terms": [{"type": "kd", "weight": 0.5, "temperature": 2}, {"type": "fitnet"}]}
-    assert "unknown loss term 'fitnet'; available: at, ce, dkd, hint, kd, pkt, rkd_angle, rkd_distance, sp" in error_of(raw)
+    assert "unknown loss term 'fitnet'; available: at, ce, dkd, hint, kd, pkt, rkd_angle, rkd_distance, sp" in error_of(
+        raw
+    )
     raw["distill"] = {"terms": [{"type": "kd", "temprature": 2}]}
     assert "distill.terms.0.temprature: Extra inputs are not permitted" in error_of(raw)
     raw["distill"] = {"terms": [{"type": "kd"}], "alpha": 0.5}
@@ -73,6 +81,17 @@ def test_overrides_parse_yaml_values(tmp_path):
     assert config.train.epochs == 7 and config.student.hidden == [4, 8] and config.distill.alpha == 1.0
     assert "expected key=value" in error_of(tiny_config(tmp_path), ["train.epochs"])
     assert "train.epochs: Input should be a valid integer" in error_of(tiny_config(tmp_path), ["train.epochs=many"])
+
+
+def test_set_paths_are_relative_to_the_working_directory(tmp_path, monkeypatch):
+    config_dir = tmp_path / "configs"
+    config_dir.mkdir()
+    (config_dir / "exp.yaml").write_text(
+        "data: {source: npz, path: in_file.npz}\nteacher: {kind: train, model: {arch: mlp}}\nstudent: {arch: mlp}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert load_config(config_dir / "exp.yaml").data.path == config_dir / "in_file.npz"
+    assert load_config(config_dir / "exp.yaml", ["data.path=mine.npz"]).data.path == tmp_path / "mine.npz"
 
 
 def test_files_relative_paths_and_yaml_errors(tmp_path):

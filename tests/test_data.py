@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from conftest import write_idx
 from PIL import Image
 
 from distill.data import DataSpec, iterate_batches, load_data, read_idx
 from distill.errors import DistillError
+
+from conftest import write_idx
 
 
 def test_idx_round_trip_plain_and_gzip(tmp_path):
@@ -27,6 +28,12 @@ def test_truncated_and_foreign_idx_files_are_refused(tmp_path):
     (tmp_path / "foreign").write_bytes(b"PK\x03\x04" + data[4:])
     with pytest.raises(DistillError, match="bad magic"):
         read_idx(tmp_path / "foreign")
+    (tmp_path / "header").write_bytes(data[:9])
+    with pytest.raises(DistillError, match="truncated inside its header"):
+        read_idx(tmp_path / "header")
+    (tmp_path / "bad.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"\xff" * 40)
+    with pytest.raises(DistillError, match="cannot read IDX file"):
+        read_idx(tmp_path / "bad.gz")
 
 
 def test_fashion_mnist_from_any_directory_with_fixed_splits(fake_fashion):
@@ -79,6 +86,11 @@ def test_npz_arrays_and_their_errors(tmp_path):
         with pytest.raises(DistillError) as info:
             load_data(DataSpec(source="npz", path=tmp_path / name))
         assert "\n" not in str(info.value)
+    np.savez(tmp_path / "hwc.npz", x=rng.integers(0, 255, (20, 9, 7, 3), dtype=np.uint8), y=rng.integers(0, 2, 20))
+    assert load_data(DataSpec(source="npz", path=tmp_path / "hwc.npz")).input_shape == (3, 9, 7)
+    np.savez(tmp_path / "huge.npz", x=np.zeros((5, 4)), y=np.array([0, 1, 2, 3, 10**9]))
+    with pytest.raises(DistillError, match="implausibly large"):
+        load_data(DataSpec(source="npz", path=tmp_path / "huge.npz"))
     (tmp_path / "corrupt.npz").write_bytes(b"not a zip file")
     with pytest.raises(DistillError, match="cannot read"):
         load_data(DataSpec(source="npz", path=tmp_path / "corrupt.npz"))

@@ -179,7 +179,9 @@ def test_dkd_uses_the_teachers_class_for_unlabeled_samples():
     term = DecoupledKD()
     unlabeled = term(ModelOutputs(s), ModelOutputs(t), Batch(None, torch.full((4,), -1)))
     assert unlabeled.item() == pytest.approx(decoupled_kd(s, t, t.argmax(-1)).item())
-    assert term(ModelOutputs(t), ModelOutputs(t), Batch(None, torch.tensor([0, 1, 2, 3]))).item() == pytest.approx(0, abs=1e-6)
+    assert term(ModelOutputs(t), ModelOutputs(t), Batch(None, torch.tensor([0, 1, 2, 3]))).item() == pytest.approx(
+        0, abs=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------- adapters and taps
@@ -214,8 +216,12 @@ def test_bad_taps_are_reported_before_training():
         Distiller(student, teacher, {"hint": FitNetsHint("0.9", "0.1")})
     with pytest.raises(DistillError, match=r"teacher has no module named 'nope'"):
         Distiller(student, teacher, {"hint": FitNetsHint("0.0", "nope")})
-    sequence_student = nn.Sequential(nn.Flatten(), nn.Linear(64, 30), nn.Unflatten(1, (5, 6)), nn.Flatten(), nn.Linear(30, 10))
-    with pytest.raises(DistillError, match=r"hint \(student 2 / teacher 0.0\): .*\[5, 6\] to the teacher's \[8, 4, 4\]") as info:
+    sequence_student = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 30), nn.Unflatten(1, (5, 6)), nn.Flatten(), nn.Linear(30, 10)
+    )
+    with pytest.raises(
+        DistillError, match=r"hint \(student 2 / teacher 0.0\): .*\[5, 6\] to the teacher's \[8, 4, 4\]"
+    ) as info:
         Distiller(sequence_student, teacher, {"hint": FitNetsHint("2", "0.0")}, example_inputs=torch.randn(2, 1, 8, 8))
     assert "\n" not in str(info.value)
     with pytest.raises(DistillError, match=r"at \(student 2 / teacher 0\): attention transfer needs feature maps"):
@@ -226,7 +232,9 @@ def test_hint_gradients_reach_student_and_adapter_but_never_the_teacher():
     torch.manual_seed(0)
     student, teacher = built(cnn([4])), built(cnn([8, 16]))
     x = torch.randn(4, 1, 8, 8)
-    distiller = Distiller(student, teacher, {"hint": FitNetsHint("0.0", "0.0"), "kd": SoftTargetKD(2.0)}, example_inputs=x)
+    distiller = Distiller(
+        student, teacher, {"hint": FitNetsHint("0.0", "0.0"), "kd": SoftTargetKD(2.0)}, example_inputs=x
+    )
     adapter = distiller.terms["hint"].adapter
     assert isinstance(adapter, ConvAdapter) and adapter.conv.weight.shape == (8, 4, 1, 1)
     out = distiller(x)
@@ -280,9 +288,10 @@ def test_linear_warmup_weights_follow_progress():
 def test_a_run_combines_methods_with_adapters_and_a_hint_stage(tmp_path):
     from safetensors.torch import load_file
 
-    from conftest import tiny_config
     from distill.config import parse_config
     from distill.experiment import run_experiment
+
+    from conftest import tiny_config
 
     terms = [
         {"type": "kd", "weight": 0.5, "temperature": 2.0},
@@ -291,7 +300,9 @@ def test_a_run_combines_methods_with_adapters_and_a_hint_stage(tmp_path):
         {"type": "at", "weight": 10.0, "student": "features.0", "teacher": "features.0", "warmup_epochs": 1},
         {"type": "rkd_distance", "name": "rkd_pool", "weight": 1.0, "student": "pool", "teacher": "pool"},
     ]
-    raw = tiny_config(tmp_path, **{"student": {"arch": "cnn", "channels": [8], "hidden": 16}, "distill": {"terms": terms}})
+    raw = tiny_config(
+        tmp_path, **{"student": {"arch": "cnn", "channels": [8], "hidden": 16}, "distill": {"terms": terms}}
+    )
     result = run_experiment(parse_config(raw), cache_dir=tmp_path / "cache")
     run = result.run_dir
     adapters = load_file(run / "adapters.safetensors")
@@ -299,7 +310,9 @@ def test_a_run_combines_methods_with_adapters_and_a_hint_stage(tmp_path):
     student_keys = set(load_file(run / "student.safetensors"))
     assert student_keys and not any("adapter" in key for key in student_keys)
     training = result.metrics["training"]
-    assert len(training["stage-hint"]["history"]) == 1 and set(training["stage-hint"]["history"][0]["terms"]) == {"hint"}
+    assert len(training["stage-hint"]["history"]) == 1 and set(training["stage-hint"]["history"][0]["terms"]) == {
+        "hint"
+    }
     assert set(training["distilled"]["history"][0]["terms"]) == {"kd", "ce", "hint", "at", "rkd_pool"}
     assert all(math.isfinite(e["loss"]) for e in training["distilled"]["history"])
     assert not any(p.is_dir() for p in run.iterdir())  # phase checkpoints are cleaned up
@@ -308,8 +321,9 @@ def test_a_run_combines_methods_with_adapters_and_a_hint_stage(tmp_path):
 def test_a_bad_tap_in_a_config_stops_the_run_before_it_starts(tmp_path, capsys):
     import yaml
 
-    from conftest import tiny_config
     from distill.cli import main
+
+    from conftest import tiny_config
 
     terms = [{"type": "kd"}, {"type": "at", "student": "features.7", "teacher": "features.0"}]
     raw = tiny_config(tmp_path, **{"student": {"arch": "cnn", "channels": [8]}, "distill": {"terms": terms}})
@@ -344,7 +358,11 @@ def test_the_hint_stage_trains_only_the_layers_below_the_tap():
     distiller = Distiller(student, teacher, {"hint": term, "kd": SoftTargetKD()}, example_inputs=data.train.x[:2])
     before = {k: v.clone() for k, v in student.state_dict().items()}
     result = run_hint_stage(
-        "hint", term, distiller, data, lambda stage, epochs: train(stage, data, TrainSpec(epochs=epochs), select_best=False)
+        "hint",
+        term,
+        distiller,
+        data,
+        lambda stage, epochs: train(stage, data, TrainSpec(epochs=epochs), select_best=False),
     )
     after = student.state_dict()
     assert len(result.history) == 1 and set(result.history[0].terms) == {"hint"}

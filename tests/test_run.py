@@ -7,13 +7,15 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
 from safetensors.torch import load_file, save_file
 
 from distill.cli import main
 from distill.config import parse_config
-from distill.experiment import run_experiment
+from distill.data import load_data
+from distill.experiment import run_experiment, scratch_setup
 from distill.models import MLP, MLPSpec
+
+from conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -189,10 +191,13 @@ def test_label_budget_gives_a_fair_scratch_baseline(tmp_path):
     result = run_experiment(config)
     metrics = result.metrics
     assert metrics["data"]["train_labeled"] == 200 and metrics["data"]["train"] > 1000
-    steps_per_epoch = -(-metrics["data"]["train"] // 64)
-    scratch_epochs = len(metrics["training"]["scratch"]["history"])
-    # the scratch student sees only the 200 labeled samples (4 batches an epoch), for the same number of steps
-    assert scratch_epochs == round(3 * steps_per_epoch / 4)
+    # the scratch student sees only the 200 labeled samples (4 batches a pass), for as many steps as the
+    # distilled student: each of its 3 epochs is several passes over them
+    data = load_data(config.data).with_label_budget(200)
+    scratch_data, passes = scratch_setup(data, config)
+    assert len(scratch_data.train) == 200 and scratch_data.train.labeled == 200
+    assert passes == round(-(-metrics["data"]["train"] // 64) / 4)
+    assert len(metrics["training"]["scratch"]["history"]) == 3
     assert len(metrics["training"]["distilled"]["history"]) == 3
     assert len(metrics["training"]["teacher"]["history"]) == 3
 
@@ -204,3 +209,33 @@ def test_demo_config_runs_quick_on_any_fashion_mnist_directory(tmp_path, capsys,
     metrics = json.loads((tmp_path / "runs" / "demo-quick" / "metrics.json").read_text())
     assert metrics["data"]["train"] == 270 and metrics["data"]["train_labeled"] == 100
     assert "distilled student" in out and "scratch student" in out
+
+
+def test_overwrite_only_ever_replaces_run_directories(tmp_path, capsys):
+    precious = tmp_path / "runs" / "tiny"
+    precious.mkdir(parents=True)
+    (precious / "thesis.tex").write_text("years of work")
+    path = write_config(tmp_path)
+    code, _, err = run_cli(capsys, "run", str(path), "--overwrite")
+    assert code == 2 and "is not a distill run directory" in err
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_metrics_json_is_strict_json(tmp_path):
+    from distill.io import write_json
+
+    write_json(tmp_path / "m.json", {"gap": float("nan"), "nested": [1.0, float("inf")]})
+    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == {
+        "gap": None,
+        "nested": [1.0, None],
+    }
+
+
+def test_a_failing_user_factory_is_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "badfactory.py").write_text(
+        "def make(in_shape, num_classes):\n    raise RuntimeError('out of ideas')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write_config(tmp_path, student={"arch": "factory", "factory": "badfactory:make"})
+    code, _, err = run_cli(capsys, "run", str(path))
+    assert code == 2 and "student.factory: calling badfactory:make failed: RuntimeError: out of ideas" in err

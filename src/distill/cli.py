@@ -13,7 +13,7 @@ from . import __version__
 from .errors import DistillError
 
 DEMO_QUICK_OVERRIDES = [
-    # a 2-minute smoke test of the same pipeline: less data, fewer epochs, a smaller teacher
+    # a smoke test of the same pipeline (well under 2 minutes): less data, fewer epochs, a smaller teacher
     "data.limit_train=6000",
     "teacher.model.channels=[16,32,64]",
     "teacher.train.epochs=2",
@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="print only the final table")
 
     demo = sub.add_parser("demo", help="distil a CNN on Fashion-MNIST and compare with training from scratch")
-    demo.add_argument("--quick", action="store_true", help="a ~2-minute smoke test instead of the full demo")
+    demo.add_argument(
+        "--quick", action="store_true", help="a smoke test (well under 2 minutes) instead of the full demo"
+    )
     demo.add_argument("--out", type=Path, default=Path("runs"), help="parent directory of the run (default: runs)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--quiet", action="store_true")
@@ -78,15 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             demo_file = resources.files("distill") / "configs" / "demo.yaml"
             with resources.as_file(demo_file) as path:
-                overrides = (DEMO_QUICK_OVERRIDES if args.quick else []) + [
-                    f"output.dir={args.out.resolve()}",
-                    f"output.name={'demo-quick' if args.quick else 'demo'}",
-                    *args.overrides,
-                ]
-                config = load_config(path, overrides)
-            result = run_experiment(
-                config, resume=True, overwrite=True, console=console
-            )  # the demo picks up where it stopped
+                config = load_config(path, (DEMO_QUICK_OVERRIDES if args.quick else []) + args.overrides)
+            config.output.dir, config.output.name = args.out.resolve(), "demo-quick" if args.quick else "demo"
+            # the demo resumes an interrupted demo by itself and replaces an earlier one
+            result = run_experiment(config, resume=True, overwrite=True, console=console)
         if args.quiet:
             from .report import print_summary
 
@@ -95,8 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     except DistillError as err:
         print(f"distill: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # unreadable paths, full disks: say which file, no traceback
+        print(f"distill: error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("distill: interrupted; continue with `distill run CONFIG --resume`", file=sys.stderr)
+        again = "run `distill demo` again" if args.command == "demo" else "continue with `distill run CONFIG --resume`"
+        print(f"distill: interrupted; {again}", file=sys.stderr)
         return 130
 
 

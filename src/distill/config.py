@@ -105,6 +105,8 @@ class DistillSpec(Strict):
                 raise ValueError(f"terms: names must be unique, got {keys}; give repeated types a 'name'")
             if "alpha" in self.model_fields_set or "temperature" in self.model_fields_set:
                 raise ValueError("set either alpha/temperature or an explicit terms list, not both")
+            if not any(t.weight > 0 for t in self.terms):
+                raise ValueError("terms: every weight is 0; give at least one term a positive weight")
         return self
 
     def resolved_terms(self) -> list[TermSpec]:
@@ -117,7 +119,7 @@ class DistillSpec(Strict):
 
 
 class EvalSpec(Strict):
-    latency_batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 256])
+    latency_batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 256], min_length=1)
     latency_repeats: int = Field(30, gt=0, description="timed runs per batch size (median reported)")
     latency_threads: int | None = Field(None, gt=0, description="CPU threads for latency; default: torch's")
 
@@ -126,11 +128,18 @@ class OutputSpec(Strict):
     dir: Path = Path("runs")
     name: str | None = Field(None, pattern=r"^[\w.-]+$", description="run directory name; default: config file stem")
 
+    @field_validator("name")
+    @classmethod
+    def _not_a_parent(cls, value: str | None) -> str | None:
+        if value in (".", ".."):
+            raise ValueError("must name a directory inside output.dir, not '.' or '..'")
+        return value
+
 
 class ExperimentConfig(Strict):
     """A whole experiment: teacher, scratch student and distilled student on one dataset."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**31)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     data: DataSpec
     teacher: TeacherSpec
@@ -202,7 +211,7 @@ def apply_override(raw: dict, assignment: str) -> None:
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:
-    """Make relative paths in the config relative to the config file's directory."""
+    """Make relative input paths (data, teacher weights) absolute, relative to ``base``."""
     for section, key in (("data", "path"), ("data", "test_path"), ("teacher", "path")):
         node = raw.get(section)
         if isinstance(node, dict) and isinstance(node.get(key), str):
@@ -219,10 +228,12 @@ def parse_config(
         raise DistillError(
             f"{source}: expected a mapping of sections (data, teacher, student, ...), got {type(raw).__name__}"
         )
+    if base is not None:
+        _resolve_paths(raw, base)  # paths in the file are relative to the file
     for assignment in overrides or []:
         apply_override(raw, assignment)
-    if base is not None:
-        _resolve_paths(raw, base)
+    if overrides:
+        _resolve_paths(raw, Path.cwd())  # paths given with --set are relative to the working directory
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:

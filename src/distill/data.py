@@ -12,11 +12,12 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ IDX_FILES = {
 }
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 UNLABELED = -1
+MAX_CLASSES = 100_000
 
 
 class DataSpec(BaseModel):
@@ -51,7 +53,7 @@ class DataSpec(BaseModel):
     test_path: Path | None = Field(None, description="separate test .npz / folder (else split off)")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="used when the source has no test split")
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0)
     limit_train: int | None = Field(None, gt=0, description="use only this many training samples")
     labeled: int | None = Field(
         None,
@@ -59,7 +61,9 @@ class DataSpec(BaseModel):
         description="label budget of the students: keep labels on only this many training samples "
         "(a teacher trained by distill still sees every label: it stands for a model trained elsewhere)",
     )
-    image_size: tuple[int, int] | None = Field(None, description="resize folder images to [H, W]")
+    image_size: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]] | None = Field(
+        None, description="resize folder images to [H, W]"
+    )
 
 
 @dataclass
@@ -149,14 +153,16 @@ def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped): uint8 images ``[N, H, W]`` or labels ``[N]``."""
     try:
         raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise DistillError(f"cannot read IDX file {path}: {err}") from err
-    if len(raw) < 8:
+    if len(raw) < 4:
         raise DistillError(f"IDX file {path} is truncated (only {len(raw)} bytes)")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
         raise DistillError(f"{path} is not a uint8 IDX file (bad magic number)")
     header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DistillError(f"IDX file {path} is truncated inside its header")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     expected = int(np.prod(dims))
     if len(raw) - header != expected:
@@ -177,8 +183,6 @@ def _find_idx(directory: Path, stem: str) -> Path:
 
 def _load_fashion_mnist(spec: DataSpec):
     directory = spec.path or Path(os.environ.get("DISTILL_FASHION_MNIST", FASHION_MNIST_DIR))
-    if not directory.is_dir():
-        _find_idx(directory, IDX_FILES["train_x"])  # raises with the install hint
     arrays = {key: read_idx(_find_idx(directory, stem)) for key, stem in IDX_FILES.items()}
     for part in ("train", "test"):
         if len(arrays[f"{part}_x"]) != len(arrays[f"{part}_y"]):
@@ -212,6 +216,8 @@ def _load_npz(path: Path, field_name: str):
         raise DistillError(f"{path}: 'x' must be numeric and 'y' integer (got {x.dtype} and {y.dtype})")
     if x.ndim == 3:  # [N, H, W] grey images
         x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):  # [N, H, W, C]
+        x = x.transpose(0, 3, 1, 2)
     if x.dtype == np.uint8:
         x = x / 255.0
     return x, y
@@ -274,6 +280,8 @@ def _check(x: np.ndarray, y: np.ndarray, where: str, num_classes: int | None = N
         raise DistillError(f"{where}: labels must be one integer per sample, got shape {list(y.shape)}")
     if y.min() < 0 or (num_classes is not None and y.max() >= num_classes):
         raise DistillError(f"{where}: labels must lie in 0..{(num_classes or 1) - 1}, found {y.min()}..{y.max()}")
+    if y.max() >= MAX_CLASSES:
+        raise DistillError(f"{where}: label {y.max()} is implausibly large; number the classes 0..K-1")
     if not np.isfinite(x).all():
         raise DistillError(f"{where}: inputs contain NaN or infinity")
 
@@ -306,7 +314,10 @@ def load_data(spec: DataSpec) -> DataBundle:
         where = str(spec.path)
 
     x, y = train
-    num_classes = len(class_names) if class_names else int(y.max()) + 1 if len(y) else 0
+    if class_names:
+        num_classes = len(class_names)
+    else:
+        num_classes = int(y.max()) + 1 if len(y) else 0
     _check(x, y, where, num_classes)
     if test is not None:
         _check(test[0], test[1], f"{where} (test)", num_classes)

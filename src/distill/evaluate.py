@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -69,7 +70,7 @@ def measure_latency(
             model(x)
             warm += 1
         per_pass = (time.perf_counter() - start) * 1000 / warm
-        inner = max(1, int(min_sample_ms / max(per_pass, 1e-6)))
+        inner = max(1, math.ceil(min_sample_ms / max(per_pass, 1e-6)))
         times = []
         for _ in range(repeats):
             start = time.perf_counter()

@@ -29,7 +29,7 @@ from .data import DataBundle, load_data
 from .distiller import Distiller, LinearWarmup, logits_of
 from .errors import DistillError
 from .evaluate import accuracy, agreement, measure_latency, per_class_accuracy, predict
-from .io import hash_json, load_weights, save_weights, write_json, write_text
+from .io import hash_json, hash_tensors, load_weights, save_weights, write_json, write_text
 from .losses import HardLabelCE, LossTerm, build_term
 from .models import build_model, count_parameters
 from .report import ROLES, print_summary, write_markdown, write_plots
@@ -80,15 +80,13 @@ def _train_phase(
     data: DataBundle,
     spec: TrainSpec,
     *,
-    seed: int,
-    device: torch.device,
     resume: bool,
     label: str,
     console: Console,
-    on_epoch_end: Callable[[int], None] | None = None,
-    select_best: bool = True,
+    **train_options: Any,
 ) -> TrainResult:
     """Train one model inside ``phase_dir``; a finished phase is loaded, not retrained.
+    ``train_options`` go to :func:`distill.trainer.train` (seed, device, ...).
 
     The student's weights and the terms' learnable parts (adapters) are kept separately, so
     the exported student never carries distillation machinery.
@@ -104,18 +102,9 @@ def _train_phase(
         console.print(f"[dim]{label}: already trained, reusing {weights}[/]")
         return TrainResult.from_dict(json.loads(history_file.read_text()))
     phase_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = phase_dir / "checkpoint.pt"
     result = train(
-        distiller,
-        data,
-        spec,
-        seed=seed,
-        device=device,
-        checkpoint=phase_dir / "checkpoint.pt",
-        resume=resume,
-        label=label,
-        console=console,
-        on_epoch_end=on_epoch_end,
-        select_best=select_best,
+        distiller, data, spec, checkpoint=checkpoint, resume=resume, label=label, console=console, **train_options
     )
     distiller.to("cpu")
     save_weights(distiller.student, weights)
@@ -137,13 +126,15 @@ def obtain_teacher(
         check_outputs(model, data, "teacher.path")
         return model, spec.path, None
     assert isinstance(spec, TrainedTeacher)
-    key = hash_json(
-        {"teacher": spec.model_dump(mode="json"), "seed": config.seed, "data": data.fingerprint, "format": 1}
-    )
+    key = hash_json({
+        "teacher": spec.model_dump(mode="json"), "seed": config.seed, "data": data.fingerprint,
+        "initial_weights": hash_tensors(*model.state_dict().values()),  # a changed factory gives a new key
+        "distill": __version__,
+    })  # fmt: skip
     final = cache_dir / "teachers" / key[:20]
     if (final / "model.safetensors").exists():
         console.print(f"teacher: reusing cached teacher {final}")
-        load_weights(model, final / "model.safetensors")
+        load_weights(model, final / "model.safetensors", f"cached teacher {final} (delete it to retrain)")
         saved = json.loads((final / "history.json").read_text())
         return model, final / "model.safetensors", TrainResult.from_dict(saved)
     console.print(f"teacher: training {count_parameters(model):,} parameters (cached for later runs)")
@@ -178,15 +169,15 @@ def obtain_teacher(
     return model.to("cpu"), final / "model.safetensors", result
 
 
-def scratch_setup(student_data: DataBundle, config: ExperimentConfig) -> tuple[DataBundle, TrainSpec]:
+def scratch_setup(student_data: DataBundle, config: ExperimentConfig) -> tuple[DataBundle, int]:
     """The scratch baseline trains on the labeled samples only, for as many optimisation steps
-    as the distilled student takes (more epochs when labels are scarce): a fair baseline."""
+    as the distilled student takes: a fair baseline. With a label budget one of its epochs is
+    several passes over the labeled samples; returns the data and the passes per epoch."""
     labeled = student_data.labeled_only()
     if len(labeled.train) == len(student_data.train):
-        return student_data, config.train
-    steps = config.train.epochs * math.ceil(len(student_data.train) / config.train.batch_size)
-    epochs = max(1, round(steps / math.ceil(len(labeled.train) / config.train.batch_size)))
-    return labeled, config.train.model_copy(update={"epochs": epochs})
+        return student_data, 1
+    batch = config.train.batch_size
+    return labeled, max(1, round(math.ceil(len(student_data.train) / batch) / math.ceil(len(labeled.train) / batch)))
 
 
 def build_distiller(config: ExperimentConfig, student: nn.Module, teacher: nn.Module, data: DataBundle) -> Distiller:
@@ -222,19 +213,33 @@ def run_hint_stage(name: str, term: LossTerm, distiller: Distiller, data: DataBu
         stage.remove_taps()
 
 
+def _is_run_dir(path: Path, *markers: str) -> bool:
+    """Only directories distill wrote (a config.yaml and the given markers) may be replaced."""
+    return path.is_dir() and all((path / name).is_file() for name in ("config.yaml", *markers))
+
+
 def _without_output(config: dict) -> dict:
     return {key: value for key, value in config.items() if key != "output"}
 
 
 def _prepare_run_dir(config: ExperimentConfig, resume: bool, overwrite: bool, console: Console) -> tuple[Path, Path]:
+    if config.output.dir.exists() and not config.output.dir.is_dir():
+        raise DistillError(f"output.dir: {config.output.dir} is a file, not a directory")
     final = config.output.dir / (config.output.name or "run")
     partial = final.with_name(final.name + ".partial")
     saved_config = partial / "config.yaml"
     if final.exists() and not overwrite:
         raise DistillError(f"run directory {final} already exists; pass --overwrite or choose another output.name")
+    if final.exists() and not _is_run_dir(final, "metrics.json"):
+        raise DistillError(f"{final} exists and is not a distill run directory; choose another output.name")
     if partial.exists():
-        previous = yaml.safe_load(saved_config.read_text()) if saved_config.exists() else None
-        same = previous is not None and _without_output(previous) == _without_output(config_to_dict(config))
+        if not _is_run_dir(partial):
+            raise DistillError(f"{partial} exists and is not a distill run directory; move it away")
+        try:
+            previous = yaml.safe_load(saved_config.read_text())
+        except (OSError, yaml.YAMLError):
+            previous = None
+        same = isinstance(previous, dict) and _without_output(previous) == _without_output(config_to_dict(config))
         if resume and same:
             console.print(f"resuming {partial}")
         elif overwrite:  # with both flags (the demo): resume when possible, else start over
@@ -282,30 +287,22 @@ def run_experiment(
     results: dict[str, TrainResult | None] = {"teacher": teacher_result}
     students: dict[str, nn.Module] = {}
 
-    def train_student(role: str, distiller: Distiller, phase_data: DataBundle, spec: TrainSpec) -> None:
+    def train_student(role: str, distiller: Distiller, phase_data: DataBundle, passes_per_epoch: int = 1) -> None:
         hook = (lambda epoch: on_epoch_end(role, epoch)) if on_epoch_end else None
         results[role] = _train_phase(
-            partial / role,
-            distiller,
-            phase_data,
-            spec,
-            seed=config.seed,
-            device=device,
-            resume=resume,
-            label=role,
-            console=console,
-            on_epoch_end=hook,
-        )
+            partial / role, distiller, phase_data, config.train, resume=resume, label=role, console=console,
+            seed=config.seed, device=device, on_epoch_end=hook, passes_per_epoch=passes_per_epoch,
+        )  # fmt: skip
         students[role] = distiller.student.to("cpu")
 
     if config.baseline:
-        scratch_data, scratch_spec = scratch_setup(student_data, config)
+        scratch_data, passes = scratch_setup(student_data, config)
         scratch = seeded_model(config.student, data, config.seed, "student")
         console.print(
-            f"scratch student: {count_parameters(scratch):,} parameters, {len(scratch_data.train)} labeled "
-            f"samples, {scratch_spec.epochs} epochs"
+            f"scratch student: {count_parameters(scratch):,} parameters, {len(scratch_data.train)} labeled samples"
+            + (f", {passes} passes over them per epoch (as many steps as the distilled student)" if passes > 1 else "")
         )
-        train_student("scratch", Distiller(scratch, None, {"ce": HardLabelCE()}), scratch_data, scratch_spec)
+        train_student("scratch", Distiller(scratch, None, {"ce": HardLabelCE()}), scratch_data, passes)
     distiller = build_distiller(config, seeded_model(config.student, data, config.seed, "student"), teacher, data)
     objective = " + ".join(f"{w:g}·{k}" if isinstance(w, float) else f"{w}·{k}" for k, w in distiller.weights.items())
     console.print(f"distilled student: {count_parameters(distiller.student):,} parameters, loss = {objective}")
@@ -328,7 +325,7 @@ def run_experiment(
             )
 
         results[f"stage-{name}"] = run_hint_stage(name, term, distiller, student_data, stage_phase)
-    train_student("distilled", distiller, student_data, config.train)
+    train_student("distilled", distiller, student_data)
     if any(True for _ in distiller.terms.state_dict()):
         save_weights(distiller.terms, partial / "adapters.safetensors")
 

@@ -51,10 +51,12 @@ ModelSpec = Annotated[CNNSpec | MLPSpec | FactorySpec, Field(discriminator="arch
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, in_shape: Sequence[int], num_classes: int, spec: CNNSpec) -> None:
+    def __init__(self, in_shape: Sequence[int], num_classes: int, spec: CNNSpec, field: str = "model") -> None:
         super().__init__()
         if len(in_shape) != 3:
-            raise DistillError(f"the cnn model needs image inputs [C, H, W], but the data has shape {list(in_shape)}")
+            raise DistillError(
+                f"{field}: the cnn model needs image inputs [C, H, W], but the data has shape {list(in_shape)}"
+            )
         blocks, in_ch, size = [], in_shape[0], min(in_shape[1:])
         for out_ch in spec.channels:
             layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=not spec.batch_norm)]
@@ -108,6 +110,8 @@ def load_factory(path: str, field: str = "factory"):
         obj: Any = importlib.import_module(module_name)
     except ImportError as err:
         raise DistillError(f"{field}: cannot import module {module_name!r} ({err}); is it on PYTHONPATH?") from err
+    except Exception as err:  # noqa: BLE001 - the user's module failed while importing
+        raise DistillError(f"{field}: importing {module_name!r} failed: {type(err).__name__}: {err}") from err
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise DistillError(f"{field}: module {module_name!r} has no attribute {attr!r}")
@@ -122,14 +126,14 @@ def build_model(
 ) -> nn.Module:
     """Build a model from its spec for inputs of ``in_shape`` and ``num_classes`` outputs."""
     if isinstance(spec, CNNSpec):
-        return SmallCNN(in_shape, num_classes, spec)
+        return SmallCNN(in_shape, num_classes, spec, field)
     if isinstance(spec, MLPSpec):
         return MLP(in_shape, num_classes, spec)
     factory = load_factory(spec.factory, f"{field}.factory")
     try:
         model = factory(in_shape=tuple(in_shape), num_classes=num_classes, **spec.kwargs)
-    except TypeError as err:
-        raise DistillError(f"{field}: calling {spec.factory} failed: {err}") from err
+    except Exception as err:  # noqa: BLE001 - report the user's factory failure in one line
+        raise DistillError(f"{field}.factory: calling {spec.factory} failed: {type(err).__name__}: {err}") from err
     if not isinstance(model, nn.Module):
         raise DistillError(f"{field}: {spec.factory} returned {type(model).__name__}, not a torch.nn.Module")
     return model

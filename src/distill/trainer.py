@@ -72,6 +72,8 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise DistillError("device: 'cuda' requested but no CUDA GPU is available; use device: auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DistillError("device: 'mps' requested but Apple's MPS is not available; use device: auto")
     return torch.device(name)
 
 
@@ -86,7 +88,10 @@ def make_optimizer(params, spec: TrainSpec) -> torch.optim.Optimizer:
 
 def make_scheduler(optimizer: torch.optim.Optimizer, spec: TrainSpec, total_steps: int):
     if spec.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=spec.lr, total_steps=total_steps)
+        # cycle_momentum=False: the optimiser keeps the configured momentum
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=spec.lr, total_steps=total_steps, cycle_momentum=False
+        )
     if spec.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
@@ -110,18 +115,21 @@ def train(
     console: Console | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
     select_best: bool = True,
+    passes_per_epoch: int = 1,
 ) -> TrainResult:
     """Train ``distiller.student`` (and any learnable term parts); return per-epoch history.
 
     On return the student holds the weights of its best validation epoch (of its last epoch
     with ``select_best=False``, e.g. for a stage whose classifier is not trained yet).
+    ``passes_per_epoch`` > 1 makes one epoch several shuffled passes over a small training set
+    (the scratch baseline on a label budget), so validation and checkpoints stay per epoch.
     """
     console = console or Console(quiet=True)
     device = torch.device(device)
     distiller.to(device)
     distiller.prepare(data.train.x[:2].to(device))  # adapters exist before the optimiser does
     optimizer = make_optimizer(distiller.trainable_parameters(), spec)
-    steps_per_epoch = math.ceil(len(data.train) / spec.batch_size)
+    steps_per_epoch = passes_per_epoch * math.ceil(len(data.train) / spec.batch_size)
     scheduler = make_scheduler(optimizer, spec, spec.epochs * steps_per_epoch)
     result = TrainResult()
     best_state = copy.deepcopy(distiller.student.state_dict())
@@ -134,6 +142,8 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
+        if torch.cuda.is_available() and state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         best_state = state["best_state"]
         result = TrainResult.from_dict(state)
         start_epoch = state["epoch"]
@@ -155,7 +165,11 @@ def train(
             disable=console.quiet or not console.is_terminal,
         ) as progress:
             task = progress.add_task("train", total=steps_per_epoch, stats="")
-            for step, (x, y) in enumerate(iterate_batches(data.train, spec.batch_size, epoch_generator(seed, epoch))):
+            generator = epoch_generator(seed, epoch)
+            batches = (
+                b for _ in range(passes_per_epoch) for b in iterate_batches(data.train, spec.batch_size, generator)
+            )
+            for step, (x, y) in enumerate(batches):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 distiller.progress = epoch + step / steps_per_epoch
                 out = distiller(x, labels=y)
@@ -202,12 +216,10 @@ def train(
             result.best_val_acc, result.best_epoch = val_acc, epoch + 1
             best_state = {k: v.detach().cpu().clone() for k, v in distiller.student.state_dict().items()}
         terms = "  ".join(f"{k} {v:.4f}" for k, v in log.terms.items())
-        every = max(1, spec.epochs // 10)  # long schedules log about ten lines
-        if (epoch + 1) % every == 0 or epoch + 1 == spec.epochs:
-            console.print(
-                f"{label} epoch {epoch + 1}/{spec.epochs}  loss {log.loss:.4f} ({terms})  "
-                f"train acc {log.train_acc:.4f}  val acc {val_acc:.4f}  {log.seconds:.1f}s"
-            )
+        console.print(
+            f"{label} epoch {epoch + 1}/{spec.epochs}  loss {log.loss:.4f} ({terms})  "
+            f"train acc {log.train_acc:.4f}  val acc {val_acc:.4f}  {log.seconds:.1f}s"
+        )
         if checkpoint is not None:
             save_checkpoint(
                 {
@@ -217,6 +229,7 @@ def train(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                     "best_state": best_state,
                     "best_epoch": result.best_epoch,
                     "best_val_acc": result.best_val_acc,
