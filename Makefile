@@ -27,6 +27,7 @@ demo-quick: setup
 
 test: $(VENV)/.installed lint
 	@bash scripts/get_data.sh || echo "note: Fashion-MNIST not installed; tests do not need it"
+	@bash scripts/get_test_deps.sh
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed

@@ -52,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true")
 
     sub.add_parser("methods", help="list the available loss terms and their parameters")
+
+    comp = sub.add_parser(
+        "compare", help="one table across finished runs, and a report with the accuracy–latency front"
+    )
+    comp.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
+    comp.add_argument(
+        "--out", type=Path, default=Path("runs/compare.html"), help="comparison report (default: runs/compare.html)"
+    )
     return parser
 
 
@@ -70,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "methods":
             _methods(console)
+            return 0
+        if args.command == "compare":
+            from .compare import compare
+
+            compare(args.runs, args.out, console)
             return 0
         from .config import load_config
         from .experiment import run_experiment

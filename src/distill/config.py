@@ -126,6 +126,9 @@ class EvalSpec(Strict):
 
 class OutputSpec(Strict):
     dir: Path = Path("runs")
+    tracker: Literal["none", "tensorboard", "mlflow"] = Field(
+        "none", description="also log to TensorBoard or MLflow (through Accelerate) in <run>/tracking"
+    )
     name: str | None = Field(None, pattern=r"^[\w.-]+$", description="run directory name; default: config file stem")
 
     @field_validator("name")

@@ -44,39 +44,78 @@ def per_class_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> list
     ]
 
 
+def per_class_agreement(logits: Tensor, teacher_logits: Tensor, labels: Tensor, num_classes: int) -> list[float]:
+    """Top-1 agreement with the teacher among test samples of each true class."""
+    same = logits.argmax(-1) == teacher_logits.argmax(-1)
+    return [
+        float(same[labels == c].float().mean()) if bool((labels == c).any()) else float("nan")
+        for c in range(num_classes)
+    ]
+
+
+def calibration(logits: Tensor, labels: Tensor, bins: int = 15) -> dict:
+    """Expected calibration error (equal-width confidence bins, weighted by count) and the
+    per-bin confidence and accuracy behind a reliability diagram."""
+    keep = labels >= 0
+    probabilities = logits[keep].float().softmax(-1)
+    confidence, prediction = probabilities.max(-1)
+    correct = (prediction == labels[keep]).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    table, ece = [], 0.0
+    for lower, upper in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+        inside = (confidence > lower) & (confidence <= upper)
+        count = int(inside.sum())
+        conf = float(confidence[inside].mean()) if count else float("nan")
+        acc = float(correct[inside].mean()) if count else float("nan")
+        if count:
+            ece += count / len(confidence) * abs(acc - conf)
+        table.append({"lower": lower, "upper": upper, "count": count, "confidence": conf, "accuracy": acc})
+    return {"ece": ece, "bins": table}
+
+
 @torch.inference_mode()
-def measure_latency(
-    model: nn.Module,
+def measure_latencies(
+    models: dict[str, nn.Module],
     input_shape: Sequence[int],
     batch_size: int,
     repeats: int = 30,
     threads: int | None = None,
     min_sample_ms: float = 5.0,
-) -> float:
-    """Median wall-clock milliseconds of one forward pass on the CPU at ``batch_size``.
+) -> dict[str, float]:
+    """Median wall-clock milliseconds of one CPU forward pass of each model at ``batch_size``.
 
-    Sub-millisecond passes are too short to time one by one, so each of the ``repeats``
-    samples times as many back-to-back passes as fill ``min_sample_ms`` (like ``timeit``).
+    Sub-millisecond passes are too short to time one by one, so each timed sample runs as many
+    back-to-back passes as fill ``min_sample_ms`` (like ``timeit``). The models' samples are
+    interleaved, so a slow moment of the machine hits all of them alike.
     """
-    model = model.to("cpu").eval()
     x = torch.randn(batch_size, *input_shape)
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        start = time.perf_counter()
-        warm = 0
-        while warm < 3 or (time.perf_counter() - start) * 1000 < 4 * min_sample_ms:  # warm-up
-            model(x)
-            warm += 1
-        per_pass = (time.perf_counter() - start) * 1000 / warm
-        inner = max(1, math.ceil(min_sample_ms / max(per_pass, 1e-6)))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(inner):
+        inner = {}
+        for name, model in models.items():
+            model.to("cpu").eval()
+            start, warm = time.perf_counter(), 0
+            while warm < 3 or (time.perf_counter() - start) * 1000 < 4 * min_sample_ms:  # warm-up
                 model(x)
-            times.append((time.perf_counter() - start) * 1000 / inner)
+                warm += 1
+            per_pass = (time.perf_counter() - start) * 1000 / warm
+            inner[name] = max(1, math.ceil(min_sample_ms / max(per_pass, 1e-6)))
+        samples: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                for _ in range(inner[name]):
+                    model(x)
+                samples[name].append((time.perf_counter() - start) * 1000 / inner[name])
     finally:
         torch.set_num_threads(previous)
-    return statistics.median(times)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def measure_latency(
+    model: nn.Module, input_shape: Sequence[int], batch_size: int, repeats: int = 30, **options
+) -> float:
+    """Median milliseconds of one CPU forward pass of ``model`` (see ``measure_latencies``)."""
+    return measure_latencies({"model": model}, input_shape, batch_size, repeats, **options)["model"]

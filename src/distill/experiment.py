@@ -28,12 +28,22 @@ from .config import CheckpointTeacher, ExperimentConfig, TrainedTeacher, TrainSp
 from .data import DataBundle, load_data
 from .distiller import Distiller, LinearWarmup, logits_of
 from .errors import DistillError
-from .evaluate import accuracy, agreement, measure_latency, per_class_accuracy, predict
-from .io import hash_json, hash_tensors, load_weights, save_weights, write_json, write_text
+from .evaluate import (
+    accuracy,
+    agreement,
+    calibration,
+    measure_latencies,
+    per_class_accuracy,
+    per_class_agreement,
+    predict,
+)
+from .html_report import write_html_report
+from .io import hash_json, hash_tensors, json_safe, load_weights, save_weights, write_json, write_text
 from .losses import HardLabelCE, LossTerm, build_term
 from .models import build_model, count_parameters
 from .report import ROLES, print_summary, write_markdown, write_plots
-from .trainer import TrainResult, pick_device, train
+from .tracking import RunTracker, check_tracker
+from .trainer import EpochLog, TrainResult, pick_device, train
 
 
 def default_cache_dir() -> Path:
@@ -286,9 +296,15 @@ def run_experiment(
     student_data = data.with_label_budget(config.data.labeled, config.data.split_seed)
     results: dict[str, TrainResult | None] = {"teacher": teacher_result}
     students: dict[str, nn.Module] = {}
+    tracker = RunTracker(config.output.tracker, partial / "tracking", final.name, config_to_dict(config))
 
     def train_student(role: str, distiller: Distiller, phase_data: DataBundle, passes_per_epoch: int = 1) -> None:
-        hook = (lambda epoch: on_epoch_end(role, epoch)) if on_epoch_end else None
+        def hook(log: EpochLog) -> None:
+            values = {"loss": log.loss, "train_acc": log.train_acc, "val_acc": log.val_acc, **log.terms}
+            tracker.log({f"{role}/{key}": value for key, value in values.items()}, step=log.epoch)
+            if on_epoch_end is not None:
+                on_epoch_end(role, log.epoch)
+
         results[role] = _train_phase(
             partial / role, distiller, phase_data, config.train, resume=resume, label=role, console=console,
             seed=config.seed, device=device, on_epoch_end=hook, passes_per_epoch=passes_per_epoch,
@@ -344,6 +360,9 @@ def run_experiment(
         objective=objective,
         training={role: (r.to_dict() if r else None) for role, r in results.items()},
     )
+    metrics = json_safe(metrics)  # what is returned is exactly what metrics.json holds
+    tracker.log({f"test/{role}/{k}": m[k] for role, m in metrics["models"].items() for k in ("test_acc", "agreement")})
+    tracker.finish()
     _write_run(partial, final, config, metrics)
     print_summary(console, metrics, final)
     return RunResult(final, metrics)
@@ -360,6 +379,7 @@ def _check_inputs(config: ExperimentConfig, data: DataBundle, console: Console) 
     if isinstance(config.teacher, CheckpointTeacher):
         load_weights(teacher, config.teacher.path, "teacher.path")
     build_distiller(config, student, teacher, data).remove_taps()  # the taps exist and adapters fit
+    check_tracker(config.output.tracker)
     terms = config.distill.resolved_terms()
     if all(term.type == "ce" for term in terms):
         console.print(
@@ -377,9 +397,11 @@ def _write_run(partial: Path, final: Path, config: ExperimentConfig, metrics: di
     write_json(partial / "metrics.json", metrics)
     histories = {role: (r["history"] if r else []) for role, r in metrics["training"].items() if role in ROLES}
     write_plots(partial, metrics, histories)
-    write_markdown(partial / "report.md", metrics, yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    for phase in partial.iterdir():  # phase checkpoints are no longer needed
-        if phase.is_dir():
+    config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    write_markdown(partial / "report.md", metrics, config_yaml)
+    write_html_report(partial / "report.html", metrics, histories, config_yaml)
+    for phase in partial.iterdir():  # phase checkpoints are no longer needed; tracker logs stay
+        if phase.is_dir() and phase.name != "tracking":
             shutil.rmtree(phase)
     if final.exists():
         shutil.rmtree(final)
@@ -392,6 +414,10 @@ def evaluate_models(
     """Test accuracy, agreement, retention, gap closed, size and latency for each model."""
     spec = config.eval
     logits = {role: predict(model, data.test.x) for role, model in models.items()}
+    latencies = {
+        b: measure_latencies(models, data.input_shape, b, spec.latency_repeats, threads=spec.latency_threads)
+        for b in spec.latency_batch_sizes
+    }
     out: dict[str, Any] = {}
     for role, model in models.items():
         out[role] = {
@@ -399,11 +425,10 @@ def evaluate_models(
             "agreement": agreement(logits[role], logits["teacher"]),
             "params": count_parameters(model),
             "size_bytes": weights[role].stat().st_size,
-            "latency_ms": {
-                str(b): measure_latency(model, data.input_shape, b, spec.latency_repeats, threads=spec.latency_threads)
-                for b in spec.latency_batch_sizes
-            },
+            "latency_ms": {str(b): latencies[b][role] for b in spec.latency_batch_sizes},
             "per_class_acc": per_class_accuracy(logits[role], data.test.y, data.num_classes),
+            "per_class_agreement": per_class_agreement(logits[role], logits["teacher"], data.test.y, data.num_classes),
+            "calibration": calibration(logits[role], data.test.y),
         }
     teacher = out["teacher"]
     for m in out.values():

@@ -47,19 +47,19 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN and infinities become null: strict JSON readers (jq, browsers) reject them."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
+        return [json_safe(item) for item in value]
     return value
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    write_text(path, json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
+    write_text(path, json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .io import atomic_path, write_text
+from .io import write_text
 
 ROLES = ("teacher", "scratch", "distilled")
 ROLE_TITLES = {"teacher": "teacher", "scratch": "scratch student", "distilled": "distilled student"}
@@ -120,53 +120,11 @@ def write_markdown(path: Path, metrics: dict[str, Any], config_yaml: str) -> Non
 
 
 def write_plots(run_dir: Path, metrics: dict[str, Any], histories: dict[str, list[dict]]) -> None:
-    """curves.png (training loss and validation accuracy per epoch) and tradeoff.png."""
-    import matplotlib
+    """curves.png (training loss and validation accuracy) and tradeoff.png, for report.md."""
+    from .plots import curves_figure, save_png, tradeoff_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = {"teacher": "tab:gray", "scratch": "tab:blue", "distilled": "tab:orange"}
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for role, history in histories.items():
-        if not history:
-            continue
-        # x = share of the schedule, so a scratch student on a small labeled set (many short
-        # epochs) and the distilled student (few long ones) line up
-        epochs = [e["epoch"] / len(history) for e in history]
-        ax_loss.plot(epochs, [e["loss"] for e in history], marker="o", color=colors[role], label=ROLE_TITLES[role])
-        ax_acc.plot(
-            epochs, [100 * e["val_acc"] for e in history], marker="o", color=colors[role], label=ROLE_TITLES[role]
-        )
-    ax_loss.set(xlabel="fraction of training", ylabel="training loss (weighted sum of terms)", title="training loss")
-    ax_acc.set(xlabel="fraction of training", ylabel="validation accuracy (%)", title="validation accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(run_dir / "curves.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-    batch = str(metrics["latency_batch_sizes"][0])
-    fig, (ax_params, ax_latency) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for role, m in metrics["models"].items():
-        for ax, x in ((ax_params, m["params"]), (ax_latency, m["latency_ms"][batch])):
-            ax.scatter([x], [100 * m["test_acc"]], s=60, color=colors[role], label=ROLE_TITLES[role], zorder=3)
-    ax_params.set(xscale="log", xlabel="parameters", ylabel="test accuracy (%)", title="accuracy vs size")
-    ax_latency.set(
-        xscale="log",
-        xlabel=f"CPU latency at batch {batch} (ms)",
-        ylabel="test accuracy (%)",
-        title="accuracy vs latency",
-    )
-    for ax in (ax_params, ax_latency):
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(run_dir / "tradeoff.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(curves_figure(histories), run_dir / "curves.png")
+    save_png(tradeoff_figure(metrics), run_dir / "tradeoff.png")
 
 
 def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> None:

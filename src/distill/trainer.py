@@ -113,7 +113,7 @@ def train(
     resume: bool = False,
     label: str = "model",
     console: Console | None = None,
-    on_epoch_end: Callable[[int], None] | None = None,
+    on_epoch_end: Callable[[EpochLog], None] | None = None,
     select_best: bool = True,
     passes_per_epoch: int = 1,
 ) -> TrainResult:
@@ -238,7 +238,7 @@ def train(
                 checkpoint,
             )
         if on_epoch_end is not None:
-            on_epoch_end(epoch + 1)
+            on_epoch_end(log)
 
     if select_best:
         distiller.student.load_state_dict(best_state)

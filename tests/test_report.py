@@ -1,0 +1,136 @@
+"""report.html in a real headless browser, `distill compare`, and run tracking."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from distill.cli import main
+from distill.compare import comparison, pareto_front
+from distill.config import parse_config
+from distill.experiment import run_experiment
+
+from conftest import tiny_config
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    first = run_experiment(parse_config(tiny_config(tmp)), cache_dir=tmp / "cache")
+    second = run_experiment(
+        parse_config(tiny_config(tmp, **{"output.name": "wide", "student.hidden": [48], "distill.alpha": 0.5})),
+        cache_dir=tmp / "cache",
+    )
+    return first, second
+
+
+def test_report_holds_every_section_and_embeds_its_images(runs):
+    html = (runs[0].run_dir / "report.html").read_text()
+    for section in ("Summary", "Training", "Per class", "Calibration", "Config"):
+        assert f"<h2>{section}</h2>" in html
+    assert html.count('src="data:image/png;base64,') == 5
+    assert "http://" not in html and "https://" not in html and "<script" not in html  # opens offline
+
+
+def test_calibration_is_recorded_for_every_model(runs):
+    for m in runs[0].metrics["models"].values():
+        bins = m["calibration"]["bins"]
+        assert sum(b["count"] for b in bins) == runs[0].metrics["data"]["test"]
+        ece = sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]) / sum(
+            b["count"] for b in bins
+        )
+        assert m["calibration"]["ece"] == pytest.approx(ece)
+        assert len(m["per_class_agreement"]) == 10
+
+
+@pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="Debian's chromium and chromium-driver are not installed (make test installs them)",
+)
+def test_report_renders_in_headless_chromium(runs, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1200,2400",
+                 f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    try:
+        run = runs[0]
+        driver.get((run.run_dir / "report.html").as_uri())
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        assert errors == []
+        rows = driver.find_elements(By.CSS_SELECTOR, "#summary tbody tr")
+        cells = [[td.text for td in row.find_elements(By.TAG_NAME, "td")] for row in rows]
+        metrics = json.loads((run.run_dir / "metrics.json").read_text())
+        assert [c[0] for c in cells] == ["teacher", "scratch student", "distilled student"]
+        for row, role in zip(cells, ("teacher", "scratch", "distilled"), strict=True):
+            assert row[1] == f"{100 * metrics['models'][role]['test_acc']:.2f}%"
+            assert row[5] == f"{metrics['models'][role]['params']:,}"
+        images = driver.execute_script("return Array.from(document.images).map(i => [i.complete, i.naturalWidth]);")
+        assert len(images) == 5 and all(done and width > 0 for done, width in images)
+        ARTIFACTS.mkdir(exist_ok=True)
+        assert driver.save_screenshot(str(ARTIFACTS / "report.png"))
+    finally:
+        driver.quit()
+
+
+def test_pareto_front_marks_undominated_models():
+    points = [
+        {"test_acc": 0.9, "latency_ms": 10.0},
+        {"test_acc": 0.8, "latency_ms": 1.0},
+        {"test_acc": 0.7, "latency_ms": 2.0},  # slower and worse than the second
+        {"test_acc": 0.9, "latency_ms": 12.0},  # as good as the first, but slower
+    ]
+    pareto_front(points)
+    assert [p["on_front"] for p in points] == [True, True, False, False]
+
+
+def test_compare_prints_one_table_and_writes_a_report(runs, tmp_path, capsys):
+    out = tmp_path / "compare.html"
+    assert main(["compare", str(runs[0].run_dir), str(runs[1].run_dir), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "tiny" in printed and "wide" in printed and "★" in printed
+    points, batch = comparison([runs[0].run_dir, runs[1].run_dir])
+    assert batch == "1" and sum(p["role"] == "teacher" for p in points) == 1  # the shared teacher appears once
+    assert len(points) == 5 and any(p["on_front"] for p in points)
+    html = out.read_text()
+    assert '<table id="comparison">' in html and "data:image/png;base64," in html
+    assert main(["compare", str(tmp_path)]) == 2
+    assert "is not a finished distill run" in capsys.readouterr().err
+
+
+def test_tensorboard_tracking(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = run_experiment(parse_config(tiny_config(tmp_path, **{"output.tracker": "tensorboard"})))
+    events = list((result.run_dir / "tracking").rglob("events.out.tfevents*"))
+    assert events
+    scalars = set()
+    for event_file in events:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        scalars |= set(accumulator.Tags()["scalars"])
+    assert {"distilled/loss", "distilled/kd", "distilled/val_acc", "scratch/ce"} <= scalars
+
+
+def test_a_missing_tracker_package_is_reported_before_the_run(tmp_path, monkeypatch):
+    import importlib.util
+
+    from distill.errors import DistillError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(DistillError, match="output.tracker: mlflow is not installed"):
+        run_experiment(parse_config(tiny_config(tmp_path, **{"output.tracker": "mlflow"})))
+    assert not (tmp_path / "runs").exists()
