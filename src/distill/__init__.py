@@ -10,19 +10,43 @@ Train a small student to imitate a large teacher, and measure what it kept::
 
 __version__ = "0.1.0"
 
-from .distiller import Distiller, DistillOutput  # noqa: E402
+from .distiller import Distiller, DistillOutput, LinearWarmup  # noqa: E402
 from .errors import DistillError  # noqa: E402
-from .losses import TERMS, Batch, HardLabelCE, LossTerm, ModelOutputs, SoftTargetKD, register_term, soft_target_kl  # noqa: E402
+from .losses import (  # noqa: E402
+    TERMS,
+    AttentionTransfer,
+    Batch,
+    DecoupledKD,
+    FitNetsHint,
+    HardLabelCE,
+    LossTerm,
+    ModelOutputs,
+    ProbabilisticTransfer,
+    RKDAngle,
+    RKDDistance,
+    SimilarityPreserving,
+    SoftTargetKD,
+    register_term,
+    soft_target_kl,
+)
 
 __all__ = [
     "TERMS",
+    "AttentionTransfer",
     "Batch",
+    "DecoupledKD",
     "DistillError",
     "DistillOutput",
     "Distiller",
+    "FitNetsHint",
     "HardLabelCE",
+    "LinearWarmup",
     "LossTerm",
     "ModelOutputs",
+    "ProbabilisticTransfer",
+    "RKDAngle",
+    "RKDDistance",
+    "SimilarityPreserving",
     "SoftTargetKD",
     "__version__",
     "register_term",
