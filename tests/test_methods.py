@@ -370,3 +370,54 @@ def test_the_hint_stage_trains_only_the_layers_below_the_tap():
     for key in ("features.1.0.weight", "head.1.weight", "head.3.weight"):
         assert torch.equal(before[key], after[key]), key
     assert all(p.requires_grad for p in student.parameters())  # unfrozen again afterwards
+
+
+def test_taps_record_only_inside_the_distiller_and_catch_in_place_changes():
+    from distill.models import CNNSpec, SmallCNN
+
+    torch.manual_seed(0)
+    student, teacher = SmallCNN((1, 8, 8), 10, CNNSpec(channels=[4])), SmallCNN((1, 8, 8), 10, CNNSpec(channels=[8]))
+    x = torch.randn(4, 1, 8, 8)
+    distiller = Distiller(student, teacher, {"hint": FitNetsHint("features.0", "features.0")}, example_inputs=x)
+    student(x)  # an evaluation pass elsewhere records nothing
+    assert distiller._student_taps._features == {}
+    # features.0.1 is a BatchNorm whose output the next ReLU(inplace=True) overwrites
+    with pytest.raises(DistillError, match=r"'features.0.1': its output was changed in place"):
+        Distiller(student, teacher, {"hint": FitNetsHint("features.0.1", "features.0")}, example_inputs=x)
+
+
+def test_a_tap_on_a_module_that_never_runs_is_caught_before_training():
+    from distill.losses import SimilarityPreserving
+
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.spare = nn.Linear(64, 10), nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.body(x.flatten(1))
+
+    teacher = built(cnn([8]))
+    with pytest.raises(DistillError, match="student module 'spare' did not run in the forward pass"):
+        Distiller(
+            WithSpare(), teacher, {"sp": SimilarityPreserving("spare", None)}, example_inputs=torch.randn(2, 1, 8, 8)
+        )
+
+
+def test_the_hint_stage_leaves_the_users_frozen_layers_frozen():
+    from distill.data import DataSpec, load_data
+    from distill.experiment import run_hint_stage
+    from distill.models import CNNSpec, SmallCNN
+    from distill.trainer import TrainSpec, train
+
+    data = load_data(DataSpec(source="digits", limit_train=128))
+    student, teacher = SmallCNN((1, 8, 8), 10, CNNSpec(channels=[4, 8])), SmallCNN((1, 8, 8), 10, CNNSpec(channels=[8]))
+    student.features[0][0].weight.requires_grad_(False)  # the user froze the first convolution
+    term = FitNetsHint("features.1", "features.0", stage_epochs=1)
+    distiller = Distiller(student, teacher, {"hint": term}, example_inputs=data.train.x[:2])
+    adapter = term.adapter
+    run_hint_stage(
+        "hint", term, distiller, data, lambda s, epochs: train(s, data, TrainSpec(epochs=epochs), select_best=False)
+    )
+    assert not student.features[0][0].weight.requires_grad
+    assert student.head[1].weight.requires_grad and term.adapter is adapter  # the same adapter trains on

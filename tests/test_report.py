@@ -134,3 +134,25 @@ def test_a_missing_tracker_package_is_reported_before_the_run(tmp_path, monkeypa
     with pytest.raises(DistillError, match="output.tracker: mlflow is not installed"):
         run_experiment(parse_config(tiny_config(tmp_path, **{"output.tracker": "mlflow"})))
     assert not (tmp_path / "runs").exists()
+
+
+def test_compare_refuses_incomplete_metrics_and_counts_a_run_once(runs, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    metrics = json.loads((runs[0].run_dir / "metrics.json").read_text())
+    del metrics["models"]["distilled"]["latency_ms"]
+    (broken / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["compare", str(broken), "--out", str(tmp_path / "c.html")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a complete distill metrics file" in err and err.count("\n") == 1
+    points, _ = comparison([runs[0].run_dir, runs[0].run_dir])
+    assert len(points) == 3
+
+
+def test_user_text_is_shown_literally_in_figures(runs):
+    from distill.plots import per_class_figure
+
+    metrics = json.loads((runs[0].run_dir / "metrics.json").read_text())
+    metrics["class_names"] = [f"$cost_{i}" for i in range(10)]  # would be maths to matplotlib
+    figure = per_class_figure(metrics)
+    figure.canvas.draw()

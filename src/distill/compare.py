@@ -19,14 +19,22 @@ HEADER = ["run", "model", "test acc", "retention", "gap closed", "params", "ms",
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
+    """A finished run's metrics, checked for everything the comparison reads."""
     path = Path(run_dir) / "metrics.json"
     try:
         metrics = json.loads(path.read_text())
-        metrics["models"]["teacher"]  # noqa: B018 - the minimum a run must hold
+        batches = [str(b) for b in metrics["latency_batch_sizes"]]
+        for role, m in metrics["models"].items():
+            for key in ("test_acc", "params", "size_bytes"):
+                if not isinstance(m[key], (int, float)):
+                    raise TypeError(f"models.{role}.{key}")
+            if any(not isinstance(m[k][b], (int, float)) for k in ("latency_ms", "speedup") for b in batches):
+                raise TypeError(f"models.{role} latency")
+        metrics["models"]["teacher"]  # noqa: B018 - every run has one
     except FileNotFoundError:
         raise DistillError(f"{run_dir} is not a finished distill run (no metrics.json)") from None
-    except (json.JSONDecodeError, KeyError, TypeError, OSError) as err:
-        raise DistillError(f"{path} is not a distill metrics file ({type(err).__name__})") from None
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, OSError) as err:
+        raise DistillError(f"{path} is not a complete distill metrics file ({type(err).__name__}: {err})") from None
     return metrics
 
 
@@ -42,7 +50,8 @@ def pareto_front(points: list[dict[str, Any]]) -> None:
 
 def comparison(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], str]:
     """One point per model per run (a teacher shared by runs appears once), front marked."""
-    runs = [(Path(d).name, load_run(d)) for d in run_dirs]
+    unique = list(dict.fromkeys(Path(d).resolve() for d in run_dirs))  # a run named twice counts once
+    runs = [(d.name, load_run(d)) for d in unique]
     batches = set.intersection(*(set(str(b) for b in m["latency_batch_sizes"]) for _, m in runs))
     if not batches:
         raise DistillError("the runs share no latency batch size; compare runs timed at a common batch size")
@@ -51,7 +60,7 @@ def comparison(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], str]:
     for name, metrics in runs:
         for role, m in metrics["models"].items():
             if role == "teacher":
-                key = (m["params"], m["test_acc"], m["size_bytes"])
+                key = m.get("weights_sha256") or (m["params"], m["test_acc"], m["size_bytes"])
                 if key in seen_teachers:
                     continue
                 seen_teachers.add(key)
@@ -81,7 +90,7 @@ def write_comparison(path: Path, points: list[dict[str, Any]], batch: str) -> No
     head = "".join(f"<th>{escape(h if h != 'ms' else f'ms @{batch}')}</th>" for h in HEADER)
     body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows(points))
     html = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>distill comparison</title>
+<html lang="en"><head><meta charset="utf-8"><title>distill comparison</title><link rel="icon" href="data:,">
 <style>body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2rem auto; padding: 0 1rem; }}
 table {{ border-collapse: collapse; font-size: .9rem; }} th, td {{ border: 1px solid #ccc; padding: .3rem .6rem; }}
 th {{ background: #f3f3f5; }} img {{ max-width: 100%; }}</style></head><body>

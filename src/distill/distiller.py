@@ -17,11 +17,13 @@ baseline gets exactly the same loop.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .errors import DistillError
 from .losses import Batch, LossTerm, ModelOutputs
 from .taps import FeatureTaps
 
@@ -64,6 +66,15 @@ class LinearWarmup:
 
 
 Weight = float | LinearWarmup
+
+
+@contextmanager
+def _recording(taps: FeatureTaps | None) -> Iterator[dict[str, Tensor]]:
+    if taps is None:
+        yield {}
+    else:
+        with taps.recording() as features:
+            yield features
 
 
 def _has_setup(term: LossTerm) -> bool:
@@ -110,7 +121,7 @@ class Distiller(nn.Module):
         teacher_taps = [name for term in terms.values() for name in term.teacher_taps()] if self.uses_teacher else []
         self._student_taps = FeatureTaps(student, student_taps, "student") if student_taps else None
         self._teacher_taps = FeatureTaps(teacher, teacher_taps, "teacher") if teacher_taps else None
-        self._prepared = not any(_has_setup(term) for term in terms.values())
+        self._prepared = not (student_taps or teacher_taps or any(_has_setup(term) for term in terms.values()))
         if example_inputs is not None:
             self.prepare(example_inputs)
 
@@ -129,21 +140,24 @@ class Distiller(nn.Module):
             self.teacher.eval()
         return self
 
+    def state_dict_to_keep(self) -> dict[str, Tensor]:
+        """The student's and the terms' state (adapters), without the frozen teacher's."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Student parameters plus any learnable parts of the terms (e.g. adapters)."""
         yield from self.student.parameters()
         yield from self.terms.parameters()
 
     def _outputs(self, inputs: object) -> tuple[ModelOutputs, ModelOutputs | None]:
-        student = ModelOutputs(logits=logits_of(self.student(inputs)))
-        if self._student_taps is not None:
-            student.features = self._student_taps.take()
+        with _recording(self._student_taps) as features:
+            student = ModelOutputs(logits=logits_of(self.student(inputs)))
+        student.features = features
         teacher = None
         if self.uses_teacher:
-            with torch.no_grad():
+            with torch.no_grad(), _recording(self._teacher_taps) as features:
                 teacher = ModelOutputs(logits=logits_of(self.teacher(inputs)))
-                if self._teacher_taps is not None:
-                    teacher.features = self._teacher_taps.take()
+            teacher.features = features
         return student, teacher
 
     def prepare(self, example_inputs: object) -> None:
@@ -151,11 +165,20 @@ class Distiller(nn.Module):
         every tap and shape before training starts. Idempotent."""
         if self._prepared:
             return
-        was_training = self.student.training
+        modes = {module: module.training for module in self.student.modules()}
         self.student.eval()  # no batch-norm statistics are updated by the probe
-        with torch.no_grad():
-            student, teacher = self._outputs(example_inputs)
-        self.student.train(was_training)
+        try:
+            with torch.no_grad():
+                student, teacher = self._outputs(example_inputs)
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        for role, taps, outputs in (("student", self._student_taps, student), ("teacher", self._teacher_taps, teacher)):
+            missing = [name for name in (taps.names if taps else []) if outputs is None or name not in outputs.features]
+            if missing:
+                raise DistillError(
+                    f"{role} module {missing[0]!r} did not run in the forward pass; tap a module that does"
+                )
         for term in self.terms.values():
             term.setup(student, teacher)
         device = next(self.student.parameters(), torch.empty(0)).device

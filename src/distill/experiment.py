@@ -38,7 +38,7 @@ from .evaluate import (
     predict,
 )
 from .html_report import write_html_report
-from .io import hash_json, hash_tensors, json_safe, load_weights, save_weights, write_json, write_text
+from .io import file_sha256, hash_json, hash_tensors, json_safe, load_weights, save_weights, write_json, write_text
 from .losses import HardLabelCE, LossTerm, build_term
 from .models import build_model, count_parameters
 from .report import ROLES, print_summary, write_markdown, write_plots
@@ -207,18 +207,22 @@ def hint_stages(distiller: Distiller) -> list[tuple[str, LossTerm]]:
 def run_hint_stage(name: str, term: LossTerm, distiller: Distiller, data: DataBundle, train_phase) -> TrainResult:
     """Train only the student parameters that feed term ``name`` (and its adapter) on that term
     alone, as FitNets' first stage; the rest of the student is frozen meanwhile."""
-    stage = Distiller(distiller.student, distiller.teacher, {name: term}, example_inputs=data.train.x[:2])
-    stage.train()
-    stage(data.train.x[:8]).loss.backward()
-    frozen = [p for p in distiller.student.parameters() if p.grad is None or not bool(p.grad.abs().sum())]
-    distiller.student.zero_grad(set_to_none=True)
-    term.zero_grad(set_to_none=True)
-    for parameter in frozen:
-        parameter.requires_grad_(False)
+    stage = Distiller(distiller.student, distiller.teacher, {name: term})
+    frozen: list[torch.nn.Parameter] = []
     try:
+        stage.prepare(data.train.x[:2])
+        trainable = [p for p in distiller.student.parameters() if p.requires_grad]
+        modes = {module: module.training for module in distiller.student.modules()}
+        distiller.student.eval()  # the probe must not move batch-norm statistics
+        gradients = torch.autograd.grad(stage(data.train.x[:8]).loss, trainable, allow_unused=True)
+        for module, training in modes.items():
+            module.training = training
+        frozen = [p for p, g in zip(trainable, gradients, strict=True) if g is None]  # not below the tap
+        for parameter in frozen:
+            parameter.requires_grad_(False)
         return train_phase(stage, epochs=term.stage_epochs)
     finally:
-        for parameter in frozen:
+        for parameter in frozen:  # only what this stage froze: the user's frozen layers stay frozen
             parameter.requires_grad_(True)
         stage.remove_taps()
 
@@ -298,72 +302,84 @@ def run_experiment(
     students: dict[str, nn.Module] = {}
     tracker = RunTracker(config.output.tracker, partial / "tracking", final.name, config_to_dict(config))
 
-    def train_student(role: str, distiller: Distiller, phase_data: DataBundle, passes_per_epoch: int = 1) -> None:
-        def hook(log: EpochLog) -> None:
-            values = {"loss": log.loss, "train_acc": log.train_acc, "val_acc": log.val_acc, **log.terms}
-            tracker.log({f"{role}/{key}": value for key, value in values.items()}, step=log.epoch)
-            if on_epoch_end is not None:
-                on_epoch_end(role, log.epoch)
+    try:
 
-        results[role] = _train_phase(
-            partial / role, distiller, phase_data, config.train, resume=resume, label=role, console=console,
-            seed=config.seed, device=device, on_epoch_end=hook, passes_per_epoch=passes_per_epoch,
-        )  # fmt: skip
-        students[role] = distiller.student.to("cpu")
+        def train_student(role: str, distiller: Distiller, phase_data: DataBundle, passes_per_epoch: int = 1) -> None:
+            def hook(log: EpochLog) -> None:
+                values = {"loss": log.loss, "train_acc": log.train_acc, "val_acc": log.val_acc, **log.terms}
+                tracker.log({f"{role}/{key}": value for key, value in values.items()}, step=log.epoch)
+                if on_epoch_end is not None:
+                    on_epoch_end(role, log.epoch)
 
-    if config.baseline:
-        scratch_data, passes = scratch_setup(student_data, config)
-        scratch = seeded_model(config.student, data, config.seed, "student")
-        console.print(
-            f"scratch student: {count_parameters(scratch):,} parameters, {len(scratch_data.train)} labeled samples"
-            + (f", {passes} passes over them per epoch (as many steps as the distilled student)" if passes > 1 else "")
-        )
-        train_student("scratch", Distiller(scratch, None, {"ce": HardLabelCE()}), scratch_data, passes)
-    distiller = build_distiller(config, seeded_model(config.student, data, config.seed, "student"), teacher, data)
-    objective = " + ".join(f"{w:g}·{k}" if isinstance(w, float) else f"{w}·{k}" for k, w in distiller.weights.items())
-    console.print(f"distilled student: {count_parameters(distiller.student):,} parameters, loss = {objective}")
-    for name, term in hint_stages(distiller):
-        console.print(f"{name} stage: {term.stage_epochs} epoch(s) on the {name} term alone, lower layers only")
+            results[role] = _train_phase(
+                partial / role, distiller, phase_data, config.train, resume=resume, label=role, console=console,
+                seed=config.seed, device=device, on_epoch_end=hook, passes_per_epoch=passes_per_epoch,
+            )  # fmt: skip
+            students[role] = distiller.student.to("cpu")
 
-        def stage_phase(stage: Distiller, epochs: int, name: str = name) -> TrainResult:
-            spec = config.train.model_copy(update={"epochs": epochs})
-            return _train_phase(
-                partial / f"stage-{name}",
-                stage,
-                student_data,
-                spec,
-                seed=config.seed,
-                device=device,
-                resume=resume,
-                label=f"{name} stage",
-                console=console,
-                select_best=False,
+        if config.baseline:
+            scratch_data, passes = scratch_setup(student_data, config)
+            scratch = seeded_model(config.student, data, config.seed, "student")
+            console.print(
+                f"scratch student: {count_parameters(scratch):,} parameters, {len(scratch_data.train)} labeled samples"
+                + (
+                    f", {passes} passes over them per epoch (as many steps as the distilled student)"
+                    if passes > 1
+                    else ""
+                )
             )
+            train_student("scratch", Distiller(scratch, None, {"ce": HardLabelCE()}), scratch_data, passes)
+        distiller = build_distiller(config, seeded_model(config.student, data, config.seed, "student"), teacher, data)
+        objective = " + ".join(
+            f"{w:g}·{k}" if isinstance(w, float) else f"{w}·{k}" for k, w in distiller.weights.items()
+        )
+        console.print(f"distilled student: {count_parameters(distiller.student):,} parameters, loss = {objective}")
+        for name, term in hint_stages(distiller):
+            console.print(f"{name} stage: {term.stage_epochs} epoch(s) on the {name} term alone, lower layers only")
 
-        results[f"stage-{name}"] = run_hint_stage(name, term, distiller, student_data, stage_phase)
-    train_student("distilled", distiller, student_data)
-    if any(True for _ in distiller.terms.state_dict()):
-        save_weights(distiller.terms, partial / "adapters.safetensors")
+            def stage_phase(stage: Distiller, epochs: int, name: str = name) -> TrainResult:
+                spec = config.train.model_copy(update={"epochs": epochs})
+                return _train_phase(
+                    partial / f"stage-{name}",
+                    stage,
+                    student_data,
+                    spec,
+                    seed=config.seed,
+                    device=device,
+                    resume=resume,
+                    label=f"{name} stage",
+                    console=console,
+                    select_best=False,
+                )
 
-    console.print("evaluating on the test split and timing CPU latency ...")
-    weights_paths = {"teacher": Path(teacher_weights)}
-    for role, model in students.items():
-        weights_paths[role] = partial / ("student.safetensors" if role == "distilled" else f"{role}.safetensors")
-        save_weights(model, weights_paths[role])
-    metrics = evaluate_models({"teacher": teacher.to("cpu"), **students}, weights_paths, student_data, config)
-    metrics.update(
-        name=final.name,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        distill_version=__version__,
-        device=str(device),
-        seconds=time.perf_counter() - started,
-        objective=objective,
-        training={role: (r.to_dict() if r else None) for role, r in results.items()},
-    )
-    metrics = json_safe(metrics)  # what is returned is exactly what metrics.json holds
-    tracker.log({f"test/{role}/{k}": m[k] for role, m in metrics["models"].items() for k in ("test_acc", "agreement")})
-    tracker.finish()
-    _write_run(partial, final, config, metrics)
+            results[f"stage-{name}"] = run_hint_stage(name, term, distiller, student_data, stage_phase)
+        train_student("distilled", distiller, student_data)
+        distiller.remove_taps()  # the exported student and the teacher are timed without hooks
+        if any(True for _ in distiller.terms.state_dict()):
+            save_weights(distiller.terms, partial / "adapters.safetensors")
+
+        console.print("evaluating on the test split and timing CPU latency ...")
+        weights_paths = {"teacher": Path(teacher_weights)}
+        for role, model in students.items():
+            weights_paths[role] = partial / ("student.safetensors" if role == "distilled" else f"{role}.safetensors")
+            save_weights(model, weights_paths[role])
+        metrics = evaluate_models({"teacher": teacher.to("cpu"), **students}, weights_paths, student_data, config)
+        metrics.update(
+            name=final.name,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            distill_version=__version__,
+            device=str(device),
+            seconds=time.perf_counter() - started,
+            objective=objective,
+            training={role: (r.to_dict() if r else None) for role, r in results.items()},
+        )
+        metrics = json_safe(metrics)  # what is returned is exactly what metrics.json holds
+        tracker.log(
+            {f"test/{role}/{k}": m[k] for role, m in metrics["models"].items() for k in ("test_acc", "agreement")}
+        )
+        _write_run(partial, final, config, metrics)
+    finally:
+        tracker.finish()  # flush what was logged, also when the run fails
     print_summary(console, metrics, final)
     return RunResult(final, metrics)
 
@@ -425,6 +441,7 @@ def evaluate_models(
             "agreement": agreement(logits[role], logits["teacher"]),
             "params": count_parameters(model),
             "size_bytes": weights[role].stat().st_size,
+            "weights_sha256": file_sha256(weights[role]),
             "latency_ms": {str(b): latencies[b][role] for b in spec.latency_batch_sizes},
             "per_class_acc": per_class_accuracy(logits[role], data.test.y, data.num_classes),
             "per_class_agreement": per_class_agreement(logits[role], logits["teacher"], data.test.y, data.num_classes),

@@ -49,7 +49,7 @@ def _pct(value: float | None) -> str:
 def render_html(metrics: dict[str, Any], histories: dict[str, list[dict]], config_yaml: str) -> str:
     models, data = metrics["models"], metrics["data"]
     header, rows = table_rows(metrics)
-    helped = "scratch" in models and models["distilled"]["test_acc"] > models["scratch"]["test_acc"]
+    helped = "scratch" in models and (models["distilled"]["test_acc"] or 0) > (models["scratch"]["test_acc"] or 0)
     class_rows = [
         [name]
         + [_pct(m["per_class_acc"][c]) for m in models.values()]
@@ -64,7 +64,7 @@ def render_html(metrics: dict[str, Any], histories: dict[str, list[dict]], confi
     calibration_rows = [[ROLE_TITLES[r], _pct(m["calibration"]["ece"]), _pct(m["test_acc"])] for r, m in models.items()]
     parts = [
         "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
+        '<html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,">',
         f"<title>distill report: {escape(metrics['name'])}</title>",
         f"<style>{STYLE}</style></head><body>",
         f"<h1>distill report: {escape(metrics['name'])}</h1>",

@@ -23,6 +23,15 @@ COLORS = {"teacher": "tab:gray", "scratch": "tab:blue", "distilled": "tab:orange
 TITLES = {"teacher": "teacher", "scratch": "scratch student", "distilled": "distilled student"}
 
 
+def _text(label: str) -> str:
+    """User text (class and run names) shown literally: matplotlib would parse $...$ as maths."""
+    return str(label).replace("$", r"\$")
+
+
+def _num(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
 def _color(role: str) -> str:
     return COLORS.get(role, "tab:green")
 
@@ -52,8 +61,10 @@ def curves_figure(histories: dict[str, list[dict]]) -> Figure:
         if not history:
             continue
         x = [e["epoch"] / len(history) for e in history]
-        ax_loss.plot(x, [e["loss"] for e in history], marker="o", color=_color(role), label=_title(role))
-        ax_acc.plot(x, [100 * e["val_acc"] for e in history], marker="o", color=_color(role), label=_title(role))
+        ax_loss.plot(x, [_num(e["loss"]) for e in history], marker="o", color=_color(role), label=_text(_title(role)))
+        ax_acc.plot(
+            x, [100 * _num(e["val_acc"]) for e in history], marker="o", color=_color(role), label=_text(_title(role))
+        )
     ax_loss.set(xlabel="fraction of training", ylabel="training loss (weighted sum of terms)", title="training loss")
     ax_acc.set(xlabel="fraction of training", ylabel="validation accuracy (%)", title="validation accuracy")
     for ax in (ax_loss, ax_acc):
@@ -71,8 +82,8 @@ def term_curves_figure(histories: dict[str, list[dict]]) -> Figure:
         history = histories[role]
         epochs = [e["epoch"] for e in history]
         for term in history[0]["terms"]:
-            ax.plot(epochs, [e["terms"][term] for e in history], marker=".", label=term)
-        ax.set(title=_title(role), xlabel="epoch", ylabel="loss term (unweighted)", yscale="log")
+            ax.plot(epochs, [_num(e["terms"][term]) for e in history], marker=".", label=_text(term))
+        ax.set(title=_text(_title(role)), xlabel="epoch", ylabel="loss term (unweighted)", yscale="log")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -114,7 +125,7 @@ def per_class_figure(metrics: dict[str, Any]) -> Figure:
             )
     ax_acc.set(ylabel="test accuracy (%)", title="per-class accuracy")
     ax_agree.set(ylabel="agreement with teacher (%)", title="per-class top-1 agreement with the teacher")
-    ax_agree.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax_agree.set_xticks(range(len(names)), [_text(n) for n in names], rotation=30, ha="right", fontsize=8)
     for ax in (ax_acc, ax_agree):
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8, loc="lower right")
@@ -130,13 +141,13 @@ def reliability_figure(metrics: dict[str, Any]) -> Figure:
         bins = m["calibration"]["bins"]
         edges = [b["lower"] for b in bins] + [bins[-1]["upper"]]
         centers = [(b["lower"] + b["upper"]) / 2 for b in bins]
-        accs = [b["accuracy"] if b["count"] else 0.0 for b in bins]
+        accs = [_num(b["accuracy"]) if b["count"] else 0.0 for b in bins]
         ax.bar(
             centers, accs, width=edges[1] - edges[0], color=_color(role), edgecolor="black", alpha=0.8, label="accuracy"
         )
         ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
-        ax.set_title(f"{_title(role)}\nECE {100 * m['calibration']['ece']:.2f}%", fontsize=10)
+        ax.set_title(f"{_text(_title(role))}\nECE {100 * _num(m['calibration']['ece']):.2f}%", fontsize=10)
         ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return fig
@@ -150,7 +161,11 @@ def front_figure(points: list[dict[str, Any]], batch: str) -> Figure:
         ax.scatter(p["latency_ms"], 100 * p["test_acc"], s=140 if p["on_front"] else 50, marker=marker,
                    color=_color(p["role"]), edgecolor="black" if p["on_front"] else None, zorder=3)  # fmt: skip
         ax.annotate(
-            p["label"], (p["latency_ms"], 100 * p["test_acc"]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+            _text(p["label"]),
+            (p["latency_ms"], 100 * p["test_acc"]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
         )
     front = sorted((p for p in points if p["on_front"]), key=lambda p: p["latency_ms"])
     ax.plot([p["latency_ms"] for p in front], [100 * p["test_acc"] for p in front], "k--", linewidth=1, label="front")

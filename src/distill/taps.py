@@ -1,14 +1,16 @@
 """Feature taps: capture intermediate outputs of named modules with forward hooks.
 
 Neither model's ``forward`` changes: a tap names a module by its path in
-``model.named_modules()`` (``features.1``, ``encoder.layer.2``) and records its output on
-every forward pass. Modules returning tuples (Hugging Face layers) are tapped at element 0.
+``model.named_modules()`` (``features.1``, ``encoder.layer.2``) and records its output while
+the Distiller runs the model (never during evaluation elsewhere). Modules returning tuples
+(Hugging Face layers) are tapped at element 0.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from torch import Tensor, nn
 
@@ -27,13 +29,16 @@ def tapped_tensor(output: object) -> Tensor:
 
 
 class FeatureTaps:
-    """Forward hooks on ``names`` of ``model``; ``features`` holds the latest outputs by name."""
+    """Forward hooks on ``names`` of ``model``; ``recording()`` collects their outputs."""
 
     def __init__(self, model: nn.Module, names: Iterable[str], role: str = "model") -> None:
-        self.features: dict[str, Tensor] = {}
+        self.names = list(dict.fromkeys(names))  # unique, in order
+        self.role = role
+        self._features: dict[str, tuple[Tensor, int]] = {}
+        self._recording = False
         self._handles = []
         modules = dict(model.named_modules())
-        for name in dict.fromkeys(names):  # unique, in order
+        for name in self.names:
             if name not in modules or name == "":
                 close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -43,14 +48,29 @@ class FeatureTaps:
 
     def _recorder(self, name: str):
         def record(module: nn.Module, inputs: object, output: object) -> None:
-            self.features[name] = tapped_tensor(output)
+            if self._recording:
+                tensor = tapped_tensor(output)
+                self._features[name] = (tensor, tensor._version)
 
         return record
 
-    def take(self) -> dict[str, Tensor]:
-        """The features of the last forward pass (and forget them, so they are never stale)."""
-        features, self.features = self.features, {}
-        return features
+    @contextmanager
+    def recording(self) -> Iterator[dict[str, Tensor]]:
+        """Record the tapped outputs of the forward pass run inside the block into the yielded dict."""
+        self._features, self._recording = {}, True
+        features: dict[str, Tensor] = {}
+        try:
+            yield features
+        finally:
+            self._recording = False
+            recorded, self._features = self._features, {}
+        for name, (tensor, version) in recorded.items():
+            if tensor._version != version:
+                raise DistillError(
+                    f"{self.role} module {name!r}: its output was changed in place later in the forward pass "
+                    f"(e.g. by ReLU(inplace=True)); tap the module after it, such as the enclosing block"
+                )
+            features[name] = tensor
 
     def remove(self) -> None:
         for handle in self._handles:

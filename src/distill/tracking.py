@@ -39,6 +39,11 @@ class RunTracker:
         check_tracker(kind)
         from accelerate import Accelerator
 
+        directory.mkdir(parents=True, exist_ok=True)
+        if kind == "mlflow":  # Accelerate's MLflow tracker ignores project_dir: point MLflow there itself
+            import mlflow
+
+            mlflow.set_tracking_uri((directory / "mlruns").resolve().as_uri())
         self._accelerator = Accelerator(log_with=kind, project_dir=str(directory))
         self._accelerator.init_trackers(name, config=flatten(config))
 
@@ -47,6 +52,9 @@ class RunTracker:
             self._accelerator.log({k: v for k, v in values.items() if v is not None}, step=step)
 
     def finish(self) -> None:
+        """Flush and close the trackers (not ``end_training``, which would also tear down a
+        distributed process group the caller may still use)."""
         if self._accelerator is not None:
-            self._accelerator.end_training()
+            for tracker in self._accelerator.trackers:
+                tracker.finish()
             self._accelerator = None

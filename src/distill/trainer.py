@@ -132,7 +132,7 @@ def train(
     steps_per_epoch = passes_per_epoch * math.ceil(len(data.train) / spec.batch_size)
     scheduler = make_scheduler(optimizer, spec, spec.epochs * steps_per_epoch)
     result = TrainResult()
-    best_state = copy.deepcopy(distiller.student.state_dict())
+    best_state = copy.deepcopy(distiller.state_dict_to_keep())
     start_epoch = 0
 
     if resume and checkpoint is not None and checkpoint.exists():
@@ -214,7 +214,7 @@ def train(
         result.history.append(log)
         if val_acc > result.best_val_acc:
             result.best_val_acc, result.best_epoch = val_acc, epoch + 1
-            best_state = {k: v.detach().cpu().clone() for k, v in distiller.student.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in distiller.state_dict_to_keep().items()}
         terms = "  ".join(f"{k} {v:.4f}" for k, v in log.terms.items())
         console.print(
             f"{label} epoch {epoch + 1}/{spec.epochs}  loss {log.loss:.4f} ({terms})  "
@@ -241,5 +241,5 @@ def train(
             on_epoch_end(log)
 
     if select_best:
-        distiller.student.load_state_dict(best_state)
+        distiller.load_state_dict(best_state, strict=False)  # student and adapters of the best epoch
     return result

@@ -33,6 +33,8 @@ class FitNetsHint(TappedPairTerm):
         self.adapter: nn.Module | None = None
 
     def setup(self, student: ModelOutputs, teacher: ModelOutputs | None) -> None:
+        if self.adapter is not None:  # built already (e.g. before a hint stage): keep training it
+            return
         s, t = self.pair(student, teacher)
         where = f"hint ({self.describe_pair()})"
         self.adapter = make_adapter(s.shape[1:], t.shape[1:], where)
