@@ -83,7 +83,9 @@ STUDENTS = {
     },
 }
 STUDENT_SPECS = {name: TypeAdapter(ModelSpec).validate_python(s["model"]) for name, s in STUDENTS.items()}
-DKD = [{"type": "dkd", "weight": 1.0, "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 1}, KD[1]]
+# DKD's CIFAR-100 setting (beta=8) diverged here (seed 0: 26.4% CNN, 11.6% MLP); with 10 classes
+# the non-target part is much smaller, and beta=1 is the setting we report
+DKD = [{"type": "dkd", "weight": 1.0, "alpha": 1.0, "beta": 1.0, "temperature": 4.0, "warmup_epochs": 1}, KD[1]]
 
 
 def variants(student: str) -> dict[str, list[dict] | None]:

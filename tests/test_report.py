@@ -156,3 +156,13 @@ def test_user_text_is_shown_literally_in_figures(runs):
     metrics["class_names"] = [f"$cost_{i}" for i in range(10)]  # would be maths to matplotlib
     figure = per_class_figure(metrics)
     figure.canvas.draw()
+
+
+def test_mlflow_tracking_stays_in_the_run_directory(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    result = run_experiment(parse_config(tiny_config(tmp_path, **{"output.tracker": "mlflow"})))
+    logged = {p.parent.name + "/" + p.name for p in (result.run_dir / "tracking" / "mlruns").glob("*/*/metrics/*/*")}
+    assert {"distilled/kd", "distilled/val_acc", "scratch/ce"} <= logged
+    assert not (tmp_path / "mlruns").exists()  # nothing written to the working directory

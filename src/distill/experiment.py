@@ -377,6 +377,7 @@ def run_experiment(
         tracker.log(
             {f"test/{role}/{k}": m[k] for role, m in metrics["models"].items() for k in ("test_acc", "agreement")}
         )
+        tracker.finish()  # before the run directory moves into place
         _write_run(partial, final, config, metrics)
     finally:
         tracker.finish()  # flush what was logged, also when the run fails

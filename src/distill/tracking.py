@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,11 @@ class RunTracker:
         from accelerate import Accelerator
 
         directory.mkdir(parents=True, exist_ok=True)
-        if kind == "mlflow":  # Accelerate's MLflow tracker ignores project_dir: point MLflow there itself
+        if kind == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
+            # Accelerate's MLflow tracker ignores project_dir: keep MLflow's files in the run too
             import mlflow
 
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow ≥ 3.x asks for this opt-in
             mlflow.set_tracking_uri((directory / "mlruns").resolve().as_uri())
         self._accelerator = Accelerator(log_with=kind, project_dir=str(directory))
         self._accelerator.init_trackers(name, config=flatten(config))
