@@ -296,74 +296,18 @@ def run_experiment(
     teacher, teacher_weights, teacher_result = obtain_teacher(
         config, data, device, console, cache_dir or default_cache_dir()
     )
-
-    student_data = data.with_label_budget(config.data.labeled, config.data.split_seed)
-    results: dict[str, TrainResult | None] = {"teacher": teacher_result}
-    students: dict[str, nn.Module] = {}
     tracker = RunTracker(config.output.tracker, partial / "tracking", final.name, config_to_dict(config))
-
     try:
-
-        def train_student(role: str, distiller: Distiller, phase_data: DataBundle, passes_per_epoch: int = 1) -> None:
-            def hook(log: EpochLog) -> None:
-                values = {"loss": log.loss, "train_acc": log.train_acc, "val_acc": log.val_acc, **log.terms}
-                tracker.log({f"{role}/{key}": value for key, value in values.items()}, step=log.epoch)
-                if on_epoch_end is not None:
-                    on_epoch_end(role, log.epoch)
-
-            results[role] = _train_phase(
-                partial / role, distiller, phase_data, config.train, resume=resume, label=role, console=console,
-                seed=config.seed, device=device, on_epoch_end=hook, passes_per_epoch=passes_per_epoch,
-            )  # fmt: skip
-            students[role] = distiller.student.to("cpu")
-
-        if config.baseline:
-            scratch_data, passes = scratch_setup(student_data, config)
-            scratch = seeded_model(config.student, data, config.seed, "student")
-            console.print(
-                f"scratch student: {count_parameters(scratch):,} parameters, {len(scratch_data.train)} labeled samples"
-                + (
-                    f", {passes} passes over them per epoch (as many steps as the distilled student)"
-                    if passes > 1
-                    else ""
-                )
-            )
-            train_student("scratch", Distiller(scratch, None, {"ce": HardLabelCE()}), scratch_data, passes)
-        distiller = build_distiller(config, seeded_model(config.student, data, config.seed, "student"), teacher, data)
-        objective = " + ".join(
-            f"{w:g}·{k}" if isinstance(w, float) else f"{w}·{k}" for k, w in distiller.weights.items()
-        )
-        console.print(f"distilled student: {count_parameters(distiller.student):,} parameters, loss = {objective}")
-        for name, term in hint_stages(distiller):
-            console.print(f"{name} stage: {term.stage_epochs} epoch(s) on the {name} term alone, lower layers only")
-
-            def stage_phase(stage: Distiller, epochs: int, name: str = name) -> TrainResult:
-                spec = config.train.model_copy(update={"epochs": epochs})
-                return _train_phase(
-                    partial / f"stage-{name}",
-                    stage,
-                    student_data,
-                    spec,
-                    seed=config.seed,
-                    device=device,
-                    resume=resume,
-                    label=f"{name} stage",
-                    console=console,
-                    select_best=False,
-                )
-
-            results[f"stage-{name}"] = run_hint_stage(name, term, distiller, student_data, stage_phase)
-        train_student("distilled", distiller, student_data)
-        distiller.remove_taps()  # the exported student and the teacher are timed without hooks
-        if any(True for _ in distiller.terms.state_dict()):
-            save_weights(distiller.terms, partial / "adapters.safetensors")
-
+        session = _StudentTraining(config, data, partial, device, resume, console, tracker, on_epoch_end)
+        objective = session.run(teacher)
         console.print("evaluating on the test split and timing CPU latency ...")
         weights_paths = {"teacher": Path(teacher_weights)}
-        for role, model in students.items():
+        for role, model in session.students.items():
             weights_paths[role] = partial / ("student.safetensors" if role == "distilled" else f"{role}.safetensors")
             save_weights(model, weights_paths[role])
-        metrics = evaluate_models({"teacher": teacher.to("cpu"), **students}, weights_paths, student_data, config)
+        models = {"teacher": teacher.to("cpu"), **session.students}
+        metrics = evaluate_models(models, weights_paths, session.student_data, config)
+        results = {"teacher": teacher_result, **session.results}
         metrics.update(
             name=final.name,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -383,6 +327,73 @@ def run_experiment(
         tracker.finish()  # flush what was logged, also when the run fails
     print_summary(console, metrics, final)
     return RunResult(final, metrics)
+
+
+class _StudentTraining:
+    """The scratch baseline, any hint stages and the distilled student of one run, each a
+    resumable phase in its own directory under the run's ``.partial`` directory."""
+
+    def __init__(self, config, data, partial, device, resume, console, tracker, on_epoch_end) -> None:
+        self.config, self.data, self.partial, self.device = config, data, partial, device
+        self.resume, self.console, self.tracker, self.on_epoch_end = resume, console, tracker, on_epoch_end
+        self.student_data = data.with_label_budget(config.data.labeled, config.data.split_seed)
+        self.students: dict[str, nn.Module] = {}
+        self.results: dict[str, TrainResult] = {}
+
+    def _phase(self, name: str, distiller: Distiller, data: DataBundle, spec: TrainSpec, **options: Any) -> TrainResult:
+        return _train_phase(
+            self.partial / name, distiller, data, spec, resume=self.resume, console=self.console,
+            seed=self.config.seed, device=self.device, **options,
+        )  # fmt: skip
+
+    def _train_student(self, role: str, distiller: Distiller, data: DataBundle, passes_per_epoch: int = 1) -> None:
+        def hook(log: EpochLog) -> None:
+            values = {"loss": log.loss, "train_acc": log.train_acc, "val_acc": log.val_acc, **log.terms}
+            self.tracker.log({f"{role}/{key}": value for key, value in values.items()}, step=log.epoch)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(role, log.epoch)
+
+        self.results[role] = self._phase(
+            role, distiller, data, self.config.train, label=role, on_epoch_end=hook, passes_per_epoch=passes_per_epoch
+        )
+        self.students[role] = distiller.student.to("cpu")
+
+    def run(self, teacher: nn.Module) -> str:
+        """Train both students; return the distillation objective as text."""
+        config, data = self.config, self.data
+        if config.baseline:
+            scratch_data, passes = scratch_setup(self.student_data, config)
+            scratch = seeded_model(config.student, data, config.seed, "student")
+            more = (
+                f", {passes} passes over them per epoch (as many steps as the distilled student)" if passes > 1 else ""
+            )
+            self.console.print(
+                f"scratch student: {count_parameters(scratch):,} parameters, {len(scratch_data.train)} labeled samples{more}"
+            )
+            self._train_student("scratch", Distiller(scratch, None, {"ce": HardLabelCE()}), scratch_data, passes)
+
+        distiller = build_distiller(config, seeded_model(config.student, data, config.seed, "student"), teacher, data)
+        objective = " + ".join(
+            f"{w:g}·{k}" if isinstance(w, float) else f"{w}·{k}" for k, w in distiller.weights.items()
+        )
+        self.console.print(f"distilled student: {count_parameters(distiller.student):,} parameters, loss = {objective}")
+        for name, term in hint_stages(distiller):
+            self.console.print(
+                f"{name} stage: {term.stage_epochs} epoch(s) on the {name} term alone, lower layers only"
+            )
+
+            def stage_phase(stage: Distiller, epochs: int, name: str = name) -> TrainResult:
+                spec = config.train.model_copy(update={"epochs": epochs})
+                return self._phase(
+                    f"stage-{name}", stage, self.student_data, spec, label=f"{name} stage", select_best=False
+                )
+
+            self.results[f"stage-{name}"] = run_hint_stage(name, term, distiller, self.student_data, stage_phase)
+        self._train_student("distilled", distiller, self.student_data)
+        distiller.remove_taps()  # the exported student and the teacher are timed without hooks
+        if any(True for _ in distiller.terms.state_dict()):
+            save_weights(distiller.terms, self.partial / "adapters.safetensors")
+        return objective
 
 
 def _check_inputs(config: ExperimentConfig, data: DataBundle, console: Console) -> None:
