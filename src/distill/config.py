@@ -200,7 +200,7 @@ def apply_override(raw: dict, assignment: str) -> None:
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as err:
-        raise DistillError(f"--set {assignment!r}: value is not valid YAML ({err.problem})") from err
+        raise DistillError(f"--set {assignment!r}: value is not valid YAML ({getattr(err, 'problem', err)})") from None
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:

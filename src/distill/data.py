@@ -214,6 +214,10 @@ def _load_npz(path: Path, field_name: str):
         raise DistillError(f"cannot read {path}: {err}") from err
     if x.dtype.kind not in "biuf" or y.dtype.kind not in "biu":
         raise DistillError(f"{path}: 'x' must be numeric and 'y' integer (got {x.dtype} and {y.dtype})")
+    if x.ndim < 2 or y.ndim != 1:
+        raise DistillError(
+            f"{path}: 'x' must be [N, features...] and 'y' [N] (got shapes {list(x.shape)} and {list(y.shape)})"
+        )
     if x.ndim == 3:  # [N, H, W] grey images
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):  # [N, H, W, C]
