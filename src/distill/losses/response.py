@@ -6,16 +6,18 @@ so the same terms serve image classifiers and language models.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from ..signals import TopKLogits
 from .base import Batch, LossTerm, ModelOutputs, TermParams, masked_mean, register_term, same_shape, upcast
 
 
 def soft_target_kl(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | TopKLogits,
     temperature: float = 1.0,
     mask: Tensor | None = None,
 ) -> Tensor:
@@ -26,11 +28,34 @@ def soft_target_kl(
     The T² keeps the gradient scale independent of T, as in the paper. The KL is summed over
     classes and averaged over rows: a plain element-wise mean would shrink it by the number of
     classes, a common bug.
+
+    ``teacher_logits`` may be sparse (:class:`~distill.signals.TopKLogits`, e.g. from a cache):
+    the KL is then taken over the teacher's top-k classes plus one bucket for all the others, and
+    equals the dense value when k covers every class.
     """
+    if isinstance(teacher_logits, TopKLogits):
+        return _sparse_soft_target_kl(student_logits, teacher_logits, temperature, mask)
     same_shape(student_logits, teacher_logits)
     log_p_student = F.log_softmax(upcast(student_logits) / temperature, dim=-1)
     log_p_teacher = F.log_softmax(upcast(teacher_logits.detach()) / temperature, dim=-1)
     per_row = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none").sum(-1)
+    return masked_mean(per_row, mask) * temperature**2
+
+
+def _sparse_soft_target_kl(
+    student_logits: Tensor, teacher: TopKLogits, temperature: float, mask: Tensor | None
+) -> Tensor:
+    if student_logits.shape[-1] != teacher.vocab_size or student_logits.shape[:-1] != teacher.values.shape[:-1]:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} do not match the teacher's top-k signals "
+            f"({tuple(teacher.values.shape[:-1])} rows over {teacher.vocab_size} classes)"
+        )
+    log_q = F.log_softmax(upcast(student_logits) / temperature, dim=-1)
+    log_q_head = log_q.gather(-1, teacher.indices)
+    log_q_tail = torch.log((-torch.expm1(log_q_head.logsumexp(-1).clamp(max=0.0))).clamp_min(1e-12))
+    log_q_buckets = torch.cat([log_q_head, log_q_tail.unsqueeze(-1)], dim=-1)
+    log_p = teacher.bucket_log_probs(temperature).to(log_q.dtype)
+    per_row = torch.where(log_p.isneginf(), 0.0, log_p.exp() * (log_p - log_q_buckets)).sum(-1)
     return masked_mean(per_row, mask) * temperature**2
 
 
