@@ -112,10 +112,3 @@ def measure_latencies(
     finally:
         torch.set_num_threads(previous)
     return {name: statistics.median(times) for name, times in samples.items()}
-
-
-def measure_latency(
-    model: nn.Module, input_shape: Sequence[int], batch_size: int, repeats: int = 30, **options
-) -> float:
-    """Median milliseconds of one CPU forward pass of ``model`` (see ``measure_latencies``)."""
-    return measure_latencies({"model": model}, input_shape, batch_size, repeats, **options)["model"]
