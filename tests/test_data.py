@@ -118,7 +118,7 @@ def test_image_folders(tmp_path):
 
 def test_batches_cover_every_sample_once_in_seeded_order():
     data = load_data(DataSpec(source="digits"))
-    order = torch.cat([y for _, y in iterate_batches(data.train, 100, torch.Generator().manual_seed(3))])
-    again = torch.cat([y for _, y in iterate_batches(data.train, 100, torch.Generator().manual_seed(3))])
+    order = torch.cat([y for _, y, _ in iterate_batches(data.train, 100, torch.Generator().manual_seed(3))])
+    again = torch.cat([y for _, y, _ in iterate_batches(data.train, 100, torch.Generator().manual_seed(3))])
     assert len(order) == len(data.train)
     assert torch.equal(order, again) and sorted(order.tolist()) == sorted(data.train.y.tolist())

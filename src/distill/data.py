@@ -137,13 +137,15 @@ class DataBundle:
 
 def iterate_batches(
     split: Split, batch_size: int, generator: torch.Generator | None = None
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Mini-batches of ``split``; shuffled by ``generator`` when one is given."""
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Mini-batches ``(x, y, index)`` of ``split``; shuffled by ``generator`` when one is given.
+    ``index`` holds the samples' positions in the split, which is how cached teacher signals
+    are looked up."""
     n = len(split)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     for start in range(0, n, batch_size):
         index = order[start : start + batch_size]
-        yield split.x[index], split.y[index]
+        yield split.x[index], split.y[index], index
 
 
 # ---------------------------------------------------------------------------- readers

@@ -9,7 +9,9 @@
         optimizer.zero_grad(); out.loss.backward(); optimizer.step()
 
 The teacher is frozen (no gradients) and stays in eval mode across ``train()`` calls, so
-batch-norm statistics and dropout of the teacher never drift. With no teacher (or only
+batch-norm statistics and dropout of the teacher never drift. The teacher may also be a
+:class:`~distill.cache.CachedTeacher` (signals precomputed by ``distill cache``): then
+``forward`` needs ``index=`` (the samples' positions in the cached split) and no teacher runs. With no teacher (or only
 terms that need none) the same wrapper trains a student from scratch, which is how the
 baseline gets exactly the same loop.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +29,9 @@ from torch import Tensor, nn
 from .errors import DistillError
 from .losses import Batch, LossTerm, ModelOutputs
 from .taps import FeatureTaps
+
+if TYPE_CHECKING:
+    from .cache import CachedTeacher
 
 
 @dataclass
@@ -77,12 +83,19 @@ def _recording(taps: FeatureTaps | None) -> Iterator[dict[str, Tensor]]:
             yield features
 
 
+def _batch_len(inputs: object) -> int:
+    """Samples in a batch of inputs: a tensor, or a mapping of tensors (tokenizer output)."""
+    if isinstance(inputs, Mapping):
+        inputs = next(iter(inputs.values()))
+    return len(inputs)
+
+
 def _has_setup(term: LossTerm) -> bool:
     return type(term).setup is not LossTerm.setup
 
 
 class Distiller(nn.Module):
-    """Wraps ``student`` and a frozen ``teacher`` and returns the weighted sum of ``terms``.
+    """Wraps ``student`` and a frozen ``teacher`` (a model, or cached signals) and returns the weighted sum of ``terms``.
 
     Terms that read intermediate features get them through forward hooks on the modules they
     name. Terms with shape-dependent parts (adapters) are built by ``prepare(example_inputs)``,
@@ -93,10 +106,11 @@ class Distiller(nn.Module):
     def __init__(
         self,
         student: nn.Module,
-        teacher: nn.Module | None = None,
+        teacher: nn.Module | CachedTeacher | None = None,
         terms: Mapping[str, LossTerm] | None = None,
         weights: Mapping[str, Weight] | None = None,
         example_inputs: object | None = None,
+        example_index: Tensor | None = None,
     ) -> None:
         super().__init__()
         terms = dict(terms or {})
@@ -114,16 +128,19 @@ class Distiller(nn.Module):
         self.weights = {name: w if isinstance(w, LinearWarmup) else float(w) for name, w in weights.items()}
         self.teacher = teacher
         self.progress = 0.0
-        if teacher is not None:
+        if isinstance(teacher, nn.Module):
             teacher.requires_grad_(False)
             teacher.eval()
         student_taps = [name for term in terms.values() for name in term.student_taps()]
         teacher_taps = [name for term in terms.values() for name in term.teacher_taps()] if self.uses_teacher else []
         self._student_taps = FeatureTaps(student, student_taps, "student") if student_taps else None
+        if teacher_taps and self.teacher_is_cached:
+            teacher.check_features(teacher_taps)  # a cache holds the tapped features it was made with
+            teacher_taps = []
         self._teacher_taps = FeatureTaps(teacher, teacher_taps, "teacher") if teacher_taps else None
         self._prepared = not (student_taps or teacher_taps or any(_has_setup(term) for term in terms.values()))
         if example_inputs is not None:
-            self.prepare(example_inputs)
+            self.prepare(example_inputs, example_index)
 
     @property
     def uses_teacher(self) -> bool:
@@ -134,9 +151,13 @@ class Distiller(nn.Module):
         weight = self.weights[name]
         return weight(self.progress) if isinstance(weight, LinearWarmup) else weight
 
+    @property
+    def teacher_is_cached(self) -> bool:
+        return self.teacher is not None and not isinstance(self.teacher, nn.Module)
+
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
-        if self.teacher is not None:
+        if isinstance(self.teacher, nn.Module):
             self.teacher.eval()
         return self
 
@@ -149,27 +170,34 @@ class Distiller(nn.Module):
         yield from self.student.parameters()
         yield from self.terms.parameters()
 
-    def _outputs(self, inputs: object) -> tuple[ModelOutputs, ModelOutputs | None]:
+    def _outputs(self, inputs: object, index: Tensor | None) -> tuple[ModelOutputs, ModelOutputs | None]:
         with _recording(self._student_taps) as features:
             student = ModelOutputs(logits=logits_of(self.student(inputs)))
         student.features = features
         teacher = None
-        if self.uses_teacher:
+        if self.uses_teacher and self.teacher_is_cached:
+            if index is None:
+                raise ValueError("the teacher is a cache: pass index= (the samples' positions in the cached split)")
+            teacher = self.teacher.lookup(index, device=student.logits.device)
+        elif self.uses_teacher:
             with torch.no_grad(), _recording(self._teacher_taps) as features:
                 teacher = ModelOutputs(logits=logits_of(self.teacher(inputs)))
             teacher.features = features
         return student, teacher
 
-    def prepare(self, example_inputs: object) -> None:
+    def prepare(self, example_inputs: object, example_index: Tensor | None = None) -> None:
         """Build the terms' shape-dependent parts (adapters) from one example batch; checks
-        every tap and shape before training starts. Idempotent."""
+        every tap and shape before training starts. Idempotent. With a cached teacher,
+        ``example_index`` gives the example batch's positions (default: the first samples)."""
         if self._prepared:
             return
         modes = {module: module.training for module in self.student.modules()}
         self.student.eval()  # no batch-norm statistics are updated by the probe
         try:
+            if example_index is None and self.teacher_is_cached:
+                example_index = torch.arange(_batch_len(example_inputs))
             with torch.no_grad():
-                student, teacher = self._outputs(example_inputs)
+                student, teacher = self._outputs(example_inputs, example_index)
         finally:
             for module, training in modes.items():
                 module.training = training
@@ -191,14 +219,18 @@ class Distiller(nn.Module):
             if taps is not None:
                 taps.remove()
 
-    def forward(self, inputs: object, labels: Tensor | None = None, mask: Tensor | None = None) -> DistillOutput:
+    def forward(
+        self, inputs: object, labels: Tensor | None = None, mask: Tensor | None = None, index: Tensor | None = None
+    ) -> DistillOutput:
+        """The weighted loss of one batch. ``index`` (positions of the samples in the training
+        split) is needed only when the teacher is a cache."""
         if not self._prepared:
             raise RuntimeError(
                 "some terms build adapters from example shapes: call distiller.prepare(example_inputs) "
                 "(or pass example_inputs=...) before creating the optimiser"
             )
         batch = Batch(inputs=inputs, labels=labels, mask=mask)
-        student, teacher = self._outputs(inputs)
+        student, teacher = self._outputs(inputs, index)
         values = {name: term(student, teacher, batch) for name, term in self.terms.items()}
         loss = sum(self.weight(name) * value for name, value in values.items())
         return DistillOutput(

@@ -127,7 +127,7 @@ def train(
     console = console or Console(quiet=True)
     device = torch.device(device)
     distiller.to(device)
-    distiller.prepare(data.train.x[:2].to(device))  # adapters exist before the optimiser does
+    distiller.prepare(data.train.x[:2].to(device), torch.arange(2))  # adapters exist before the optimiser does
     optimizer = make_optimizer(distiller.trainable_parameters(), spec)
     steps_per_epoch = passes_per_epoch * math.ceil(len(data.train) / spec.batch_size)
     scheduler = make_scheduler(optimizer, spec, spec.epochs * steps_per_epoch)
@@ -169,10 +169,10 @@ def train(
             batches = (
                 b for _ in range(passes_per_epoch) for b in iterate_batches(data.train, spec.batch_size, generator)
             )
-            for step, (x, y) in enumerate(batches):
+            for step, (x, y, index) in enumerate(batches):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 distiller.progress = epoch + step / steps_per_epoch
-                out = distiller(x, labels=y)
+                out = distiller(x, labels=y, index=index)
                 if not torch.isfinite(out.loss):
                     bad = [n for n, v in out.terms.items() if not torch.isfinite(v)] or ["total"]
                     raise DistillError(
