@@ -51,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--quiet", action="store_true")
 
+    cache = sub.add_parser(
+        "cache", help="run the teacher once and store its top-k signals, so students train without it"
+    )
+    cache.add_argument("config", type=Path, help="experiment config (YAML) with a train or checkpoint teacher")
+    cache.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    cache.add_argument("--overwrite", action="store_true", help="rebuild a cache made with another teacher or data")
+    cache.add_argument("--quiet", action="store_true")
+
     sub.add_parser("methods", help="list the available loss terms and their parameters")
 
     comp = sub.add_parser(
@@ -86,6 +94,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from .config import load_config
         from .experiment import run_experiment
+
+        if args.command == "cache":
+            from .experiment import cache_teacher
+
+            config = load_config(args.config, args.overrides)
+            path = cache_teacher(config, overwrite=args.overwrite, console=console)
+            print(
+                f"teacher cache ready: {path}\ntrain from it with: distill run {args.config} "
+                f"--set teacher='{{kind: cache, path: {path}}}'"
+            )
+            return 0
 
         if args.command == "run":
             config = load_config(args.config, args.overrides)

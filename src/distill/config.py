@@ -52,7 +52,29 @@ class CheckpointTeacher(Strict):
     path: Path
 
 
-TeacherSpec = Annotated[TrainedTeacher | CheckpointTeacher, Field(discriminator="kind")]
+class CachedTeacherSpec(Strict):
+    """Teacher signals precomputed by ``distill cache``: no teacher model is loaded."""
+
+    kind: Literal["cache"] = "cache"
+    path: Path
+    verify: bool = Field(True, description="check every shard's sha256 when the cache is opened")
+
+
+TeacherSpec = Annotated[TrainedTeacher | CheckpointTeacher | CachedTeacherSpec, Field(discriminator="kind")]
+
+
+class CacheSpec(Strict):
+    """What ``distill cache`` stores: the teacher's top-k logits per sample (or token) in a
+    compact dtype, plus the tail mass outside them, and optionally tapped teacher features."""
+
+    path: Path | None = Field(None, description="cache directory; default: <output.dir>/<output.name>-teacher-cache")
+    k: int = Field(10, gt=0, description="logits kept per row (capped at the number of classes)")
+    dtype: Literal["float32", "float16", "bfloat16", "int8"] = Field(
+        "float16", description="storage of the top-k values (int8: affine per-row scale)"
+    )
+    features: list[str] = Field(default_factory=list, description="teacher modules whose outputs are also stored")
+    shard_rows: int = Field(1_000_000, gt=0, description="rows (samples or token positions) per shard")
+    batch_size: int = Field(512, gt=0, description="teacher batch size while caching")
 
 
 class TermSpec(BaseModel):
@@ -152,6 +174,10 @@ class ExperimentConfig(Strict):
     baseline: bool = Field(True, description="also train the student from scratch for comparison")
     eval: EvalSpec = Field(default_factory=EvalSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    cache: CacheSpec = Field(default_factory=CacheSpec, description="settings of `distill cache`")
+
+    def cache_path(self) -> Path:
+        return self.cache.path or self.output.dir / f"{self.output.name or 'run'}-teacher-cache"
 
 
 # ---------------------------------------------------------------------------- loading
@@ -215,7 +241,13 @@ def apply_override(raw: dict, assignment: str) -> None:
 
 def _resolve_paths(raw: dict, base: Path) -> None:
     """Make relative input paths (data, teacher weights) absolute, relative to ``base``."""
-    for section, key in (("data", "path"), ("data", "test_path"), ("teacher", "path")):
+    for section, key in (
+        ("data", "path"),
+        ("data", "test_path"),
+        ("data", "unlabeled"),
+        ("teacher", "path"),
+        ("cache", "path"),
+    ):
         node = raw.get(section)
         if isinstance(node, dict) and isinstance(node.get(key), str):
             path = Path(os.path.expanduser(node[key]))

@@ -64,6 +64,11 @@ class DataSpec(BaseModel):
     image_size: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]] | None = Field(
         None, description="resize folder images to [H, W]"
     )
+    unlabeled: Path | None = Field(
+        None,
+        description="extra training inputs without labels: a directory of images (searched recursively) or an "
+        ".npz with 'x'; the students learn them from the teacher alone",
+    )
 
 
 @dataclass
@@ -268,6 +273,57 @@ def _load_folder(path: Path, field_name: str, image_size, class_names=None):
     return np.stack(arrays), np.asarray(labels), classes
 
 
+def _load_unlabeled(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """Inputs without labels, shaped like the labeled ones: images under a directory (any
+    layout; resized and converted to the labeled images' size and channels) or an .npz's 'x'."""
+    field_name = "data.unlabeled"
+    if path.is_dir():
+        from PIL import Image, UnidentifiedImageError
+
+        if len(shape) != 3 or shape[0] not in (1, 3):
+            raise DistillError(f"{field_name}: image folders need image data, but the inputs are {list(shape)}")
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DistillError(f"{field_name}: no images found under {path}")
+        mode, size = ("L" if shape[0] == 1 else "RGB"), (shape[2], shape[1])
+        arrays = []
+        for file in files:
+            try:
+                with Image.open(file) as image:
+                    image = image.convert(mode)
+                    image = image.resize(size) if image.size != size else image
+                    array = np.asarray(image, dtype=np.float32) / 255.0
+            except (UnidentifiedImageError, OSError) as err:
+                raise DistillError(f"{field_name}: cannot read image {file}: {err}") from None
+            arrays.append(array[None] if mode == "L" else array.transpose(2, 0, 1))
+        x = np.stack(arrays)
+    elif path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                if "x" not in archive:
+                    raise DistillError(f"{field_name}: {path} must hold an array 'x' (found {sorted(archive.files)})")
+                x = archive["x"]
+        except DistillError:
+            raise
+        except Exception as err:  # noqa: BLE001 - zip / format errors of all kinds
+            raise DistillError(f"{field_name}: cannot read {path}: {err}") from None
+        if x.dtype.kind not in "biuf":
+            raise DistillError(f"{field_name}: 'x' in {path} must be numeric (got {x.dtype})")
+        if x.ndim == len(shape) and len(shape) == 3:  # [N, H, W] grey images
+            x = x[:, None]
+        if x.dtype == np.uint8:
+            x = x / 255.0
+    else:
+        raise DistillError(f"{field_name}: {path} does not exist (give a directory of images or an .npz file)")
+    if tuple(x.shape[1:]) != tuple(shape):
+        raise DistillError(
+            f"{field_name}: inputs in {path} have shape {list(x.shape[1:])}, the labeled data {list(shape)}"
+        )
+    if len(x) == 0 or not np.isfinite(x).all():
+        raise DistillError(f"{field_name}: {path} holds no inputs, or inputs with NaN or infinity")
+    return x
+
+
 # ---------------------------------------------------------------------------- assembly
 
 
@@ -344,13 +400,21 @@ def load_data(spec: DataSpec) -> DataBundle:
 
     to_tensor = lambda a: torch.tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731  (a copy: arrays may be read-only)
     train_split = Split(to_tensor(x[train_index]), torch.tensor(y[train_index], dtype=torch.long))
+    if spec.unlabeled is not None:
+        extra = to_tensor(_load_unlabeled(spec.unlabeled, x.shape[1:]))
+        train_split = Split(
+            torch.cat([train_split.x, extra]),
+            torch.cat([train_split.y, torch.full((len(extra),), UNLABELED, dtype=torch.long)]),
+        )
     val_split = Split(to_tensor(x[val_index]), torch.tensor(y[val_index], dtype=torch.long))
     test_split = Split(to_tensor(test[0]), torch.tensor(test[1], dtype=torch.long))
 
-    # normalise per channel with training statistics (images) or per feature dimension (vectors)
+    # normalise per channel with the labeled training statistics (images) or per feature dimension
+    # (vectors); an unlabeled pool does not move them, so a teacher trained without it sees the same inputs
     dims = [0] + list(range(2, train_split.x.dim()))
-    mean = train_split.x.mean(dim=dims, keepdim=True)
-    std = train_split.x.std(dim=dims, keepdim=True).clamp_min(1e-6)
+    labeled_x = train_split.x[train_split.y >= 0]
+    mean = labeled_x.mean(dim=dims, keepdim=True)
+    std = labeled_x.std(dim=dims, keepdim=True).clamp_min(1e-6)
     for split in (train_split, val_split, test_split):
         split.x = (split.x - mean) / std
 

@@ -24,7 +24,8 @@ from rich.console import Console
 from torch import nn
 
 from . import __version__
-from .config import CheckpointTeacher, ExperimentConfig, TrainedTeacher, TrainSpec, config_to_dict
+from .cache import CachedTeacher, write_cache
+from .config import CachedTeacherSpec, CheckpointTeacher, ExperimentConfig, TrainedTeacher, TrainSpec, config_to_dict
 from .data import DataBundle, load_data
 from .distiller import Distiller, LinearWarmup, logits_of
 from .errors import DistillError
@@ -40,7 +41,7 @@ from .evaluate import (
 from .html_report import write_html_report
 from .io import file_sha256, hash_json, hash_tensors, json_safe, load_weights, save_weights, write_json, write_text
 from .losses import HardLabelCE, LossTerm, build_term
-from .models import build_model, count_parameters
+from .models import ModelSpec, build_model, count_parameters
 from .report import ROLES, print_summary, write_markdown, write_plots
 from .tracking import RunTracker, check_tracker
 from .trainer import EpochLog, TrainResult, pick_device, train
@@ -125,11 +126,27 @@ def _train_phase(
     return result
 
 
+def open_cached_teacher(config: ExperimentConfig, data: DataBundle) -> CachedTeacher:
+    """The teacher signals of a ``teacher: {kind: cache}`` config, checked against the data."""
+    assert isinstance(config.teacher, CachedTeacherSpec)
+    cache = CachedTeacher(config.teacher.path, verify=config.teacher.verify)
+    cache.check_data(data)
+    return cache
+
+
 def obtain_teacher(
     config: ExperimentConfig, data: DataBundle, device, console: Console, cache_dir: Path
-) -> tuple[nn.Module, Path, TrainResult | None]:
-    """The teacher model, the path of its weights, and its training history if distill trained it."""
+) -> tuple[nn.Module | CachedTeacher, Path, TrainResult | None]:
+    """The teacher model (or its cached signals), the path of its weights (or cache), and its
+    training history if distill trained it.
+
+    A teacher trained by distill trains on the labeled training samples only (all of them: it
+    stands for a model trained elsewhere; the students' label budget does not apply to it)."""
     spec = config.teacher
+    if isinstance(spec, CachedTeacherSpec):
+        console.print(f"teacher: signals from the cache {spec.path} (no teacher model is loaded)")
+        return open_cached_teacher(config, data), spec.path, None
+    data = data.labeled_only()
     model = seeded_model(spec.model, data, config.seed, "teacher.model")
     if isinstance(spec, CheckpointTeacher):
         load_weights(model, spec.path, "teacher.path")
@@ -177,6 +194,57 @@ def obtain_teacher(
     else:
         os.replace(work, final)
     return model.to("cpu"), final / "model.safetensors", result
+
+
+def _cached_teacher_architecture(cache: CachedTeacher, data: DataBundle, config: ExperimentConfig) -> nn.Module:
+    """The cached teacher's architecture with fresh weights, to time it (the weights do not
+    change latency); a cache of a teacher distill cannot rebuild gets the same error as a bad spec."""
+    spec = cache.teacher.get("model")
+    if spec is None:
+        raise DistillError(f"teacher.path: the cache {cache.path} does not record the teacher's architecture")
+    from pydantic import TypeAdapter
+
+    model_spec = TypeAdapter(ModelSpec).validate_python(spec)
+    return seeded_model(model_spec, data, config.seed, "teacher (cached) model")
+
+
+def cache_teacher(
+    config: ExperimentConfig,
+    *,
+    overwrite: bool = False,
+    console: Console | None = None,
+    cache_dir: Path | None = None,
+    on_shard: Callable[[str, int], None] | None = None,
+) -> Path:
+    """``distill cache``: obtain the configured teacher (training it if needed) and store its
+    top-k signals on every split at ``config.cache_path()``. Resumable; see :mod:`distill.cache`."""
+    console = console or Console()
+    if isinstance(config.teacher, CachedTeacherSpec):
+        raise DistillError(
+            "teacher.kind: 'cache' reads a cache; to make one, give the teacher as kind train or checkpoint"
+        )
+    device = pick_device(config.device)
+    data = load_data(config.data)
+    console.print(
+        f"data: {data.name}, {len(data.train)} train ({data.train.labeled} labeled) / {len(data.val)} val / "
+        f"{len(data.test)} test, {data.num_classes} classes"
+    )
+    teacher, weights, _ = obtain_teacher(config, data, device, console, cache_dir or default_cache_dir())
+    spec = config.cache
+    path = config.cache_path()
+    identity = {
+        "teacher": {"weights_sha256": file_sha256(weights), "model": config.teacher.model.model_dump(mode="json")},
+        "data": data.fingerprint,
+    }
+    console.print(f"cache: top-{spec.k} logits as {spec.dtype} -> {path}")
+    write_cache(
+        teacher, data, path, identity=identity, k=spec.k, dtype=spec.dtype, features=spec.features,
+        shard_rows=spec.shard_rows, batch_size=spec.batch_size, device=device, overwrite=overwrite,
+        console=console, on_shard=on_shard,
+        info={"teacher_facts": {"params": count_parameters(teacher), "weights_bytes": Path(weights).stat().st_size,
+                                "source": str(weights)}, "data_summary": data.summary()},
+    )  # fmt: skip
+    return path
 
 
 def scratch_setup(student_data: DataBundle, config: ExperimentConfig) -> tuple[DataBundle, int]:
@@ -301,12 +369,23 @@ def run_experiment(
         session = _StudentTraining(config, data, partial, device, resume, console, tracker, on_epoch_end)
         objective = session.run(teacher)
         console.print("evaluating on the test split and timing CPU latency ...")
-        weights_paths = {"teacher": Path(teacher_weights)}
+        weights_paths: dict[str, Path | None] = {"teacher": Path(teacher_weights)}
         for role, model in session.students.items():
             weights_paths[role] = partial / ("student.safetensors" if role == "distilled" else f"{role}.safetensors")
             save_weights(model, weights_paths[role])
-        models = {"teacher": teacher.to("cpu"), **session.students}
-        metrics = evaluate_models(models, weights_paths, session.student_data, config)
+        if isinstance(teacher, CachedTeacher):
+            models = {"teacher": _cached_teacher_architecture(teacher, data, config), **session.students}
+            weights_paths["teacher"] = None
+            cached = {
+                "test_logits": teacher.split_logits("test").to_dense(),
+                "size_bytes": teacher.teacher.get("weights_bytes"),
+                "weights_sha256": teacher.teacher.get("weights_sha256"),
+            }
+            metrics = evaluate_models(models, weights_paths, session.student_data, config, cached_teacher=cached)
+            metrics["teacher_cache"] = {"path": str(teacher.path), "k": teacher.k, "dtype": teacher.dtype}
+        else:
+            models = {"teacher": teacher.to("cpu"), **session.students}
+            metrics = evaluate_models(models, weights_paths, session.student_data, config)
         results = {"teacher": teacher_result, **session.results}
         metrics.update(
             name=final.name,
@@ -403,7 +482,10 @@ def _check_inputs(config: ExperimentConfig, data: DataBundle, console: Console) 
         f"{data.num_classes} classes, input {list(data.input_shape)}"
     )
     student = seeded_model(config.student, data, config.seed, "student")
-    teacher = seeded_model(config.teacher.model, data, config.seed, "teacher.model")
+    if isinstance(config.teacher, CachedTeacherSpec):
+        teacher = open_cached_teacher(config, data)
+    else:
+        teacher = seeded_model(config.teacher.model, data, config.seed, "teacher.model")
     if isinstance(config.teacher, CheckpointTeacher):
         load_weights(teacher, config.teacher.path, "teacher.path")
     build_distiller(config, student, teacher, data).remove_taps()  # the taps exist and adapters fit
@@ -437,11 +519,22 @@ def _write_run(partial: Path, final: Path, config: ExperimentConfig, metrics: di
 
 
 def evaluate_models(
-    models: dict[str, nn.Module], weights: dict[str, Path], data: DataBundle, config: ExperimentConfig
+    models: dict[str, nn.Module],
+    weights: dict[str, Path | None],
+    data: DataBundle,
+    config: ExperimentConfig,
+    cached_teacher: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Test accuracy, agreement, retention, gap closed, size and latency for each model."""
+    """Test accuracy, agreement, retention, gap closed, size and latency for each model.
+
+    With ``cached_teacher`` (``test_logits``, ``size_bytes``, ``weights_sha256`` from a cache),
+    the teacher's predictions come from the cache and ``models["teacher"]`` is only its
+    architecture, used to time it and count its parameters (latency does not need its weights).
+    """
     spec = config.eval
     logits = {role: predict(model, data.test.x) for role, model in models.items()}
+    if cached_teacher is not None:
+        logits["teacher"] = cached_teacher["test_logits"]
     latencies = {
         b: measure_latencies(models, data.input_shape, b, spec.latency_repeats, threads=spec.latency_threads)
         for b in spec.latency_batch_sizes
@@ -452,8 +545,8 @@ def evaluate_models(
             "test_acc": accuracy(logits[role], data.test.y),
             "agreement": agreement(logits[role], logits["teacher"]),
             "params": count_parameters(model),
-            "size_bytes": weights[role].stat().st_size,
-            "weights_sha256": file_sha256(weights[role]),
+            "size_bytes": weights[role].stat().st_size if weights[role] else cached_teacher["size_bytes"],
+            "weights_sha256": file_sha256(weights[role]) if weights[role] else cached_teacher["weights_sha256"],
             "latency_ms": {str(b): latencies[b][role] for b in spec.latency_batch_sizes},
             "per_class_acc": per_class_accuracy(logits[role], data.test.y, data.num_classes),
             "per_class_agreement": per_class_agreement(logits[role], logits["teacher"], data.test.y, data.num_classes),

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,6 +63,24 @@ class TopKLogits:
         scaled = torch.cat([self.values / temperature, tail_scaled.unsqueeze(-1)], dim=-1)
         return scaled.log_softmax(-1)
 
+    def to_dense(self) -> Tensor:
+        """Full-length logits whose softmax (at T = 1) has exactly the cached top-k
+        probabilities and spreads the tail mass evenly over the other classes: the
+        reconstruction for terms and metrics that need dense teacher logits."""
+        rest = self.vocab_size - self.k
+        if rest == 0:
+            fill = torch.zeros_like(self.logsumexp)
+        else:
+            fill = self.logsumexp + self.tail - torch.log(torch.tensor(float(rest)))
+        dense = fill.unsqueeze(-1).expand(*self.values.shape[:-1], self.vocab_size).clone()
+        return dense.scatter(-1, self.indices, self.values.float())
+
+    def to(self, device: torch.device | str) -> TopKLogits:
+        return TopKLogits(
+            self.values.to(device), self.indices.to(device), self.logsumexp.to(device), self.tail.to(device),
+            self.vocab_size,
+        )  # fmt: skip
+
     def quantize(self, dtype: ValueDtype) -> QuantizedValues:
         return QuantizedValues.encode(self.values, dtype)
 
@@ -93,3 +112,16 @@ class QuantizedValues:
         """Storage per row: values plus, for int8, the row's offset and scale (two float32s)."""
         k = self.data.shape[-1]
         return k * self.data.element_size() + (8 if self.dtype == "int8" else 0)
+
+
+def dense_logits(logits: Tensor | TopKLogits) -> Tensor:
+    """Dense teacher logits from either signal kind (see :meth:`TopKLogits.to_dense`)."""
+    return logits.to_dense() if isinstance(logits, TopKLogits) else logits
+
+
+def index_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that numbers ``vocab_size`` classes."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)

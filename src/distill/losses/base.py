@@ -13,13 +13,17 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from ..signals import TopKLogits, dense_logits
+
 
 @dataclass
 class ModelOutputs:
     """What a model produced for one batch: logits ``[batch, classes]`` or
-    ``[batch, seq, vocab]``, and any tapped intermediate features by module name."""
+    ``[batch, seq, vocab]``, and any tapped intermediate features by module name. A cached
+    teacher's logits are sparse (:class:`~distill.signals.TopKLogits`); terms that need dense
+    ones call :func:`~distill.signals.dense_logits`."""
 
-    logits: Tensor
+    logits: Tensor | TopKLogits
     features: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -96,7 +100,7 @@ class TappedPairTerm(LossTerm):
         if teacher is None:
             raise ValueError(f"the {self.name} term needs teacher outputs")
         s = student.features[self.student_name] if self.student_name else student.logits
-        t = teacher.features[self.teacher_name] if self.teacher_name else teacher.logits
+        t = teacher.features[self.teacher_name] if self.teacher_name else dense_logits(teacher.logits)
         return s, t.detach()
 
     def describe_pair(self) -> str:

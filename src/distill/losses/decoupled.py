@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from ..signals import dense_logits
 from .base import Batch, LossTerm, ModelOutputs, TermParams, masked_mean, register_term, same_shape, upcast
 
 
@@ -61,11 +62,12 @@ class DecoupledKD(LossTerm):
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch) -> Tensor:
         if teacher is None:
             raise ValueError("the dkd term needs teacher outputs")
-        targets = teacher.logits.argmax(-1)
+        teacher_logits = dense_logits(teacher.logits)
+        targets = teacher_logits.argmax(-1)
         if batch.labels is not None:
             targets = torch.where(batch.labels >= 0, batch.labels, targets)
         return decoupled_kd(
-            student.logits, teacher.logits, targets, self.alpha, self.beta, self.temperature, batch.mask
+            student.logits, teacher_logits, targets, self.alpha, self.beta, self.temperature, batch.mask
         )
 
     def extra_repr(self) -> str:
