@@ -59,7 +59,7 @@ def _split(data: DataBundle, name: str):
 def _teacher_rows(
     teacher: nn.Module, taps: FeatureTaps | None, x: Tensor, k: int, device: torch.device
 ) -> tuple[TopKLogits, dict[str, Tensor]]:
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: feature taps read tensors' version counters
         if taps is None:
             logits, features = logits_of(teacher(x.to(device))), {}
         else:

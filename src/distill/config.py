@@ -34,6 +34,10 @@ class TrainSpec(Strict):
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     grad_clip: float | None = Field(None, gt=0)
+    grad_accumulation: int = Field(1, ge=1, description="micro-batches per optimiser step (effective batch × this)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="autocast the forward passes (bf16 on CPUs and recent GPUs; fp16 on CUDA, with loss scaling)"
+    )
 
 
 class TrainedTeacher(Strict):

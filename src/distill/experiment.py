@@ -28,6 +28,7 @@ from .cache import CachedTeacher, write_cache
 from .config import CachedTeacherSpec, CheckpointTeacher, ExperimentConfig, TrainedTeacher, TrainSpec, config_to_dict
 from .data import DataBundle, load_data
 from .distiller import Distiller, LinearWarmup, logits_of
+from .distributed import parallel_from_environment
 from .errors import DistillError
 from .evaluate import (
     accuracy,
@@ -118,6 +119,9 @@ def _train_phase(
         distiller, data, spec, checkpoint=checkpoint, resume=resume, label=label, console=console, **train_options
     )
     distiller.to("cpu")
+    parallel = train_options.get("parallel")
+    if parallel is not None and not parallel.is_main:
+        return result  # process 0 writes the files
     save_weights(distiller.student, weights)
     if any(True for _ in distiller.terms.state_dict()):
         save_weights(distiller.terms, adapters)
@@ -304,11 +308,16 @@ def _without_output(config: dict) -> dict:
     return {key: value for key, value in config.items() if key != "output"}
 
 
+def _run_dir_paths(config: ExperimentConfig) -> tuple[Path, Path]:
+    """The run directory and the ``.partial`` directory it is built in."""
+    final = config.output.dir / (config.output.name or "run")
+    return final, final.with_name(final.name + ".partial")
+
+
 def _prepare_run_dir(config: ExperimentConfig, resume: bool, overwrite: bool, console: Console) -> tuple[Path, Path]:
     if config.output.dir.exists() and not config.output.dir.is_dir():
         raise DistillError(f"output.dir: {config.output.dir} is a file, not a directory")
-    final = config.output.dir / (config.output.name or "run")
-    partial = final.with_name(final.name + ".partial")
+    final, partial = _run_dir_paths(config)
     saved_config = partial / "config.yaml"
     if final.exists() and not overwrite:
         raise DistillError(f"run directory {final} already exists; pass --overwrite or choose another output.name")
@@ -358,16 +367,37 @@ def run_experiment(
     console = console or Console()
     started = time.perf_counter()
     device = pick_device(config.device)
+    parallel = parallel_from_environment(device)
+    if parallel is not None:
+        device = parallel.device
+        if not parallel.is_main:
+            console = Console(quiet=True)  # one process speaks
     data = load_data(config.data)
     _check_inputs(config, data, console)  # everything that can be wrong is found before the run directory exists
-    final, partial = _prepare_run_dir(config, resume, overwrite, console)
-    teacher, teacher_weights, teacher_result = obtain_teacher(
-        config, data, device, console, cache_dir or default_cache_dir()
+    final, partial = _run_dir_paths(config)
+    main_process = parallel is None or parallel.is_main
+    if main_process:
+        _prepare_run_dir(config, resume, overwrite, console)
+        teacher, teacher_weights, teacher_result = obtain_teacher(
+            config, data, device, console, cache_dir or default_cache_dir()
+        )
+    if parallel is not None:
+        parallel.barrier()  # process 0 has made the run directory and trained (or loaded) the teacher
+        if not main_process:  # a cache hit now
+            teacher, teacher_weights, teacher_result = obtain_teacher(
+                config, data, device, console, cache_dir or default_cache_dir()
+            )
+        console.print(f"distributed: {parallel.world} processes ({parallel.accelerator.distributed_type.value})")
+    tracker = RunTracker(
+        config.output.tracker if main_process else "none", partial / "tracking", final.name, config_to_dict(config)
     )
-    tracker = RunTracker(config.output.tracker, partial / "tracking", final.name, config_to_dict(config))
     try:
-        session = _StudentTraining(config, data, partial, device, resume, console, tracker, on_epoch_end)
+        session = _StudentTraining(config, data, partial, device, resume, console, tracker, on_epoch_end, parallel)
         objective = session.run(teacher)
+        if not main_process:
+            tracker.finish()
+            parallel.finish()  # process 0 evaluates and writes the run
+            return RunResult(final, {})
         console.print("evaluating on the test split and timing CPU latency ...")
         weights_paths: dict[str, Path | None] = {"teacher": Path(teacher_weights)}
         for role, model in session.students.items():
@@ -402,6 +432,8 @@ def run_experiment(
         )
         tracker.finish()  # before the run directory moves into place
         _write_run(partial, final, config, metrics)
+        if parallel is not None:
+            parallel.finish()
     finally:
         tracker.finish()  # flush what was logged, also when the run fails
     print_summary(console, metrics, final)
@@ -412,8 +444,8 @@ class _StudentTraining:
     """The scratch baseline, any hint stages and the distilled student of one run, each a
     resumable phase in its own directory under the run's ``.partial`` directory."""
 
-    def __init__(self, config, data, partial, device, resume, console, tracker, on_epoch_end) -> None:
-        self.config, self.data, self.partial, self.device = config, data, partial, device
+    def __init__(self, config, data, partial, device, resume, console, tracker, on_epoch_end, parallel=None) -> None:
+        self.config, self.data, self.partial, self.device, self.parallel = config, data, partial, device, parallel
         self.resume, self.console, self.tracker, self.on_epoch_end = resume, console, tracker, on_epoch_end
         self.student_data = data.with_label_budget(config.data.labeled, config.data.split_seed)
         self.students: dict[str, nn.Module] = {}
@@ -422,7 +454,7 @@ class _StudentTraining:
     def _phase(self, name: str, distiller: Distiller, data: DataBundle, spec: TrainSpec, **options: Any) -> TrainResult:
         return _train_phase(
             self.partial / name, distiller, data, spec, resume=self.resume, console=self.console,
-            seed=self.config.seed, device=self.device, **options,
+            seed=self.config.seed, device=self.device, parallel=self.parallel, **options,
         )  # fmt: skip
 
     def _train_student(self, role: str, distiller: Distiller, data: DataBundle, passes_per_epoch: int = 1) -> None:
@@ -470,7 +502,7 @@ class _StudentTraining:
             self.results[f"stage-{name}"] = run_hint_stage(name, term, distiller, self.student_data, stage_phase)
         self._train_student("distilled", distiller, self.student_data)
         distiller.remove_taps()  # the exported student and the teacher are timed without hooks
-        if any(True for _ in distiller.terms.state_dict()):
+        if any(True for _ in distiller.terms.state_dict()) and (self.parallel is None or self.parallel.is_main):
             save_weights(distiller.terms, self.partial / "adapters.safetensors")
         return objective
 

@@ -8,6 +8,7 @@ RNG state and data order (each epoch's shuffle is seeded by the run seed and the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -23,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .config import TrainSpec
 from .data import DataBundle, iterate_batches
 from .distiller import Distiller
+from .distributed import Parallel
 from .errors import DistillError
 from .evaluate import accuracy, predict
 from .io import load_checkpoint, save_checkpoint
@@ -97,6 +99,38 @@ def make_scheduler(optimizer: torch.optim.Optimizer, spec: TrainSpec, total_step
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
+class _NoScaler:
+    """The GradScaler interface without scaling (fp32 and bf16 need none)."""
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+
+    def update(self) -> None:
+        pass
+
+
+def _mixed_precision(spec: TrainSpec, device: torch.device):
+    """An autocast context factory and a gradient scaler (a real one only for fp16, on CUDA)."""
+    if spec.mixed_precision == "no":
+        return contextlib.nullcontext, _NoScaler()
+    if spec.mixed_precision == "fp16" and device.type != "cuda":
+        raise DistillError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 (or no) on this device")
+    dtype = torch.bfloat16 if spec.mixed_precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if spec.mixed_precision == "fp16" else _NoScaler()
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+def _no_sync(model: torch.nn.Module, skip: bool):
+    """DDP's no_sync() on accumulation micro-steps: gradients are reduced once per step."""
+    return model.no_sync() if skip else contextlib.nullcontext()
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The shuffle of epoch ``epoch`` depends on nothing but the seed and the epoch."""
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -116,6 +150,7 @@ def train(
     on_epoch_end: Callable[[EpochLog], None] | None = None,
     select_best: bool = True,
     passes_per_epoch: int = 1,
+    parallel: Parallel | None = None,
 ) -> TrainResult:
     """Train ``distiller.student`` (and any learnable term parts); return per-epoch history.
 
@@ -123,14 +158,24 @@ def train(
     with ``select_best=False``, e.g. for a stage whose classifier is not trained yet).
     ``passes_per_epoch`` > 1 makes one epoch several shuffled passes over a small training set
     (the scratch baseline on a label budget), so validation and checkpoints stay per epoch.
+
+    With ``parallel`` (a distributed run) every process takes its share of each global batch of
+    ``spec.batch_size`` samples, DDP averages the gradients, and only process 0 writes the
+    checkpoint; the losses are scaled so that N processes follow the gradient of 1.
+    ``spec.grad_accumulation`` micro-batches make one optimiser step; ``spec.mixed_precision``
+    runs the forward passes under autocast.
     """
     console = console or Console(quiet=True)
     device = torch.device(device)
     distiller.to(device)
     distiller.prepare(data.train.x[:2].to(device), torch.arange(2))  # adapters exist before the optimiser does
+    model = parallel.wrap(distiller) if parallel is not None else distiller
     optimizer = make_optimizer(distiller.trainable_parameters(), spec)
-    steps_per_epoch = passes_per_epoch * math.ceil(len(data.train) / spec.batch_size)
+    micro_steps = passes_per_epoch * math.ceil(len(data.train) / spec.batch_size)
+    steps_per_epoch = math.ceil(micro_steps / spec.grad_accumulation)  # optimiser steps
     scheduler = make_scheduler(optimizer, spec, spec.epochs * steps_per_epoch)
+    autocast, scaler = _mixed_precision(spec, device)
+    is_main = parallel is None or parallel.is_main
     result = TrainResult()
     best_state = copy.deepcopy(distiller.state_dict_to_keep())
     start_epoch = 0
@@ -164,27 +209,43 @@ def train(
             transient=True,
             disable=console.quiet or not console.is_terminal,
         ) as progress:
-            task = progress.add_task("train", total=steps_per_epoch, stats="")
+            task = progress.add_task("train", total=micro_steps, stats="")
             generator = epoch_generator(seed, epoch)
             batches = (
                 b for _ in range(passes_per_epoch) for b in iterate_batches(data.train, spec.batch_size, generator)
             )
             for step, (x, y, index) in enumerate(batches):
+                share = 1.0
+                if parallel is not None:
+                    global_size = len(y)
+                    x, y, index = parallel.shard(x, y, index)
+                    share = len(y) * parallel.world / global_size  # DDP averages: each share counts by its size
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                distiller.progress = epoch + step / steps_per_epoch
-                out = distiller(x, labels=y, index=index)
-                if not torch.isfinite(out.loss):
-                    bad = [n for n, v in out.terms.items() if not torch.isfinite(v)] or ["total"]
-                    raise DistillError(
-                        f"{label}: loss term {bad[0]!r} became non-finite at epoch {epoch + 1}, step {step + 1}; "
-                        f"lower train.lr or set train.grad_clip"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                if spec.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(list(distiller.trainable_parameters()), spec.grad_clip)
-                optimizer.step()
-                scheduler.step()
+                distiller.progress = epoch + step / micro_steps
+                last_micro = (step + 1) % spec.grad_accumulation == 0 or step + 1 == micro_steps
+                with _no_sync(model, parallel is not None and not last_micro), autocast():
+                    out = model(x, labels=y, index=index)
+                    if not torch.isfinite(out.loss):
+                        bad = [n for n, v in out.terms.items() if not torch.isfinite(v)] or ["total"]
+                        raise DistillError(
+                            f"{label}: loss term {bad[0]!r} became non-finite at epoch {epoch + 1}, step {step + 1}; "
+                            f"lower train.lr or set train.grad_clip"
+                        )
+                    loss = out.loss if share == 1.0 and spec.grad_accumulation == 1 else out.loss * share
+                    if spec.grad_accumulation > 1:  # the mean over this step's micro-batches (fewer at the end)
+                        loss = loss / min(
+                            spec.grad_accumulation,
+                            micro_steps - step // spec.grad_accumulation * spec.grad_accumulation,
+                        )
+                    scaler.scale(loss).backward()
+                if last_micro:
+                    if spec.grad_clip:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(list(distiller.trainable_parameters()), spec.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
 
                 n = len(y)
                 seen += n
@@ -198,6 +259,11 @@ def train(
                     task, advance=1, stats=f"loss {sums['loss'] / seen:.4f}  acc {correct / max(labeled, 1):.3f}"
                 )
 
+        if parallel is not None:  # epoch statistics over every process's share
+            keys = sorted(sums)
+            totals = parallel.sum([sums[key] for key in keys] + [seen, correct, labeled])
+            sums = dict(zip(keys, totals[: len(keys)], strict=True))
+            seen, correct, labeled = (int(v) for v in totals[len(keys) :])
         val_logits = predict(distiller.student, data.val.x, device=device)
         val_acc = accuracy(val_logits, data.val.y)
         val_loss = float(F.cross_entropy(val_logits, data.val.y))
@@ -220,7 +286,7 @@ def train(
             f"{label} epoch {epoch + 1}/{spec.epochs}  loss {log.loss:.4f} ({terms})  "
             f"train acc {log.train_acc:.4f}  val acc {val_acc:.4f}  {log.seconds:.1f}s"
         )
-        if checkpoint is not None:
+        if checkpoint is not None and is_main:
             save_checkpoint(
                 {
                     "epoch": epoch + 1,

@@ -1,0 +1,220 @@
+"""The offline teacher cache: step cost, accuracy against k, and bytes per sample / token.
+
+Three parts, all measured in this process:
+
+1. ``timing``: one epoch of the demo's distilled student with the live teacher, from the
+   cache, and a plain (cross-entropy only) student epoch, on the same batches, interleaved
+   so that machine noise hits all alike. The target: a cached step within 10% of a plain one.
+2. ``accuracy``: the demo (Fashion-MNIST, 2,000 labels) distilled from caches of the
+   top-k = 1, 2, 5, 10 float16 logits and from the live (dense) teacher, over seeds.
+3. ``lm``: a 49,152-entry vocabulary with synthetic LM-like logits (Zipf-shaped, varying
+   sharpness): bytes per token against KL(full teacher ‖ reconstruction from the cache)
+   for several k and value dtypes.
+
+    python benchmarks/cache.py                     # everything, 3 seeds
+    python benchmarks/cache.py --parts timing lm   # the quick parts only
+
+Prints tables and writes JSON (default: benchmarks/results/cache.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from distill.cache import CachedTeacher
+from distill.config import load_config, parse_config
+from distill.data import iterate_batches, load_data
+from distill.distiller import Distiller
+from distill.experiment import (
+    build_distiller,
+    cache_teacher,
+    default_cache_dir,
+    obtain_teacher,
+    run_experiment,
+    seeded_model,
+)
+from distill.losses import HardLabelCE
+from distill.signals import QuantizedValues, TopKLogits
+from distill.trainer import epoch_generator, make_optimizer
+
+from _common import fmt, summary
+
+KS = [1, 2, 5, 10]
+
+
+def demo_config(overrides: list[str]):
+    with resources.as_file(resources.files("distill") / "configs" / "demo.yaml") as demo:
+        return load_config(demo, overrides)
+
+
+def timing(console: Console, tmp: Path, overrides: list[str], repeats: int) -> dict:
+    config = demo_config([f"output.dir={tmp}", "output.name=timing", *overrides])
+    data = load_data(config.data)
+    student_data = data.with_label_budget(config.data.labeled, config.data.split_seed)
+    teacher, _, _ = obtain_teacher(config, data, "cpu", Console(quiet=True), default_cache_dir())
+    cache_path = cache_teacher(config, console=Console(quiet=True))
+    cache = CachedTeacher(cache_path)
+    setups = {
+        "plain student (ce)": Distiller(seeded_model(config.student, data, 0, "student"), None, {"ce": HardLabelCE()}),
+        "distilled, cached teacher": build_distiller(
+            config, seeded_model(config.student, data, 0, "student"), cache, data
+        ),
+        "distilled, live teacher": build_distiller(
+            config, seeded_model(config.student, data, 0, "student"), teacher, data
+        ),
+    }
+    optimizers = {name: make_optimizer(d.trainable_parameters(), config.train) for name, d in setups.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in setups}
+    steps = math.ceil(len(student_data.train) / config.train.batch_size)
+    for repeat in range(repeats):
+        for name, distiller in setups.items():
+            distiller.train()
+            start = time.perf_counter()
+            for x, y, index in iterate_batches(student_data.train, config.train.batch_size, epoch_generator(0, repeat)):
+                out = distiller(x, labels=y, index=index)
+                optimizers[name].zero_grad(set_to_none=True)
+                out.loss.backward()
+                optimizers[name].step()
+            seconds[name].append(time.perf_counter() - start)
+    plain = statistics.median(seconds["plain student (ce)"])
+    table = Table(title=f"one epoch of {steps} steps at batch {config.train.batch_size} (median of {repeats})")
+    for column in ("setup", "epoch (s)", "ms / step", "vs plain"):
+        table.add_column(column, justify="left" if column == "setup" else "right")
+    result = {}
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        table.add_row(name, f"{median:.2f}", f"{1000 * median / steps:.2f}", f"{median / plain:.3f}×")
+        result[name] = {"seconds": values, "median": median, "ratio_to_plain": median / plain}
+    console.print(table)
+    result["cache_bytes_per_sample"] = cache.bytes_per_row()
+    result["steps"] = steps
+    return result
+
+
+def accuracy(console: Console, tmp: Path, overrides: list[str], seeds: list[int]) -> dict:
+    quiet = Console(quiet=True)
+    results: dict[str, list[float]] = {"scratch": [], "dense (live teacher)": [], **{f"k={k}": [] for k in KS}}
+    teacher_acc, sizes = [], {}
+    for seed in seeds:
+        base = [f"seed={seed}", f"output.dir={tmp}", *overrides]
+        live = run_experiment(demo_config([*base, f"output.name=live{seed}"]), console=quiet).metrics["models"]
+        results["scratch"].append(live["scratch"]["test_acc"])
+        results["dense (live teacher)"].append(live["distilled"]["test_acc"])
+        teacher_acc.append(live["teacher"]["test_acc"])
+        for k in KS:
+            cache_cfg = demo_config([*base, f"cache.k={k}", f"cache.path={tmp}/cache-s{seed}-k{k}"])
+            path = cache_teacher(cache_cfg, console=quiet)
+            sizes[k] = CachedTeacher(path).bytes_per_row()
+            run = demo_config([*base, f"output.name=k{k}s{seed}", "baseline=false"])
+            run = parse_config(
+                {**run.model_dump(mode="json"), "teacher": {"kind": "cache", "path": str(path)}}, "benchmark"
+            )
+            metrics = run_experiment(run, console=quiet).metrics["models"]
+            results[f"k={k}"].append(metrics["distilled"]["test_acc"])
+            assert metrics["teacher"]["test_acc"] == live["teacher"]["test_acc"]  # same teacher, from the cache
+        console.print(
+            f"seed {seed}: teacher {100 * teacher_acc[-1]:.2f}  "
+            + "  ".join(f"{name} {100 * values[-1]:.2f}" for name, values in results.items())
+        )
+    table = Table(title=f"Fashion-MNIST demo (2,000 labels), test accuracy (%), {len(seeds)} seed(s)")
+    for column in ("student", "test accuracy", "cache bytes / sample"):
+        table.add_column(column, justify="left" if column == "student" else "right")
+    table.add_row("teacher", fmt(teacher_acc), "")
+    for name, values in results.items():
+        k = int(name[2:]) if name.startswith("k=") else None
+        table.add_row(name, fmt(values), f"{sizes[k]:.1f}" if k else "")
+    console.print(table)
+    return {
+        "teacher": summary(teacher_acc),
+        **{name: summary(values) for name, values in results.items()},
+        "bytes_per_sample": sizes,
+    }
+
+
+def lm_logits(rows: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """Synthetic next-token logits with a real LM's shape: a Zipf-like ranking over a
+    row-specific permutation of the vocabulary, row-varying sharpness and Gaussian noise."""
+    rank_logit = -torch.log(torch.arange(1, vocab + 1, dtype=torch.float32))
+    logits = torch.empty(rows, vocab)
+    for i in range(rows):
+        sharpness = 1.1 + 1.4 * torch.rand((), generator=generator)
+        permutation = torch.randperm(vocab, generator=generator)
+        logits[i, permutation] = sharpness * rank_logit
+    return logits + 0.3 * torch.randn(rows, vocab, generator=generator)
+
+
+def lm(console: Console, rows: int, vocab: int = 49152) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    logits = lm_logits(rows, vocab, generator)
+    log_p = logits.log_softmax(-1)
+    entropy = float(-(log_p.exp() * log_p).sum(-1).mean())
+    top1 = float(log_p.max(-1).values.exp().mean())
+    index_bytes = 2  # uint16 numbers 49,152 entries
+    console.print(
+        f"{vocab:,}-entry vocabulary, {rows} synthetic LM rows: mean entropy {entropy:.2f} nats, mean top-1 p {top1:.2f}"
+    )
+    table = Table(title="bytes per token against KL(full teacher ‖ reconstruction from the cache), T = 1")
+    for column in ("k", "values", "bytes / token", "KL(teacher ‖ cache) nats/token", "of which rounding", "tail mass"):
+        table.add_column(column, justify="right")
+    out = []
+    for k in (1, 8, 16, 32, 64, 128):
+        full = TopKLogits.from_dense(logits, k)
+        exact = None
+        for dtype in ("float32", "float16", "bfloat16", "int8"):
+            encoded = QuantizedValues.encode(full.values, dtype)
+            stored = TopKLogits(encoded.decode(), full.indices, full.logsumexp, full.tail, vocab)
+            log_q = stored.to_dense().log_softmax(-1)
+            kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+            size = encoded.bytes_per_row() + k * index_bytes + 8  # + float32 log-sum-exp and tail
+            tail_mass = float(full.tail.exp().mean())
+            exact = kl if exact is None else exact  # float32 first: the cost of top-k alone
+            out.append({"k": k, "dtype": dtype, "bytes_per_token": size, "kl": kl, "tail_mass": tail_mass})
+            table.add_row(str(k), dtype, str(size), f"{kl:.4f}", f"{kl - exact:+.1e}", f"{tail_mass:.3f}")
+    console.print(table)
+    return {"vocab": vocab, "rows": rows, "entropy": entropy, "top1": top1, "results": out}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--parts", nargs="+", choices=["timing", "accuracy", "lm"], default=["timing", "accuracy", "lm"]
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per setup")
+    parser.add_argument("--lm-rows", type=int, default=512)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cache.json"))
+    args = parser.parse_args()
+    console = Console()
+    console.print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if "timing" in args.parts:
+            results["timing"] = timing(console, Path(tmp), args.overrides, args.repeats)
+        if "lm" in args.parts:
+            results["lm"] = lm(console, args.lm_rows)
+        if "accuracy" in args.parts:
+            results["accuracy"] = accuracy(console, Path(tmp), args.overrides, args.seeds)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    console.print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

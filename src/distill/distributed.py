@@ -1,0 +1,111 @@
+"""Multi-process runs on Hugging Face Accelerate: one process per GPU (or CPU slot), DDP.
+
+A run becomes distributed when it is launched by ``accelerate launch -m distill run CONFIG``,
+``torchrun -m distill run CONFIG`` or ``distill run CONFIG --processes N`` (which starts
+``torch.distributed.run`` for you). Each process then takes its share of every global batch
+(``train.batch_size`` is the global batch, so 1 and N processes see the same batches), the
+student's gradients are averaged by DDP, and process 0 alone writes checkpoints, caches and
+reports. The teacher is never wrapped or synchronised: it is frozen and only runs forward.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+
+import torch
+from torch import Tensor, nn
+
+from .errors import DistillError
+
+
+def launched_distributed() -> bool:
+    """True in a process started by torchrun / accelerate launch with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+class Parallel:
+    """The process group of a distributed run, set up through :class:`accelerate.Accelerator`."""
+
+    def __init__(self, cpu: bool) -> None:
+        from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+        self.accelerator = Accelerator(
+            cpu=cpu,
+            kwargs_handlers=[
+                # a long timeout: process 0 may train the teacher while the others wait
+                InitProcessGroupKwargs(timeout=timedelta(hours=6)),
+                DistributedDataParallelKwargs(broadcast_buffers=True),
+            ],
+        )
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.device = self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, distiller: nn.Module) -> nn.Module:
+        """DDP around the student and the terms' learnable parts; the teacher is left out
+        (frozen, never synchronised), so only what trains is reduced."""
+        teacher = getattr(distiller, "teacher", None)
+        if isinstance(teacher, nn.Module):
+            ignored = [f"teacher.{name}" for name, _ in teacher.named_parameters()]
+            ignored += [f"teacher.{name}" for name, _ in teacher.named_buffers()]
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(distiller, ignored)
+        return self.accelerator.prepare_model(distiller)
+
+    def shard(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """This process's contiguous share of one global batch."""
+        return tuple(torch.tensor_split(t, self.world)[self.rank] for t in tensors)
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of ``values`` over all processes."""
+        total = self.accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=self.device), "sum")
+        return total.cpu().tolist()
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def finish(self) -> None:
+        """Wait for every process, then leave the process group cleanly."""
+        self.barrier()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def parallel_from_environment(device: torch.device) -> Parallel | None:
+    """A :class:`Parallel` when this process was launched as one of several, else None."""
+    if not launched_distributed():
+        return None
+    return Parallel(cpu=device.type == "cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(processes: int, argv: list[str]) -> int:
+    """``distill ... --processes N``: rerun this command in N local processes via torchrun."""
+    if processes < 1:
+        raise DistillError("--processes must be at least 1")
+    if launched_distributed():
+        raise DistillError("--processes: already running under a distributed launcher; drop --processes")
+    if torch.cuda.is_available() and processes > torch.cuda.device_count():
+        raise DistillError(f"--processes {processes}: only {torch.cuda.device_count()} GPU(s) are visible")
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
+        f"--master-port={_free_port()}", "-m", "distill", *argv,
+    ]  # fmt: skip
+    if shutil.which(sys.executable) is None:  # pragma: no cover - a broken interpreter path
+        raise DistillError(f"cannot start {sys.executable}")
+    return subprocess.call(command, env=env)

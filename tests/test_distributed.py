@@ -1,0 +1,103 @@
+"""Distributed (2 CPU processes, gloo, through Accelerate), gradient accumulation, mixed precision."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from distill.cli import _without_processes, main
+from distill.config import parse_config
+from distill.errors import DistillError
+from distill.experiment import run_experiment
+
+from conftest import tiny_config
+
+# an MLP student has no batch-norm, so 2 processes follow exactly the gradient of 1
+STUDENT = {"arch": "mlp", "hidden": [32]}
+
+
+def _write_config(tmp_path: Path, name: str, **changes) -> Path:
+    config = tiny_config(tmp_path, student=STUDENT, **{"output.name": name}, **changes)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _weights(run: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(run / name))
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    one = _write_config(tmp_path, "one")
+    two = _write_config(tmp_path, "two")
+    assert main(["run", str(one), "--quiet"]) == 0  # also trains and caches the teacher
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    completed = subprocess.run(
+        [sys.executable, "-m", "distill", "run", str(two), "--processes", "2", "--quiet"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    runs = tmp_path / "runs"
+    m1 = json.loads((runs / "one" / "metrics.json").read_text())
+    m2 = json.loads((runs / "two" / "metrics.json").read_text())
+    for role in ("scratch", "distilled"):
+        w1 = _weights(runs / "one", "student.safetensors" if role == "distilled" else "scratch.safetensors")
+        w2 = _weights(runs / "two", "student.safetensors" if role == "distilled" else "scratch.safetensors")
+        for key in w1:  # tolerance: the order of floating-point sums differs, nothing else
+            assert torch.allclose(w1[key], w2[key], atol=1e-5), (role, key, float((w1[key] - w2[key]).abs().max()))
+        assert m2["models"][role]["test_acc"] == pytest.approx(m1["models"][role]["test_acc"], abs=1 / 359)
+        h1, h2 = m1["training"][role]["history"], m2["training"][role]["history"]
+        assert [e["loss"] for e in h2] == pytest.approx([e["loss"] for e in h1], rel=1e-4)
+        assert [e["train_acc"] for e in h2] == pytest.approx([e["train_acc"] for e in h1], abs=1e-3)
+    assert m2["models"]["teacher"]["weights_sha256"] == m1["models"]["teacher"]["weights_sha256"]
+    assert not list(runs.glob("*.partial"))  # both runs finished and moved into place
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    """2 micro-batches of 32 per step follow the same path as one batch of 64 (1294 samples: the
+    last step of an epoch has a single, smaller micro-batch)."""
+    base = {"student": STUDENT, "baseline": False}
+    big = run_experiment(parse_config(tiny_config(tmp_path, **base, **{"output.name": "big"})))
+    small = tiny_config(
+        tmp_path, **base, **{"output.name": "acc", "train.batch_size": 32, "train.grad_accumulation": 2}
+    )
+    accumulated = run_experiment(parse_config(small))
+    w_big = _weights(big.run_dir, "student.safetensors")
+    w_acc = _weights(accumulated.run_dir, "student.safetensors")
+    for key in w_big:
+        assert torch.allclose(w_big[key], w_acc[key], atol=1e-5), key
+
+
+def test_bf16_autocast_trains_close_to_fp32(tmp_path):
+    base = {"student": STUDENT, "baseline": False}
+    fp32 = run_experiment(parse_config(tiny_config(tmp_path, **base, **{"output.name": "fp32"})))
+    bf16 = run_experiment(
+        parse_config(tiny_config(tmp_path, **base, **{"output.name": "bf16", "train.mixed_precision": "bf16"}))
+    )
+    a, b = (r.metrics["models"]["distilled"]["test_acc"] for r in (fp32, bf16))
+    assert abs(a - b) < 0.05 and b > 0.8
+    assert fp32.metrics["training"]["distilled"]["history"] != bf16.metrics["training"]["distilled"]["history"]
+
+
+def test_fp16_on_cpu_is_a_clear_error(tmp_path):
+    config = parse_config(tiny_config(tmp_path, **{"train.mixed_precision": "fp16"}))
+    with pytest.raises(DistillError, match="train.mixed_precision: fp16 needs a CUDA GPU"):
+        run_experiment(config)
+
+
+def test_processes_flag_is_stripped_for_the_workers():
+    assert _without_processes(["run", "c.yaml", "--processes", "2", "--quiet"]) == ["run", "c.yaml", "--quiet"]
+    assert _without_processes(["run", "--processes=4", "c.yaml"]) == ["run", "c.yaml"]
+
+
+def test_bad_config_fails_before_any_process_starts(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, **{"train.lr": -1})))
+    assert main(["run", str(path), "--processes", "2"]) == 2
+    assert "train.lr" in capsys.readouterr().err
