@@ -33,19 +33,21 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         metrics["models"]["teacher"]  # noqa: B018 - every run has one
     except FileNotFoundError:
         raise DistillError(f"{run_dir} is not a finished distill run (no metrics.json)") from None
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, OSError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError, OSError) as err:
         raise DistillError(f"{path} is not a complete distill metrics file ({type(err).__name__}: {err})") from None
     return metrics
 
 
-def pareto_front(points: list[dict[str, Any]]) -> None:
-    """Mark points no other point beats on both accuracy (higher) and latency (lower)."""
+def pareto_front(
+    points: list[dict[str, Any]], cost: str = "latency_ms", flag: str = "on_front", gain: str = "test_acc"
+) -> None:
+    """Set ``p[flag]`` on the points no other point beats: at least as good on both ``gain``
+    (higher is better, accuracy by default) and ``cost`` (lower is better, latency by default),
+    and strictly better on one."""
     for p in points:
-        p["on_front"] = not any(
-            q["test_acc"] >= p["test_acc"] and q["latency_ms"] <= p["latency_ms"]
-            and (q["test_acc"] > p["test_acc"] or q["latency_ms"] < p["latency_ms"])
-            for q in points
-        )  # fmt: skip
+        p[flag] = not any(
+            q[gain] >= p[gain] and q[cost] <= p[cost] and (q[gain] > p[gain] or q[cost] < p[cost]) for q in points
+        )
 
 
 def comparison(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], str]:

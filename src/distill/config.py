@@ -20,7 +20,8 @@ from .models import ModelSpec
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # infinities and NaN are never sensible settings: refused here, not after training has started
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TrainSpec(Strict):
@@ -85,7 +86,7 @@ class TermSpec(BaseModel):
     """One weighted loss term: ``{type: kd, weight: 0.9, temperature: 4}``; extra keys are
     the term's own parameters, checked against its declared ``Params``."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     type: str
     weight: float = Field(1.0, ge=0)
@@ -231,6 +232,8 @@ def apply_override(raw: dict, assignment: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as err:
         raise DistillError(f"--set {assignment!r}: value is not valid YAML ({getattr(err, 'problem', err)})") from None
+    except (RecursionError, ValueError):  # absurd nesting, integers of thousands of digits
+        raise DistillError(f"--set {key.strip()}: the value is too deeply nested or too large to read") from None
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -285,11 +288,19 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if not path.is_file():
         raise DistillError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DistillError(f"{path}: not a UTF-8 text file; a config is YAML text") from None
+    except OSError as err:
+        raise DistillError(f"cannot read config file {path}: {err.strerror or err}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise DistillError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    except (RecursionError, ValueError):  # absurd nesting, integers of thousands of digits
+        raise DistillError(f"{path}: the YAML is too deeply nested or holds numbers too large to read") from None
     config = parse_config(raw, str(path), overrides, base=path.parent)
     if config.output.name is None:
         config.output.name = path.stem

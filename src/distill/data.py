@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -234,9 +235,24 @@ def _load_npz(path: Path, field_name: str):
     return x, y
 
 
-def _load_folder(path: Path, field_name: str, image_size, class_names=None):
-    from PIL import Image, UnidentifiedImageError
+def _read_image(file: Path, field_name: str):
+    """One decoded image. Every way a file can be broken (truncated, not an image, a header
+    declaring a gigapixel "decompression bomb") is a one-line error; Pillow's warnings are muted."""
+    from PIL import Image
 
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                image.load()
+                return image.copy()
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DistillError(f"{field_name}: cannot read image {file}: {reason}") from None
+
+
+def _load_folder(path: Path, field_name: str, image_size, class_names=None):
     if not path.is_dir():
         raise DistillError(f"{field_name}: directory {path} does not exist")
     classes = class_names or sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -250,12 +266,7 @@ def _load_folder(path: Path, field_name: str, image_size, class_names=None):
             else []
         )
         for file in files:
-            try:
-                with Image.open(file) as image:
-                    image.load()
-                    images.append(image.copy())
-            except (UnidentifiedImageError, OSError) as err:
-                raise DistillError(f"cannot read image {file}: {err}") from err
+            images.append(_read_image(file, field_name))
             labels.append(label)
     if not images:
         raise DistillError(f"{field_name}: no images found under {path}/<class>/")
@@ -278,8 +289,6 @@ def _load_unlabeled(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     layout; resized and converted to the labeled images' size and channels) or an .npz's 'x'."""
     field_name = "data.unlabeled"
     if path.is_dir():
-        from PIL import Image, UnidentifiedImageError
-
         if len(shape) != 3 or shape[0] not in (1, 3):
             raise DistillError(f"{field_name}: image folders need image data, but the inputs are {list(shape)}")
         files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
@@ -288,13 +297,9 @@ def _load_unlabeled(path: Path, shape: tuple[int, ...]) -> np.ndarray:
         mode, size = ("L" if shape[0] == 1 else "RGB"), (shape[2], shape[1])
         arrays = []
         for file in files:
-            try:
-                with Image.open(file) as image:
-                    image = image.convert(mode)
-                    image = image.resize(size) if image.size != size else image
-                    array = np.asarray(image, dtype=np.float32) / 255.0
-            except (UnidentifiedImageError, OSError) as err:
-                raise DistillError(f"{field_name}: cannot read image {file}: {err}") from None
+            image = _read_image(file, field_name).convert(mode)
+            image = image.resize(size) if image.size != size else image
+            array = np.asarray(image, dtype=np.float32) / 255.0
             arrays.append(array[None] if mode == "L" else array.transpose(2, 0, 1))
         x = np.stack(arrays)
     elif path.is_file():
@@ -319,8 +324,8 @@ def _load_unlabeled(path: Path, shape: tuple[int, ...]) -> np.ndarray:
         raise DistillError(
             f"{field_name}: inputs in {path} have shape {list(x.shape[1:])}, the labeled data {list(shape)}"
         )
-    if len(x) == 0 or not np.isfinite(x).all():
-        raise DistillError(f"{field_name}: {path} holds no inputs, or inputs with NaN or infinity")
+    if len(x) == 0 or not np.isfinite(x).all() or np.abs(x).max() > np.finfo(np.float32).max:
+        raise DistillError(f"{field_name}: {path} holds no inputs, or inputs with NaN, infinity or beyond float32")
     return x
 
 
@@ -346,6 +351,8 @@ def _check(x: np.ndarray, y: np.ndarray, where: str, num_classes: int | None = N
         raise DistillError(f"{where}: label {y.max()} is implausibly large; number the classes 0..K-1")
     if not np.isfinite(x).all():
         raise DistillError(f"{where}: inputs contain NaN or infinity")
+    if x.dtype.kind == "f" and np.abs(x).max() > np.finfo(np.float32).max:
+        raise DistillError(f"{where}: inputs exceed the float32 range (|x| up to {np.abs(x).max():.3g}); rescale them")
 
 
 def load_data(spec: DataSpec) -> DataBundle:

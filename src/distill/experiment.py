@@ -40,7 +40,18 @@ from .evaluate import (
     predict,
 )
 from .html_report import write_html_report
-from .io import file_sha256, hash_json, hash_tensors, json_safe, load_weights, save_weights, write_json, write_text
+from .io import (
+    file_sha256,
+    hash_json,
+    hash_tensors,
+    json_safe,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    save_weights,
+    write_json,
+    write_text,
+)
 from .losses import HardLabelCE, LossTerm, build_term
 from .models import ModelSpec, build_model, count_parameters
 from .report import ROLES, print_summary, write_markdown, write_plots
@@ -103,14 +114,16 @@ def _train_phase(
     The student's weights and the terms' learnable parts (adapters) are kept separately, so
     the exported student never carries distillation machinery.
     """
-    weights, adapters, history_file = (
-        phase_dir / n for n in ("model.safetensors", "adapters.safetensors", "history.json")
+    weights, adapters, history_file, rng_file = (
+        phase_dir / n for n in ("model.safetensors", "adapters.safetensors", "history.json", "rng.pt")
     )
     if resume and weights.exists() and history_file.exists():
         distiller.prepare(data.train.x[:2])
         load_weights(distiller.student, weights)
         if adapters.exists():
             load_weights(distiller.terms, adapters)
+        if rng_file.exists():  # the next phase draws the random numbers it would have drawn
+            torch.set_rng_state(load_checkpoint(rng_file)["rng"])
         console.print(f"[dim]{label}: already trained, reusing {weights}[/]")
         return TrainResult.from_dict(json.loads(history_file.read_text()))
     phase_dir.mkdir(parents=True, exist_ok=True)
@@ -125,6 +138,7 @@ def _train_phase(
     save_weights(distiller.student, weights)
     if any(True for _ in distiller.terms.state_dict()):
         save_weights(distiller.terms, adapters)
+    save_checkpoint({"rng": torch.get_rng_state()}, rng_file)  # before history.json marks the phase done
     write_json(history_file, result.to_dict())
     (phase_dir / "checkpoint.pt").unlink(missing_ok=True)
     return result
@@ -545,6 +559,8 @@ def _write_run(partial: Path, final: Path, config: ExperimentConfig, metrics: di
     for phase in partial.iterdir():  # phase checkpoints are no longer needed; tracker logs stay
         if phase.is_dir() and phase.name != "tracking":
             shutil.rmtree(phase)
+    for leftover in partial.rglob(".*.tmp"):  # a temporary file a crash left behind never ships
+        leftover.unlink()
     if final.exists():
         shutil.rmtree(final)
     os.replace(partial, final)

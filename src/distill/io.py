@@ -94,6 +94,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike, field: str = "weight
                 f"but {shape} in the model (different class count or architecture?)"
             )
     load_model(model, str(path), strict=True)
+    for key, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DistillError(f"{field}: weights in {path} hold NaN or infinite values ({key}); the file is unusable")
     return model
 
 
