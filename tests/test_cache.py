@@ -1,6 +1,7 @@
 """The offline teacher-signal cache: store round trips, integrity checks, resume, and training from it."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,24 @@ def test_sparse_kd_from_the_store_equals_dense_kd_when_k_covers_every_class(tmp_
     assert torch.allclose(g_sparse, g_dense, atol=1e-6)
 
 
+def test_confident_rows_keep_their_tail_and_their_gradient():
+    """A tail far below float32's resolution next to 1 is still stored exactly, and an overconfident
+    student is still pushed back (the tail is a log-sum-exp, not log(1 - head mass))."""
+    teacher = torch.tensor([[20.0] + [0.0] * 9])
+    signals = TopKLogits.from_dense(teacher, 1)
+    want = math.log(9) - float(torch.tensor([20.0] + [0.0] * 9, dtype=torch.float64).logsumexp(0))
+    assert float(signals.tail) == pytest.approx(want, rel=1e-6)  # about -17.80, not -inf
+    student = torch.tensor([[40.0] + [0.0] * 9], requires_grad=True)
+    signals = TopKLogits.from_dense(torch.tensor([[5.0] + [0.0] * 9]), 1)
+    loss = soft_target_kl(student, signals, temperature=1.0)
+    (grad,) = torch.autograd.grad(loss, student)
+    p_top = math.exp(5) / (math.exp(5) + 9)
+    assert float(grad[0, 0]) == pytest.approx(1.0 - p_top, rel=1e-4)  # q_top - p_top, about 0.057
+    assert float(loss.detach()) == pytest.approx(
+        p_top * math.log(p_top) + (1 - p_top) * (math.log(1 - p_top) - (math.log(9) - 40)), rel=1e-4
+    )
+
+
 def test_token_level_rows(tmp_path):
     """[batch, seq, vocab] teachers store one row per token position."""
     data, teacher = _bundle(n=12, seq=5), _TokenTeacher(vocab=300)
@@ -141,6 +160,19 @@ def test_a_cache_for_other_data_or_settings_is_refused(tmp_path):
     assert CachedTeacher(path).k == 5
     with pytest.raises(DistillError, match="no manifest.json"):
         CachedTeacher(tmp_path)
+
+
+def test_an_up_to_date_cache_is_reused_and_overwrite_repairs_a_damaged_one(tmp_path):
+    data, teacher = _bundle(), _teacher()
+    path = _write(tmp_path, teacher, data, shard_rows=16)
+    done = []
+    _write(tmp_path, teacher, data, shard_rows=16, on_shard=lambda split, shard: done.append(split))
+    assert done == []  # nothing recomputed
+    (path / "shards" / "val-00002" / "indices.npy").write_bytes(b"junk")
+    with pytest.raises(DistillError, match="val-00002/indices.npy is damaged.*--overwrite"):
+        _write(tmp_path, teacher, data, shard_rows=16)
+    _write(tmp_path, teacher, data, shard_rows=16, overwrite=True)
+    CachedTeacher(path)  # every checksum holds again
 
 
 def _files(path: Path) -> dict[str, bytes]:

@@ -38,7 +38,7 @@ from . import __version__
 from .data import DataBundle
 from .distiller import logits_of
 from .errors import DistillError
-from .io import file_sha256, write_json
+from .io import file_sha256, json_safe, write_json
 from .losses import ModelOutputs
 from .signals import QuantizedValues, TopKLogits, ValueDtype, index_dtype
 from .taps import FeatureTaps
@@ -65,8 +65,8 @@ def _teacher_rows(
         else:
             with taps.recording() as recorded:
                 logits = logits_of(teacher(x.to(device)))
-            features = {name: value.float().cpu() for name, value in recorded.items()}
-    return TopKLogits.from_dense(logits.float().cpu(), k), features
+            features = {name: value.half().cpu() for name, value in recorded.items()}
+    return TopKLogits.from_dense(logits.float(), k).to("cpu"), features  # only the top-k leave the device
 
 
 def _shard_arrays(signals: TopKLogits, features: dict[str, Tensor], dtype: ValueDtype) -> dict[str, np.ndarray]:
@@ -169,18 +169,28 @@ def write_cache(
     samples_per_shard = max(1, shard_rows // rows_per_sample)
     settings = {
         "format": FORMAT, "format_version": FORMAT_VERSION, **identity, "k": min(k, vocab), "dtype": dtype,
-        "features": features, "samples_per_shard": samples_per_shard,
+        "features": features, "samples_per_shard": samples_per_shard, "batch_size": batch_size,
     }  # fmt: skip
+    settings = json.loads(json.dumps(json_safe(settings)))  # compared with what JSON files give back
 
     if path.exists():
         if not path.is_dir():
             raise DistillError(f"cache.path: {path} is a file, not a cache directory")
         previous = _read_json(path / "manifest.json")
         differs = _mismatch(settings, previous)
-        if differs is None:
+        if differs is None and not overwrite:
+            damaged = next(
+                (bad for split in previous["splits"].values() for record in split["shards"]
+                 if (bad := _verify_shard(path / "shards" / record["name"], record["files"])) is not None),
+                None,
+            )  # fmt: skip
+            if damaged is not None:
+                raise DistillError(
+                    f"cache {path}: file {damaged} is damaged (checksum mismatch); pass --overwrite to rebuild it"
+                )
             console.print(f"cache: {path} is up to date (same teacher, data and settings)")
             return path
-        if not overwrite:
+        if differs is not None and not overwrite:
             raise DistillError(
                 f"cache {path} was made with a different {differs}; pass --overwrite to rebuild it or choose another cache.path"
             )

@@ -144,10 +144,10 @@ def _train_phase(
     return result
 
 
-def open_cached_teacher(config: ExperimentConfig, data: DataBundle) -> CachedTeacher:
+def open_cached_teacher(config: ExperimentConfig, data: DataBundle, verify: bool = True) -> CachedTeacher:
     """The teacher signals of a ``teacher: {kind: cache}`` config, checked against the data."""
     assert isinstance(config.teacher, CachedTeacherSpec)
-    cache = CachedTeacher(config.teacher.path, verify=config.teacher.verify)
+    cache = CachedTeacher(config.teacher.path, verify=verify and config.teacher.verify)
     cache.check_data(data)
     return cache
 
@@ -163,7 +163,7 @@ def obtain_teacher(
     spec = config.teacher
     if isinstance(spec, CachedTeacherSpec):
         console.print(f"teacher: signals from the cache {spec.path} (no teacher model is loaded)")
-        return open_cached_teacher(config, data), spec.path, None
+        return open_cached_teacher(config, data, verify=False), spec.path, None  # verified by _check_inputs
     data = data.labeled_only()
     model = seeded_model(spec.model, data, config.seed, "teacher.model")
     if isinstance(spec, CheckpointTeacher):
@@ -300,7 +300,8 @@ def run_hint_stage(name: str, term: LossTerm, distiller: Distiller, data: DataBu
         trainable = [p for p in distiller.student.parameters() if p.requires_grad]
         modes = {module: module.training for module in distiller.student.modules()}
         distiller.student.eval()  # the probe must not move batch-norm statistics
-        gradients = torch.autograd.grad(stage(data.train.x[:8]).loss, trainable, allow_unused=True)
+        probe = stage(data.train.x[:8], labels=data.train.y[:8], index=torch.arange(min(8, len(data.train))))
+        gradients = torch.autograd.grad(probe.loss, trainable, allow_unused=True)
         for module, training in modes.items():
             module.training = training
         frozen = [p for p, g in zip(trainable, gradients, strict=True) if g is None]  # not below the tap

@@ -39,8 +39,9 @@ class TopKLogits:
         values, indices = logits.topk(k, dim=-1)
         logsumexp = logits.logsumexp(-1)
         if k < logits.shape[-1]:
-            head = (values - logsumexp.unsqueeze(-1)).logsumexp(-1).clamp(max=0.0)
-            tail = torch.log(-torch.expm1(head))
+            # the log-sum-exp of the other logits, not log(1 - head mass): exact even when the tail
+            # is far below float32's resolution next to 1 (a confident row)
+            tail = logits.scatter(-1, indices, float("-inf")).logsumexp(-1) - logsumexp
         else:
             tail = torch.full_like(logsumexp, float("-inf"))
         return cls(values, indices, logsumexp, tail, logits.shape[-1])

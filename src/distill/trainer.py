@@ -114,6 +114,9 @@ class _NoScaler:
     def update(self) -> None:
         pass
 
+    def state_dict(self) -> dict:
+        return {}
+
 
 def _mixed_precision(spec: TrainSpec, device: torch.device):
     """An autocast context factory and a gradient scaler (a real one only for fp16, on CUDA)."""
@@ -186,6 +189,8 @@ def train(
         distiller.terms.load_state_dict(state["terms"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         if torch.cuda.is_available() and state.get("cuda_rng"):
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -218,6 +223,8 @@ def train(
                 share = 1.0
                 if parallel is not None:
                     global_size = len(y)
+                    if global_size < parallel.world:  # a tail too small to give every process a sample
+                        continue  # (every process decides alike: the batches are the same everywhere)
                     x, y, index = parallel.shard(x, y, index)
                     share = len(y) * parallel.world / global_size  # DDP averages: each share counts by its size
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -294,6 +301,7 @@ def train(
                     "terms": distiller.terms.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
                     "rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                     "best_state": best_state,

@@ -52,7 +52,10 @@ def _sparse_soft_target_kl(
         )
     log_q = F.log_softmax(upcast(student_logits) / temperature, dim=-1)
     log_q_head = log_q.gather(-1, teacher.indices)
-    log_q_tail = torch.log((-torch.expm1(log_q_head.logsumexp(-1).clamp(max=0.0))).clamp_min(1e-12))
+    if teacher.k < teacher.vocab_size:  # the student's mass outside the teacher's top-k, exactly
+        log_q_tail = log_q.scatter(-1, teacher.indices, float("-inf")).logsumexp(-1)
+    else:  # no tail: a constant bucket the teacher gives zero mass (no gradient through -inf)
+        log_q_tail = torch.zeros_like(log_q_head[..., 0])
     log_q_buckets = torch.cat([log_q_head, log_q_tail.unsqueeze(-1)], dim=-1)
     log_p = teacher.bucket_log_probs(temperature).to(log_q.dtype)
     per_row = torch.where(log_p.isneginf(), 0.0, log_p.exp() * (log_p - log_q_buckets)).sum(-1)
