@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from distill.cli import _without_processes, main
 from distill.config import parse_config
 from distill.errors import DistillError
-from distill.experiment import run_experiment
+from distill.experiment import cache_teacher, run_experiment
 
 from conftest import tiny_config
 
@@ -33,30 +33,56 @@ def _weights(run: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(str(run / name))
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    one = _write_config(tmp_path, "one")
-    two = _write_config(tmp_path, "two")
-    assert main(["run", str(one), "--quiet"]) == 0  # also trains and caches the teacher
+def _launch(config: Path, processes: int) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     completed = subprocess.run(
-        [sys.executable, "-m", "distill", "run", str(two), "--processes", "2", "--quiet"],
+        [sys.executable, "-m", "distill", "run", str(config), "--processes", str(processes), "--quiet"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    """Batch 51 over 1294 samples: the last global batch (19) splits 10 / 9, so the shares differ
+    and the loss weighting by share size is exercised. A second pair runs from a teacher cache:
+    each process looks up its own shard of indices."""
+    batch = {"train.batch_size": 51}
+    one = _write_config(tmp_path, "one", **batch)
+    assert main(["run", str(one), "--quiet"]) == 0  # also trains and caches the teacher
+    _launch(_write_config(tmp_path, "two", **batch), 2)
+    cache = cache_teacher(parse_config(tiny_config(tmp_path, **batch, **{"cache.k": 10, "cache.dtype": "float32"})))
+    cached = {"teacher": {"kind": "cache", "path": str(cache)}, "baseline": False, **batch}
+    assert main(["run", str(_write_config(tmp_path, "cached-one", **cached)), "--quiet"]) == 0
+    _launch(_write_config(tmp_path, "cached-two", **cached), 2)
+
     runs = tmp_path / "runs"
-    m1 = json.loads((runs / "one" / "metrics.json").read_text())
-    m2 = json.loads((runs / "two" / "metrics.json").read_text())
-    for role in ("scratch", "distilled"):
-        w1 = _weights(runs / "one", "student.safetensors" if role == "distilled" else "scratch.safetensors")
-        w2 = _weights(runs / "two", "student.safetensors" if role == "distilled" else "scratch.safetensors")
-        for key in w1:  # tolerance: the order of floating-point sums differs, nothing else
-            assert torch.allclose(w1[key], w2[key], atol=1e-5), (role, key, float((w1[key] - w2[key]).abs().max()))
-        assert m2["models"][role]["test_acc"] == pytest.approx(m1["models"][role]["test_acc"], abs=1 / 359)
-        h1, h2 = m1["training"][role]["history"], m2["training"][role]["history"]
-        assert [e["loss"] for e in h2] == pytest.approx([e["loss"] for e in h1], rel=1e-4)
-        assert [e["train_acc"] for e in h2] == pytest.approx([e["train_acc"] for e in h1], abs=1e-3)
-    assert m2["models"]["teacher"]["weights_sha256"] == m1["models"]["teacher"]["weights_sha256"]
-    assert not list(runs.glob("*.partial"))  # both runs finished and moved into place
+    metrics = {
+        name: json.loads((runs / name / "metrics.json").read_text())
+        for name in ("one", "two", "cached-one", "cached-two")
+    }
+    for first, second, roles in (
+        ("one", "two", ("scratch", "distilled")),
+        ("cached-one", "cached-two", ("distilled",)),
+    ):
+        m1, m2 = metrics[first], metrics[second]
+        for role in roles:
+            file = "student.safetensors" if role == "distilled" else "scratch.safetensors"
+            w1, w2 = _weights(runs / first, file), _weights(runs / second, file)
+            for key in w1:  # tolerance: the order of floating-point sums differs, nothing else
+                assert torch.allclose(w1[key], w2[key], atol=1e-5), (
+                    second,
+                    role,
+                    key,
+                    float((w1[key] - w2[key]).abs().max()),
+                )
+            assert m2["models"][role]["test_acc"] == pytest.approx(m1["models"][role]["test_acc"], abs=1 / 359)
+            h1, h2 = m1["training"][role]["history"], m2["training"][role]["history"]
+            assert [e["loss"] for e in h2] == pytest.approx([e["loss"] for e in h1], rel=1e-4)
+            assert [e["train_acc"] for e in h2] == pytest.approx([e["train_acc"] for e in h1], abs=1e-3)
+    assert (
+        metrics["two"]["models"]["teacher"]["weights_sha256"] == metrics["one"]["models"]["teacher"]["weights_sha256"]
+    )
+    assert not list(runs.glob("*.partial"))  # every run finished and moved into place
 
 
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
