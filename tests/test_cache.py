@@ -342,3 +342,15 @@ def test_distiller_with_a_cache_needs_indices(tmp_path):
     assert float(distiller(data.train.x[index], index=index).loss.detach()) == pytest.approx(
         float(live(data.train.x[index]).loss.detach()), rel=1e-5
     )
+
+
+def test_only_a_bounded_number_of_shards_stay_mapped(tmp_path, monkeypatch):
+    import distill.cache
+
+    monkeypatch.setattr(distill.cache, "MAX_OPEN_SHARDS", 3)
+    data, teacher = _bundle(n=50), _teacher()
+    cache = CachedTeacher(_write(tmp_path, teacher, data, shard_rows=5))  # 10 shards per split
+    got = cache.lookup(torch.arange(50).flip(0)).logits
+    assert len(cache._open) == 3
+    want = TopKLogits.from_dense(_dense(teacher, data.train.x.flip(0)), 3)
+    assert torch.equal(got.indices, want.indices)

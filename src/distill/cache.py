@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from .taps import FeatureTaps
 FORMAT = "distill-teacher-cache"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+MAX_OPEN_SHARDS = 64
 LOGITS_FORMAT = "raw teacher logits at T=1: top-k values and indices, row log-sum-exp, log of the tail mass"
 
 
@@ -320,10 +322,11 @@ class CachedTeacher:
         self.dtype: ValueDtype = manifest["dtype"]
         self.features: list[str] = manifest["features"]
         self.samples_per_shard: int = manifest["samples_per_shard"]
-        self._shards: dict[str, list[_Shard]] = {}
-        for split, info in manifest["splits"].items():
-            shards = []
-            for record in info["shards"]:
+        self._field = field
+        self._records: dict[str, list[dict]] = {split: info["shards"] for split, info in manifest["splits"].items()}
+        self._open: OrderedDict[tuple[str, int], _Shard] = OrderedDict()  # memory maps, least recently used first
+        for split, records in self._records.items():
+            for number, record in enumerate(records):
                 directory = self.path / "shards" / record["name"]
                 if verify:
                     bad = _verify_shard(directory, record["files"])
@@ -332,11 +335,26 @@ class CachedTeacher:
                             f"{field}: cache file {bad} is missing or damaged (checksum mismatch); rebuild the cache with "
                             f"`distill cache --overwrite`"
                         )
-                try:
-                    shards.append(_Shard(directory, record["files"]))
-                except (OSError, ValueError) as err:
-                    raise DistillError(f"{field}: cannot read cache shard {directory}: {err}") from None
-            self._shards[split] = shards
+                if number == 0:
+                    self._shard(split, 0)  # fails early on a file numpy cannot read
+
+    def _shard(self, split: str, number: int) -> _Shard:
+        """Shard ``number`` of ``split``, memory-mapped on first use. At most ``MAX_OPEN_SHARDS``
+        stay mapped (each map holds a file descriptor per array), so huge caches stay under the
+        process's file limit."""
+        key = (split, number)
+        shard = self._open.get(key)
+        if shard is None:
+            directory = self.path / "shards" / self._records[split][number]["name"]
+            try:
+                shard = _Shard(directory, self._records[split][number]["files"])
+            except (OSError, ValueError) as err:
+                raise DistillError(f"{self._field}: cannot read cache shard {directory}: {err}") from None
+            self._open[key] = shard
+            if len(self._open) > MAX_OPEN_SHARDS:
+                self._open.popitem(last=False)
+        self._open.move_to_end(key)
+        return shard
 
     def _is_partial(self) -> bool:
         return self.path.with_name(self.path.name + ".partial").is_dir()
@@ -382,13 +400,12 @@ class CachedTeacher:
         return total / rows
 
     def _gather(self, split: str, index: np.ndarray, name: str) -> np.ndarray:
-        shards = self._shards[split]
         shard_of, local = np.divmod(index, self.samples_per_shard)
-        first = shards[0].arrays[name]
+        first = self._shard(split, 0).arrays[name]
         out = np.empty((len(index), *first.shape[1:]), dtype=first.dtype)
         for shard in np.unique(shard_of):
             chosen = shard_of == shard
-            out[chosen] = shards[shard].arrays[name][local[chosen]]
+            out[chosen] = self._shard(split, int(shard)).arrays[name][local[chosen]]
         return out
 
     def lookup(self, index: Tensor, split: str = "train", device: torch.device | str | None = None) -> ModelOutputs:
