@@ -40,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. --set train.epochs=3 (repeatable)",
     )
     run.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    run.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train in N local processes (DDP through Accelerate; one per GPU, or gloo on CPU)",
+    )
     run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     run.add_argument("--quiet", action="store_true", help="print only the final table")
 
@@ -79,11 +86,32 @@ def _methods(console: Console) -> None:
         console.print(f"[bold]{name}[/]  {cls.summary}" + (f"\n    parameters: {params}" if params else ""))
 
 
+def _without_processes(argv: list[str]) -> list[str]:
+    """The command line minus ``--processes N`` (each launched process runs as one of N)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # logs and pipes get long lines rather than rich's default of 80 folded columns
     console = Console(quiet=getattr(args, "quiet", False), width=None if sys.stdout.isatty() else 160)
     try:
+        if args.command in ("cache", "chain", "sweep", "tune"):
+            from .distributed import launched_distributed
+
+            if launched_distributed():
+                raise DistillError(
+                    f"distill {args.command} runs in one process; launch it without torchrun or accelerate "
+                    f"(only `distill run` trains in several processes)"
+                )
         if args.command == "methods":
             _methods(console)
             return 0
@@ -107,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
 
         if args.command == "run":
-            config = load_config(args.config, args.overrides)
+            config = load_config(args.config, args.overrides)  # a bad config fails here, before any launch
+            if args.processes is not None and args.processes > 1:
+                from .distributed import launch
+
+                return launch(args.processes, _without_processes(argv if argv is not None else sys.argv[1:]))
             result = run_experiment(config, resume=args.resume, overwrite=args.overwrite, console=console)
         else:
             demo_file = resources.files("distill") / "configs" / "demo.yaml"
@@ -116,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             config.output.dir, config.output.name = args.out.resolve(), "demo-quick" if args.quick else "demo"
             # the demo resumes an interrupted demo by itself and replaces an earlier one
             result = run_experiment(config, resume=True, overwrite=True, console=console)
-        if args.quiet:
+        if args.quiet and result.metrics:  # empty in the non-main processes of a distributed run
             from .report import print_summary
 
             print_summary(Console(width=None if sys.stdout.isatty() else 160), result.metrics, result.run_dir)
