@@ -79,6 +79,12 @@ def timing(console: Console, tmp: Path, overrides: list[str], repeats: int) -> d
     optimizers = {name: make_optimizer(d.trainable_parameters(), config.train) for name, d in setups.items()}
     seconds: dict[str, list[float]] = {name: [] for name in setups}
     steps = math.ceil(len(student_data.train) / config.train.batch_size)
+    warm = list(iterate_batches(student_data.train, config.train.batch_size, epoch_generator(0, -1)))[:30]
+    for name, distiller in setups.items():  # untimed warm-up: allocator, caches, page cache of the shards
+        for x, y, index in warm:
+            out = distiller(x, labels=y, index=index)
+            optimizers[name].zero_grad(set_to_none=True)
+            out.loss.backward()
     for repeat in range(repeats):
         for name, distiller in setups.items():
             distiller.train()
@@ -108,6 +114,7 @@ def accuracy(console: Console, tmp: Path, overrides: list[str], seeds: list[int]
     quiet = Console(quiet=True)
     results: dict[str, list[float]] = {"scratch": [], "dense (live teacher)": [], **{f"k={k}": [] for k in KS}}
     teacher_acc, sizes = [], {}
+    cached_teacher: dict[str, list[float]] = {f"k={k}": [] for k in KS}
     for seed in seeds:
         base = [f"seed={seed}", f"output.dir={tmp}", *overrides]
         live = run_experiment(demo_config([*base, f"output.name=live{seed}"]), console=quiet).metrics["models"]
@@ -124,23 +131,25 @@ def accuracy(console: Console, tmp: Path, overrides: list[str], seeds: list[int]
             )
             metrics = run_experiment(run, console=quiet).metrics["models"]
             results[f"k={k}"].append(metrics["distilled"]["test_acc"])
-            assert metrics["teacher"]["test_acc"] == live["teacher"]["test_acc"]  # same teacher, from the cache
+            # the teacher's own accuracy read back from the cache: float16 rounding can flip near-ties
+            cached_teacher[f"k={k}"].append(metrics["teacher"]["test_acc"])
         console.print(
             f"seed {seed}: teacher {100 * teacher_acc[-1]:.2f}  "
             + "  ".join(f"{name} {100 * values[-1]:.2f}" for name, values in results.items())
         )
     table = Table(title=f"Fashion-MNIST demo (2,000 labels), test accuracy (%), {len(seeds)} seed(s)")
-    for column in ("student", "test accuracy", "cache bytes / sample"):
+    for column in ("student", "test accuracy", "cache bytes / sample", "teacher read from the cache"):
         table.add_column(column, justify="left" if column == "student" else "right")
-    table.add_row("teacher", fmt(teacher_acc), "")
+    table.add_row("teacher (live)", fmt(teacher_acc), "", "")
     for name, values in results.items():
         k = int(name[2:]) if name.startswith("k=") else None
-        table.add_row(name, fmt(values), f"{sizes[k]:.1f}" if k else "")
+        table.add_row(name, fmt(values), f"{sizes[k]:.1f}" if k else "", fmt(cached_teacher[name]) if k else "")
     console.print(table)
     return {
         "teacher": summary(teacher_acc),
         **{name: summary(values) for name, values in results.items()},
         "bytes_per_sample": sizes,
+        "teacher_from_cache": {name: summary(values) for name, values in cached_teacher.items()},
     }
 
 
@@ -193,7 +202,7 @@ def main() -> int:
         "--parts", nargs="+", choices=["timing", "accuracy", "lm"], default=["timing", "accuracy", "lm"]
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per setup")
+    parser.add_argument("--repeats", type=int, default=5, help="timed epochs per setup")
     parser.add_argument("--lm-rows", type=int, default=512)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cache.json"))

@@ -399,13 +399,20 @@ class CachedTeacher:
         )
         return total / rows
 
-    def _gather(self, split: str, index: np.ndarray, name: str) -> np.ndarray:
+    def _gather(self, split: str, index: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+        """Rows ``index`` of the arrays ``names``, across shards; the shard arithmetic is done
+        once for all arrays, and a batch within one shard is a plain fancy index."""
         shard_of, local = np.divmod(index, self.samples_per_shard)
-        first = self._shard(split, 0).arrays[name]
-        out = np.empty((len(index), *first.shape[1:]), dtype=first.dtype)
+        if len(index) and shard_of.min() == shard_of.max():
+            arrays = self._shard(split, int(shard_of[0])).arrays
+            return {name: arrays[name][local] for name in names}
+        first = self._shard(split, 0).arrays
+        out = {name: np.empty((len(index), *first[name].shape[1:]), dtype=first[name].dtype) for name in names}
         for shard in np.unique(shard_of):
             chosen = shard_of == shard
-            out[chosen] = self._shard(split, int(shard)).arrays[name][local[chosen]]
+            arrays = self._shard(split, int(shard)).arrays
+            for name in names:
+                out[name][chosen] = arrays[name][local[chosen]]
         return out
 
     def lookup(self, index: Tensor, split: str = "train", device: torch.device | str | None = None) -> ModelOutputs:
@@ -414,25 +421,25 @@ class CachedTeacher:
         n = self.manifest["splits"][split]["samples"]
         if len(idx) and (idx.min() < 0 or idx.max() >= n):
             raise IndexError(f"cache {self.path} holds {n} {split} samples; index {int(idx.max())} is out of range")
-        raw = self._gather(split, idx, "values")
+        names = ["values", "indices", "logsumexp", "tail"] + (["offset", "scale"] if self.dtype == "int8" else [])
+        rows = self._gather(split, idx, names + [f"feature-{name}" for name in self.features])
+        raw = torch.from_numpy(rows["values"])
         if self.dtype == "bfloat16":
-            values = torch.from_numpy(raw).view(torch.bfloat16).float()
+            values = raw.view(torch.bfloat16).float()
         elif self.dtype == "int8":
-            offset = torch.from_numpy(self._gather(split, idx, "offset")).unsqueeze(-1)
-            scale = torch.from_numpy(self._gather(split, idx, "scale")).unsqueeze(-1)
-            values = QuantizedValues(torch.from_numpy(raw), "int8", offset, scale).decode()
+            offset = torch.from_numpy(rows["offset"]).unsqueeze(-1)
+            scale = torch.from_numpy(rows["scale"]).unsqueeze(-1)
+            values = QuantizedValues(raw, "int8", offset, scale).decode()
         else:
-            values = torch.from_numpy(raw).float()
+            values = raw.float()
         signals = TopKLogits(
             values,
-            torch.from_numpy(self._gather(split, idx, "indices").astype(np.int64)),
-            torch.from_numpy(self._gather(split, idx, "logsumexp")),
-            torch.from_numpy(self._gather(split, idx, "tail")),
+            torch.from_numpy(rows["indices"].astype(np.int64)),
+            torch.from_numpy(rows["logsumexp"]),
+            torch.from_numpy(rows["tail"]),
             self.vocab_size,
         )
-        features = {
-            name: torch.from_numpy(self._gather(split, idx, f"feature-{name}")).float() for name in self.features
-        }
+        features = {name: torch.from_numpy(rows[f"feature-{name}"]).float() for name in self.features}
         if device is not None:
             signals = signals.to(device)
             features = {name: value.to(device) for name, value in features.items()}
