@@ -33,7 +33,15 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         metrics["models"]["teacher"]  # noqa: B018 - every run has one
     except FileNotFoundError:
         raise DistillError(f"{run_dir} is not a finished distill run (no metrics.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError, OSError) as err:
+    except (
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        RecursionError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        OSError,
+    ) as err:
         raise DistillError(f"{path} is not a complete distill metrics file ({type(err).__name__}: {err})") from None
     return metrics
 

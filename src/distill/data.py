@@ -247,7 +247,14 @@ def _read_image(file: Path, field_name: str):
             with Image.open(file) as image:
                 image.load()
                 return image.copy()
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DistillError(f"{field_name}: cannot read image {file}: {reason}") from None
 
