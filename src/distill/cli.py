@@ -75,6 +75,21 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--out", type=Path, default=Path("runs/compare.html"), help="comparison report (default: runs/compare.html)"
     )
+
+    for name, text, example in (
+        ("chain", "distil through teacher assistants (config section chain:), beside direct KD", "chain.assistants=2"),
+        ("sweep", "distil a family of students (section sweep:), mark the Pareto fronts", "sweep.widths=[0.5,1,2]"),
+        ("tune", "search temperature, alpha, weights, lr on validation (section tune:)", "tune.trials=10"),
+    ):
+        many = sub.add_parser(name, help=text)
+        many.add_argument("config", type=Path, help=f"experiment config (YAML) with a {name}: section")
+        many.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=f"e.g. --set {example}"
+        )
+        if name != "tune":
+            many.add_argument("--resume", action="store_true", help="continue, reusing the finished experiments")
+        many.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+        many.add_argument("--quiet", action="store_true", help="print only the final table")
     return parser
 
 
@@ -119,6 +134,20 @@ def main(argv: list[str] | None = None) -> int:
             from .compare import compare
 
             compare(args.runs, args.out, console)
+            return 0
+        if args.command in ("chain", "sweep", "tune"):
+            from .workflow import run_command
+
+            try:
+                run_command(
+                    args.command, args.config, args.overrides, resume=getattr(args, "resume", False),
+                    overwrite=args.overwrite, console=console,
+                    summary_console=Console(width=None if sys.stdout.isatty() else 160) if args.quiet else None,
+                )  # fmt: skip
+            except KeyboardInterrupt:
+                again = "start over with --overwrite" if args.command == "tune" else "continue with --resume"
+                print(f"distill: interrupted; {again}", file=sys.stderr)
+                return 130
             return 0
         from .config import load_config
         from .experiment import run_experiment

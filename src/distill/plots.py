@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
 from .io import atomic_path  # noqa: E402
 
@@ -172,5 +173,53 @@ def front_figure(points: list[dict[str, Any]], batch: str) -> Figure:
     ax.set(xscale="log", xlabel=f"CPU latency at batch {batch} (ms)", ylabel="test accuracy (%)",
            title="accuracy–latency front (★ = on the front)")  # fmt: skip
     ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+def chain_figure(summary: dict[str, Any]) -> Figure:
+    """Test accuracy against parameters along a teacher-assistant chain, with direct KD and scratch."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    path = [summary["teacher"], *summary["stages"]]
+    ax.plot([e["params"] for e in path], [100 * _num(e["test_acc"]) for e in path], "-o", color="tab:orange",
+            label="chain (each stage distilled from the one before)", zorder=3)  # fmt: skip
+    styles = {"student, direct KD": ("*", "tab:green", 160), "student, scratch": ("X", "tab:blue", 90)}
+    for entry in summary["baselines"]:
+        marker, color, size = styles.get(entry["role"], ("o", "tab:gray", 60))
+        ax.scatter(entry["params"], 100 * _num(entry["test_acc"]), marker=marker, color=color, s=size,
+                   label=_text(entry["role"]), zorder=4)  # fmt: skip
+    for entry in path:
+        ax.annotate(_text(f"{entry['role']}\n{entry['model']}"), (entry["params"], 100 * _num(entry["test_acc"])),
+                    fontsize=7, xytext=(5, -14), textcoords="offset points")  # fmt: skip
+    ax.set(xscale="log", xlabel="parameters", ylabel="test accuracy (%)", title="teacher → assistants → student")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def sweep_figure(points: list[dict[str, Any]], batch: str, teacher: dict[str, Any] | None = None) -> Figure:
+    """Accuracy against latency and against size for a family of students; ★ marks each front."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    panels = (("latency_ms", "front_latency", f"CPU latency at batch {batch} (ms)", "accuracy–latency front"),
+              ("size_kib", "front_size", "size on disk (KiB)", "accuracy–size front"))  # fmt: skip
+    for ax, (key, flag, xlabel, title) in zip(axes, panels, strict=True):
+        for p in points:
+            on = p[flag]
+            ax.scatter(p[key], 100 * _num(p["test_acc"]), marker="*" if on else "o", s=160 if on else 45,
+                       color="tab:orange" if on else "tab:blue", edgecolor="black" if on else None, zorder=3)  # fmt: skip
+            ax.annotate(_text(p["label"]), (p[key], 100 * _num(p["test_acc"])), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")  # fmt: skip
+        front = sorted((p for p in points if p[flag]), key=lambda p: p[key])
+        ax.plot([p[key] for p in front], [100 * _num(p["test_acc"]) for p in front], "k--", linewidth=1, label="front")
+        if teacher is not None and teacher.get(key) is not None:
+            ax.scatter(teacher[key], 100 * _num(teacher["test_acc"]), marker="D", color="tab:gray", s=50,
+                       label="teacher (reference)", zorder=3)  # fmt: skip
+        ax.set(xscale="log", xlabel=xlabel, ylabel="test accuracy (%) of the distilled student", title=f"{title} (★)")
+        ax.xaxis.set_minor_locator(LogLocator(subs=(2, 5)))  # plain numbers, few labels: a sweep spans little
+        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            axis(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig

@@ -1,0 +1,234 @@
+"""Shared plumbing of the commands that run many experiments: ``distill chain``, ``sweep`` and ``tune``.
+
+Each command reads the usual experiment config plus a section of its own (``chain:``,
+``sweep:`` or ``tune:``) from the same YAML file, and writes one run directory, built in
+``<name>.partial`` and moved into place only when complete (like a single run). Experiments
+inside it are ordinary run directories; with ``--resume`` the finished ones are reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from rich.console import Console
+
+from .config import ExperimentConfig, OutputSpec, _format_error, apply_override, config_to_dict, parse_config
+from .errors import DistillError
+from .experiment import RunResult, run_experiment
+from .io import write_text
+
+SECTIONS = ("chain", "sweep", "tune")
+Section = TypeVar("Section", bound=BaseModel)
+
+# ---------------------------------------------------------------------------- configs
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise DistillError(f"config file {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise DistillError(f"{path}: not valid YAML{where}; fix the syntax") from None
+
+
+def parse_section(raw: Any, key: str, model: type[Section], source: str) -> Section:
+    """Validate section ``key`` of a config; errors name the field as ``key.field``."""
+    wrapper = create_model(f"{key}_section", __config__=ConfigDict(extra="ignore"), **{key: (model, ...)})
+    raw = {} if raw is None else raw
+    try:
+        return getattr(wrapper.model_validate({key: raw}), key)
+    except ValidationError as err:
+        raise DistillError(_format_error(err, source, {key: raw})) from None
+
+
+def load_with_section(
+    path: str | os.PathLike, overrides: list[str] | None, key: str, model: type[Section]
+) -> tuple[ExperimentConfig, Section]:
+    """The experiment config in ``path`` and its section ``key``; ``--set key.field=value``
+    overrides reach the section, all others the experiment. Other commands' sections are
+    ignored. Without ``output.name`` the run directory is named ``<file stem>-<key>``."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    section: Any = None
+    if isinstance(raw, dict):
+        sections = {name: raw.pop(name) for name in SECTIONS if name in raw}
+        section = sections.get(key)
+    ours = [o for o in overrides or [] if o.partition("=")[0].strip().split(".")[0] == key]
+    rest = [o for o in overrides or [] if o not in ours]
+    if ours:
+        holder = {key: section if isinstance(section, dict) else {}}
+        for assignment in ours:
+            apply_override(holder, assignment)
+        section = holder[key]
+    config = parse_config(raw, str(path), rest, base=path.parent)
+    if config.output.name is None:
+        config.output.name = f"{path.stem}-{key}"
+    return config, parse_section(section, key, model, str(path))
+
+
+def experiment_dict(config: ExperimentConfig) -> dict[str, Any]:
+    """The config as plain data that parses back to the same config (with an explicit terms
+    list, the unused alpha/temperature defaults are left out)."""
+    raw = config_to_dict(config)
+    if config.distill.terms is not None:
+        raw["distill"] = {"terms": raw["distill"]["terms"]}
+    return raw
+
+
+def derive(config: ExperimentConfig, source: str, **changes: Any) -> ExperimentConfig:
+    """A copy of ``config`` with top-level sections replaced (pydantic models or plain data),
+    validated again."""
+    raw = experiment_dict(config)
+    for key, value in changes.items():
+        raw[key] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    return parse_config(raw, source)
+
+
+def teacher_model(config: ExperimentConfig) -> Any:
+    """The teacher's architecture (a model spec), also for a cached teacher whose cache records
+    it; None when a cache does not."""
+    spec = getattr(config.teacher, "model", None)
+    if spec is not None:
+        return spec
+    from pydantic import TypeAdapter
+
+    from .cache import CachedTeacher
+    from .models import ModelSpec
+
+    recorded = CachedTeacher(config.teacher.path, verify=False).teacher.get("model")
+    return None if recorded is None else TypeAdapter(ModelSpec).validate_python(recorded)
+
+
+# ---------------------------------------------------------------------------- run directories
+
+
+def prepare_dir(
+    output: OutputSpec,
+    saved: dict[str, Any],
+    marker: str,
+    resume: bool,
+    overwrite: bool,
+    console: Console,
+    resumable: bool = True,
+) -> tuple[Path, Path]:
+    """The final and ``.partial`` directories of a command's run; the partial one exists on
+    return and holds ``config.yaml`` (``saved``). ``marker`` is the file only a finished run has;
+    ``resumable`` says whether the command offers ``--resume``."""
+    if output.dir.exists() and not output.dir.is_dir():
+        raise DistillError(f"output.dir: {output.dir} is a file, not a directory")
+    final = output.dir / (output.name or "run")
+    partial = final.with_name(final.name + ".partial")
+    if final.exists():
+        if not overwrite:
+            raise DistillError(f"run directory {final} already exists; pass --overwrite or choose another output.name")
+        if not (final / "config.yaml").is_file() or not (final / marker).is_file():
+            raise DistillError(
+                f"{final} exists and is not a distill run directory of this kind; choose another output.name"
+            )
+    if partial.exists():
+        if not (partial / "config.yaml").is_file():
+            raise DistillError(f"{partial} exists and is not a distill run directory; move it away")
+        try:
+            previous = yaml.safe_load((partial / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            previous = None
+        same = isinstance(previous, dict) and _without_output(previous) == _without_output(saved)
+        if resume and same:
+            console.print(f"resuming {partial}")
+        elif overwrite:
+            shutil.rmtree(partial)
+        elif resume:
+            raise DistillError(
+                f"--resume: the config differs from the one {partial} was started with; use the same config"
+            )
+        else:
+            options = "pass --resume to continue it or --overwrite to start over" if resumable else "pass --overwrite"
+            raise DistillError(f"an unfinished run exists at {partial}; {options}")
+    partial.mkdir(parents=True, exist_ok=True)
+    write_text(partial / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+    return final, partial
+
+
+def _without_output(config: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in config.items() if key != "output"}
+
+
+def finish_dir(partial: Path, final: Path) -> None:
+    """Move a complete run into place (replacing an older one only after it is complete)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+
+
+def run_or_reuse(
+    config: ExperimentConfig, *, resume: bool, console: Console, cache_dir: Path | None = None
+) -> RunResult:
+    """Run one experiment; with ``resume``, a finished run of the same config is reused."""
+    final = config.output.dir / (config.output.name or "run")
+    metrics_file, saved = final / "metrics.json", final / "config.yaml"
+    if resume and metrics_file.is_file() and saved.is_file():
+        previous = yaml.safe_load(saved.read_text())
+        if isinstance(previous, dict) and _without_output(previous) == _without_output(config_to_dict(config)):
+            console.print(f"[dim]{final.name}: already finished, reusing {final}[/]")
+            return RunResult(final, json.loads(metrics_file.read_text()))
+    return run_experiment(config, resume=resume, overwrite=True, console=console, cache_dir=cache_dir)
+
+
+def relocate_text(directory: Path, old: Path, new: Path, names: tuple[str, ...]) -> None:
+    """Replace the absolute path ``old`` by ``new`` in the named text files under ``directory``
+    (paths written while a run was built in its ``.partial`` directory)."""
+    from html import escape
+
+    for name in names:
+        for file in directory.rglob(name):
+            text = file.read_text(encoding="utf-8")
+            updated = text.replace(str(old), str(new)).replace(escape(str(old)), escape(str(new)))
+            if updated != text:
+                write_text(file, updated)
+
+
+# ---------------------------------------------------------------------------- the commands
+
+
+def run_command(
+    command: str,
+    config_path: Path,
+    overrides: list[str],
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Console,
+    summary_console: Console | None = None,
+) -> Path:
+    """``distill chain|sweep|tune CONFIG``: load, run, print the summary; returns the run directory."""
+    summary_console = summary_console or console
+    if command == "chain":
+        from .chain import ChainSpec, print_chain, run_chain
+
+        config, spec = load_with_section(config_path, overrides, "chain", ChainSpec)
+        result = run_chain(config, spec, resume=resume, overwrite=overwrite, console=console)
+        print_chain(summary_console, result)
+    elif command == "sweep":
+        from .sweep import SweepSpec, print_sweep, run_sweep
+
+        config, spec = load_with_section(config_path, overrides, "sweep", SweepSpec)
+        result = run_sweep(config, spec, resume=resume, overwrite=overwrite, console=console)
+        print_sweep(summary_console, result)
+    elif command == "tune":
+        from .tune import TuneSpec, print_tune, run_tune
+
+        config, spec = load_with_section(config_path, overrides, "tune", TuneSpec)
+        result = run_tune(config, spec, overwrite=overwrite, console=console)
+        print_tune(summary_console, result)
+    else:
+        raise ValueError(f"unknown command {command!r}")
+    return result.run_dir
