@@ -434,21 +434,36 @@ def _trial_line(trial: Any, config: ExperimentConfig) -> str:
     return f"trial {r['trial']}: {r['settings']} → val {score}, {r['state']} after {r['epochs']} epoch(s){tail}"
 
 
+def validation_noise(accuracy: float, samples: int) -> float:
+    """Points by which two models' validation accuracies may differ by chance alone: the
+    binomial standard error of a difference of two accuracies near ``accuracy`` on ``samples``."""
+    return 100 * math.sqrt(2 * accuracy * (1 - accuracy) / max(samples, 1))
+
+
 def tune_verdict(summary: dict[str, Any]) -> list[str]:
-    """Plain sentences: did the tuned distillation beat scratch on validation, and the config's settings?"""
+    """Plain sentences: did the tuned distillation beat scratch on validation (by more than
+    chance would), and did it beat the config's own settings?"""
     best, scratch = summary["best"], summary["scratch_val_acc"]
     delta = 100 * (best["val_acc"] - scratch)
+    noise = validation_noise(scratch, summary["data"]["val"])
+    scores = (
+        f"with the best settings found ({best['settings']}) the distilled student scores {100 * best['val_acc']:.2f}%, "
+    )
     lines = []
-    if delta > 0:
+    if delta > noise:
         lines.append(
-            f"Distillation helped on validation: with the tuned settings ({best['settings']}) the distilled student "
-            f"scores {100 * best['val_acc']:.2f}%, {delta:+.2f} points over the same student trained from scratch "
-            f"({100 * scratch:.2f}%)."
+            f"Distillation helped on validation: {scores}{delta:+.2f} points over the same student trained from "
+            f"scratch ({100 * scratch:.2f}%)."
+        )
+    elif delta > 0:
+        lines.append(
+            f"Distillation did not clearly help on validation: {scores}only {delta:+.2f} points over the same student "
+            f"trained from scratch ({100 * scratch:.2f}%), within the ±{noise:.2f} points chance alone gives on "
+            f"{summary['data']['val']} validation samples. Count it as no gain unless more seeds say otherwise."
         )
     else:
         lines.append(
-            f"Distillation did not help on validation: even with the best settings found ({best['settings']}) the "
-            f"distilled student scores {100 * best['val_acc']:.2f}%, {abs(delta):.2f} points "
+            f"Distillation did not help on validation: {scores}{abs(delta):.2f} points "
             f"{'below' if delta < 0 else 'level with'} the same student trained from scratch ({100 * scratch:.2f}%). "
             f"Train this student from scratch, or try another teacher, student or budget."
         )
