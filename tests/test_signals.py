@@ -51,6 +51,48 @@ def test_sparse_kd_never_exceeds_dense_kd_at_t1_and_approaches_it_with_k(logits)
     assert values[-1] == pytest.approx(dense, rel=1e-5)
 
 
+def _bucket_kl_by_autograd(student, teacher: TopKLogits, temperature, mask=None):
+    """The sparse KL written out with autograd through the bucketing: the reference for the
+    closed-form gradient."""
+    log_q = (student / temperature).log_softmax(-1)
+    log_q_head = log_q.gather(-1, teacher.indices)
+    log_q_tail = log_q.scatter(-1, teacher.indices, float("-inf")).logsumexp(-1)
+    log_q_buckets = torch.cat([log_q_head, log_q_tail.unsqueeze(-1)], -1)
+    log_p = teacher.bucket_log_probs(temperature).to(student.dtype)
+    per_row = (log_p.exp() * (log_p - log_q_buckets)).sum(-1)
+    if mask is not None:
+        return (per_row * mask).sum() / mask.sum() * temperature**2
+    return per_row.mean() * temperature**2
+
+
+@pytest.mark.parametrize("k", [1, 3, 29])
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_sparse_kd_closed_form_gradient_equals_autograd_through_the_buckets(k, temperature):
+    torch.manual_seed(3)
+    top = TopKLogits.from_dense(4 * torch.randn(2, 5, 30, dtype=torch.float64), k)  # float32 values
+    teacher = TopKLogits(top.values.double(), top.indices, top.logsumexp.double(), top.tail.double(), 30)
+    student = (3 * torch.randn(2, 5, 30, dtype=torch.float64)).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 1]], dtype=torch.float64)
+    fused = soft_target_kl(student, teacher, temperature, mask)
+    reference = _bucket_kl_by_autograd(student, teacher, temperature, mask)
+    assert fused.item() == pytest.approx(reference.item(), rel=1e-10)
+    (g_fused,) = torch.autograd.grad(fused, student)
+    (g_reference,) = torch.autograd.grad(reference, student)
+    torch.testing.assert_close(g_fused, g_reference, atol=1e-12, rtol=1e-9)
+    assert torch.autograd.gradcheck(lambda s: soft_target_kl(s, teacher, temperature, mask), (student,))
+    assert g_fused[0, 3:].abs().max() == 0  # masked rows get no gradient
+
+
+def test_sparse_kd_gradient_is_finite_when_the_students_tail_underflows():
+    teacher = TopKLogits.from_dense(torch.tensor([[2.0, 1.0, 0.0, -1.0]]), 2)
+    # the student's tail probability, about e^-390, is 0 in float32 but finite in log space
+    student = torch.tensor([[200.0, 190.0, -200.0, -200.0]], requires_grad=True)
+    loss = soft_target_kl(student, teacher, 1.0)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad.sum(), torch.tensor(0.0), atol=1e-6, rtol=0)  # softmax gradients sum to 0
+
+
 def test_sparse_kd_on_sequences_with_a_mask():
     torch.manual_seed(2)
     teacher, student = torch.randn(2, 4, 30), torch.randn(2, 4, 30)

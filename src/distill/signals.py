@@ -9,6 +9,7 @@ logits or as ``TopKLogits``; :func:`distill.losses.soft_target_kl` takes both.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,8 +60,8 @@ class TopKLogits:
         if rest == 0:
             return torch.cat([(self.values / temperature).log_softmax(-1), tail.unsqueeze(-1)], dim=-1)
         # each unseen logit z_tail = logsumexp + log(tail mass / rest), on the logits' own scale
-        z_tail = self.logsumexp + tail - torch.log(torch.tensor(float(rest)))
-        tail_scaled = z_tail / temperature + torch.log(torch.tensor(float(rest)))
+        z_tail = self.logsumexp + tail - math.log(rest)
+        tail_scaled = z_tail / temperature + math.log(rest)
         scaled = torch.cat([self.values / temperature, tail_scaled.unsqueeze(-1)], dim=-1)
         return scaled.log_softmax(-1)
 
@@ -69,10 +70,9 @@ class TopKLogits:
         probabilities and spreads the tail mass evenly over the other classes: the
         reconstruction for terms and metrics that need dense teacher logits."""
         rest = self.vocab_size - self.k
-        if rest == 0:
-            fill = torch.zeros_like(self.logsumexp)
-        else:
-            fill = self.logsumexp + self.tail - torch.log(torch.tensor(float(rest)))
+        if rest == 0:  # a permutation of the values
+            return torch.empty_like(self.values, dtype=torch.float32).scatter_(-1, self.indices, self.values.float())
+        fill = self.logsumexp + self.tail - math.log(rest)
         dense = fill.unsqueeze(-1).expand(*self.values.shape[:-1], self.vocab_size).clone()
         return dense.scatter(-1, self.indices, self.values.float())
 

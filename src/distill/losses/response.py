@@ -33,8 +33,11 @@ def soft_target_kl(
     the KL is then taken over the teacher's top-k classes plus one bucket for all the others, and
     equals the dense value when k covers every class.
     """
-    if isinstance(teacher_logits, TopKLogits):
+    if isinstance(teacher_logits, TopKLogits) and teacher_logits.k < teacher_logits.vocab_size:
         return _sparse_soft_target_kl(student_logits, teacher_logits, temperature, mask)
+    if isinstance(teacher_logits, TopKLogits):  # k covers every class: the dense logits, exactly
+        _check_rows(student_logits, teacher_logits)
+        teacher_logits = teacher_logits.to_dense()
     same_shape(student_logits, teacher_logits)
     log_p_student = F.log_softmax(upcast(student_logits) / temperature, dim=-1)
     log_p_teacher = F.log_softmax(upcast(teacher_logits.detach()) / temperature, dim=-1)
@@ -45,21 +48,55 @@ def soft_target_kl(
 def _sparse_soft_target_kl(
     student_logits: Tensor, teacher: TopKLogits, temperature: float, mask: Tensor | None
 ) -> Tensor:
+    _check_rows(student_logits, teacher)
+    log_p = teacher.bucket_log_probs(temperature).to(upcast(student_logits).dtype)
+    per_row = _BucketKL.apply(upcast(student_logits) / temperature, teacher.indices, log_p)
+    return masked_mean(per_row, mask) * temperature**2
+
+
+def _check_rows(student_logits: Tensor, teacher: TopKLogits) -> None:
     if student_logits.shape[-1] != teacher.vocab_size or student_logits.shape[:-1] != teacher.values.shape[:-1]:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} do not match the teacher's top-k signals "
             f"({tuple(teacher.values.shape[:-1])} rows over {teacher.vocab_size} classes)"
         )
-    log_q = F.log_softmax(upcast(student_logits) / temperature, dim=-1)
-    log_q_head = log_q.gather(-1, teacher.indices)
-    if teacher.k < teacher.vocab_size:  # the student's mass outside the teacher's top-k, exactly
-        log_q_tail = log_q.scatter(-1, teacher.indices, float("-inf")).logsumexp(-1)
-    else:  # no tail: a constant bucket the teacher gives zero mass (no gradient through -inf)
-        log_q_tail = torch.zeros_like(log_q_head[..., 0])
-    log_q_buckets = torch.cat([log_q_head, log_q_tail.unsqueeze(-1)], dim=-1)
-    log_p = teacher.bucket_log_probs(temperature).to(log_q.dtype)
-    per_row = torch.where(log_p.isneginf(), 0.0, log_p.exp() * (log_p - log_q_buckets)).sum(-1)
-    return masked_mean(per_row, mask) * temperature**2
+
+
+class _BucketKL(torch.autograd.Function):
+    """Per-row KL(p ‖ q) over the teacher's top-k classes plus one bucket for the rest, with a
+    closed-form gradient.
+
+    Autograd through the bucketing (gather, scatter, logsumexp, cat) costs more than the rest of
+    a small model's loss; the gradient has a closed form: ∂KL/∂z_j = q_j − p̃_j, where p̃ gives a
+    top-k class the teacher's probability and shares the tail bucket's among the other classes
+    in proportion to the student's own q_j.
+    """
+
+    @staticmethod
+    def forward(ctx, scaled_student: Tensor, indices: Tensor, log_p: Tensor) -> Tensor:  # type: ignore[override]
+        log_q = scaled_student.log_softmax(-1)
+        log_q_head = log_q.gather(-1, indices)
+        if indices.shape[-1] < log_q.shape[-1]:  # the student's mass outside the teacher's top-k, exactly
+            log_q_tail = log_q.scatter(-1, indices, float("-inf")).logsumexp(-1)
+        else:  # no tail: a bucket the teacher gives zero mass
+            log_q_tail = torch.zeros_like(log_q_head[..., 0])
+        log_q_buckets = torch.cat([log_q_head, log_q_tail.unsqueeze(-1)], dim=-1)
+        per_row = torch.where(log_p.isneginf(), 0.0, log_p.exp() * (log_p - log_q_buckets)).sum(-1)
+        ctx.save_for_backward(log_q, indices, log_p, log_q_tail)
+        return per_row
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        log_q, indices, log_p, log_q_tail = ctx.saved_tensors
+        q = log_q.exp()
+        if indices.shape[-1] < log_q.shape[-1]:
+            # p̃_j = p_tail · q_j / q_tail outside the top-k (0 where the student's tail underflowed)
+            shift = torch.where(log_q_tail.isfinite(), log_p[..., -1] - log_q_tail, float("-inf"))
+            target = (log_q + shift.unsqueeze(-1)).exp()
+        else:
+            target = torch.zeros_like(q)
+        target = target.scatter(-1, indices, log_p[..., :-1].exp())
+        return (q - target) * grad_rows.unsqueeze(-1), None, None
 
 
 def hard_label_ce(logits: Tensor, labels: Tensor, mask: Tensor | None = None, label_smoothing: float = 0.0) -> Tensor:
