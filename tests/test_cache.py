@@ -330,6 +330,48 @@ def test_unlabeled_pool_errors(tmp_path):
     assert data.mean == plain.mean and torch.equal(data.train.x[:-5], plain.train.x)  # the pool moves no statistics
 
 
+def test_unlabeled_text_list_of_images_equals_the_folder(tmp_path):
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (9, 11, 3), dtype=np.uint8)).save(folder / f"{i}.png")  # RGB, resized
+    listing = tmp_path / "lists" / "pool.txt"
+    listing.parent.mkdir()
+    lines = ["# six images, one absolute", "", *[f"../pool/{i}.png" for i in range(5)], str(folder / "5.png")]
+    listing.write_text("\n".join(lines) + "\n")
+    from_list = load_data(parse_config(tiny_config(tmp_path, **{"data.unlabeled": str(listing)})).data)
+    from_folder = load_data(parse_config(tiny_config(tmp_path, **{"data.unlabeled": str(folder)})).data)
+    assert len(from_list.train) == len(from_folder.train) and from_list.train.labeled == from_folder.train.labeled
+    assert torch.equal(from_list.train.x, from_folder.train.x)
+    assert bool((from_list.train.y[-6:] == -1).all())
+
+
+def test_unlabeled_text_list_of_vectors_and_its_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "v.npz", x=rng.random((40, 3)).astype(np.float32), y=rng.integers(0, 2, 40))
+    spec = {"source": "npz", "path": str(tmp_path / "v.npz")}
+    (tmp_path / "pool.txt").write_text("# x1 x2 x3\n0.5 1 -2\n\n3,4,5e-1\n")
+    data = load_data(parse_config(tiny_config(tmp_path, data={**spec, "unlabeled": str(tmp_path / "pool.txt")})).data)
+    assert len(data.train) == len(load_data(parse_config(tiny_config(tmp_path, data=spec)).data).train) + 2
+    raw = torch.tensor([[0.5, 1, -2], [3, 4, 0.5]])
+    mean, std = torch.tensor(data.mean), torch.tensor(data.std)
+    torch.testing.assert_close(data.train.x[-2:], (raw - mean) / std)
+    cases = {
+        "1 2\n": r"pool.txt line 1: 2 numbers, the inputs have 3",
+        "# nothing\n\n": r"pool.txt lists no inputs",
+        "1 2 x\n": r"pool.txt line 1: expected 3 numbers",
+        "1 2 3\n1 2 nan\n": r"NaN, infinity",
+    }
+    for text, message in cases.items():
+        (tmp_path / "pool.txt").write_text(text)
+        with pytest.raises(DistillError, match=f"data.unlabeled: .*{message}"):
+            load_data(parse_config(tiny_config(tmp_path, data={**spec, "unlabeled": str(tmp_path / "pool.txt")})).data)
+    (tmp_path / "images.txt").write_text("a.png\n")
+    with pytest.raises(DistillError, match=r"data.unlabeled: .*images.txt line 1: image .*a.png does not exist"):
+        load_data(parse_config(tiny_config(tmp_path, **{"data.unlabeled": str(tmp_path / "images.txt")})).data)
+
+
 def test_distiller_with_a_cache_needs_indices(tmp_path):
     data, teacher = _bundle(), _teacher()
     cache = CachedTeacher(_write(tmp_path, teacher, data, k=7, dtype="float32"))

@@ -67,8 +67,9 @@ class DataSpec(BaseModel):
     )
     unlabeled: Path | None = Field(
         None,
-        description="extra training inputs without labels: a directory of images (searched recursively) or an "
-        ".npz with 'x'; the students learn them from the teacher alone",
+        description="extra training inputs without labels: a directory of images (searched recursively), a .txt "
+        "file with one input per line (an image path, relative to the file, or a vector of numbers), or an .npz "
+        "with 'x'; the students learn them from the teacher alone",
     )
 
 
@@ -291,24 +292,75 @@ def _load_folder(path: Path, field_name: str, image_size, class_names=None):
     return np.stack(arrays), np.asarray(labels), classes
 
 
+TEXT_SUFFIXES = (".txt", ".lst")
+
+
+def _is_image_shape(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 3 and shape[0] in (1, 3)
+
+
+def _images_shaped(files: list[Path], shape: tuple[int, ...], field_name: str) -> np.ndarray:
+    """Decode ``files`` into an array ``[N, *shape]``: converted to the labeled images' channels
+    and resized to their size, scaled to [0, 1]."""
+    if not _is_image_shape(shape):
+        raise DistillError(f"{field_name}: images need image data, but the labeled inputs are {list(shape)}")
+    mode, size = ("L" if shape[0] == 1 else "RGB"), (shape[2], shape[1])
+    arrays = []
+    for file in files:
+        image = _read_image(file, field_name).convert(mode)
+        image = image.resize(size) if image.size != size else image
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        arrays.append(array[None] if mode == "L" else array.transpose(2, 0, 1))
+    return np.stack(arrays)
+
+
+def _load_text_list(path: Path, shape: tuple[int, ...], field_name: str) -> np.ndarray:
+    """A text file of inputs, one per line (blank lines and ``#`` comments skipped): image paths
+    (relative ones from the file's directory) when the data are images, else whitespace- or
+    comma-separated numbers, one input vector per line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DistillError(f"{field_name}: cannot read {path}: {err}") from None
+    entries = [(number, line.strip()) for number, line in enumerate(lines, 1)]
+    entries = [(number, line) for number, line in entries if line and not line.startswith("#")]
+    if not entries:
+        raise DistillError(f"{field_name}: {path} lists no inputs")
+    if _is_image_shape(shape):
+        files = []
+        for number, line in entries:
+            file = Path(os.path.expanduser(line))
+            file = file if file.is_absolute() else path.parent / file
+            if not file.is_file():
+                raise DistillError(f"{field_name}: {path} line {number}: image {file} does not exist")
+            files.append(file)
+        return _images_shaped(files, shape, field_name)
+    if len(shape) != 1:
+        raise DistillError(f"{field_name}: a text list holds image paths or vectors, but the inputs are {list(shape)}")
+    rows = []
+    for number, line in entries:
+        try:
+            row = [float(value) for value in line.replace(",", " ").split()]
+        except ValueError:
+            raise DistillError(f"{field_name}: {path} line {number}: expected {shape[0]} numbers") from None
+        if len(row) != shape[0]:
+            raise DistillError(f"{field_name}: {path} line {number}: {len(row)} numbers, the inputs have {shape[0]}")
+        rows.append(row)
+    return np.asarray(rows, dtype=np.float64)
+
+
 def _load_unlabeled(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     """Inputs without labels, shaped like the labeled ones: images under a directory (any
-    layout; resized and converted to the labeled images' size and channels) or an .npz's 'x'."""
+    layout), a text file (one image path per line, or one input vector of numbers per line), or
+    an .npz's 'x'. Images are resized and converted to the labeled images' size and channels."""
     field_name = "data.unlabeled"
     if path.is_dir():
-        if len(shape) != 3 or shape[0] not in (1, 3):
-            raise DistillError(f"{field_name}: image folders need image data, but the inputs are {list(shape)}")
         files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DistillError(f"{field_name}: no images found under {path}")
-        mode, size = ("L" if shape[0] == 1 else "RGB"), (shape[2], shape[1])
-        arrays = []
-        for file in files:
-            image = _read_image(file, field_name).convert(mode)
-            image = image.resize(size) if image.size != size else image
-            array = np.asarray(image, dtype=np.float32) / 255.0
-            arrays.append(array[None] if mode == "L" else array.transpose(2, 0, 1))
-        x = np.stack(arrays)
+        x = _images_shaped(files, shape, field_name)
+    elif path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
+        x = _load_text_list(path, shape, field_name)
     elif path.is_file():
         try:
             with np.load(path, allow_pickle=False) as archive:
@@ -326,7 +378,9 @@ def _load_unlabeled(path: Path, shape: tuple[int, ...]) -> np.ndarray:
         if x.dtype == np.uint8:
             x = x / 255.0
     else:
-        raise DistillError(f"{field_name}: {path} does not exist (give a directory of images or an .npz file)")
+        raise DistillError(
+            f"{field_name}: {path} does not exist (give a directory of images, a .txt list or an .npz file)"
+        )
     if tuple(x.shape[1:]) != tuple(shape):
         raise DistillError(
             f"{field_name}: inputs in {path} have shape {list(x.shape[1:])}, the labeled data {list(shape)}"
