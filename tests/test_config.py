@@ -1,8 +1,9 @@
 """Config validation: every mistake is one line naming the field."""
 
 import pytest
+import yaml
 
-from distill.config import load_config, parse_config
+from distill.config import config_to_dict, load_config, parse_config
 from distill.errors import DistillError
 
 from conftest import tiny_config
@@ -114,3 +115,27 @@ def test_files_relative_paths_and_yaml_errors(tmp_path):
     assert config.data.path == good.parent / "arrays.npz"
     assert config.teacher.path == good.parent / "t.safetensors"
     assert config.output.name == "exp"
+
+
+@pytest.mark.parametrize(
+    "distill",
+    [
+        {"alpha": 0.5, "temperature": 3.0},
+        {"terms": [{"type": "kd", "weight": 0.5, "temperature": 3.0}, {"type": "ce", "weight": 0.5}]},
+    ],
+)
+def test_a_saved_config_parses_back_to_the_same_config(tmp_path, distill):
+    config = parse_config(tiny_config(tmp_path, distill=distill))
+    again = parse_config(config_to_dict(config))
+    assert again == config
+    assert again.distill.resolved_terms() == config.distill.resolved_terms()
+
+
+def test_run_configs_may_hold_the_workflow_sections(tmp_path):
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    raw = tiny_config(tmp_path)
+    raw.update(sweep={"students": [{"arch": "mlp"}]}, tune={"trials": 3}, chain={"assistants": 1})
+    (tmp_path / "all.yaml").write_text(yaml.safe_dump(raw))
+    assert load_config(tmp_path / "all.yaml") == load_config(tmp_path / "plain.yaml")
+    with pytest.raises(DistillError, match="sweeps: Extra inputs"):  # a misspelt section is still refused
+        parse_config({**tiny_config(tmp_path), "sweeps": {}})

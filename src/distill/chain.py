@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from rich.console import Console
 from rich.table import Table
 
-from .config import ExperimentConfig, Strict, TrainSpec
+from .config import ExperimentConfig, Strict, TrainSpec, config_to_dict
 from .data import load_data
 from .errors import DistillError
 from .experiment import RunResult, build_distiller, seeded_model
@@ -27,7 +27,7 @@ from .io import write_json, write_text
 from .models import ModelSpec
 from .report import _pct, _size
 from .sizing import assistant_specs, describe
-from .workflow import derive, experiment_dict, finish_dir, prepare_dir, relocate_text, run_or_reuse, teacher_model
+from .workflow import derive, finish_dir, prepare_dir, relocate_text, run_or_reuse, teacher_model
 
 
 class ChainSpec(Strict):
@@ -103,7 +103,7 @@ def run_chain(
     else:
         assistants = assistant_specs(teacher_spec, config.student, spec.assistants, data.input_shape, data.num_classes)
     _check_stages(config, [teacher_spec, *assistants, config.student], data)
-    saved = {**experiment_dict(config), "chain": spec.model_dump(mode="json")}
+    saved = {**config_to_dict(config), "chain": spec.model_dump(mode="json")}
     final, partial = prepare_dir(config.output, saved, "chain.json", resume, overwrite, console)
     partial = partial.resolve()
 
@@ -114,7 +114,7 @@ def run_chain(
 
     direct = run("direct") if spec.direct else None
     models = [*assistants, config.student]
-    teacher: Any = experiment_dict(config)["teacher"]
+    teacher: Any = config_to_dict(config)["teacher"]
     stages: list[dict[str, Any]] = []
     for i, model in enumerate(models):
         last = i == len(models) - 1

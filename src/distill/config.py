@@ -282,6 +282,10 @@ def parse_config(
         raise DistillError(_format_error(err, source, raw)) from None
 
 
+WORKFLOW_SECTIONS = ("chain", "sweep", "tune")
+"""Top-level config sections read by ``distill chain``, ``sweep`` and ``tune``; other commands ignore them."""
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read and validate a YAML config; every problem is a one-line DistillError."""
     path = Path(path)
@@ -301,6 +305,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise DistillError(f"{path}: not valid YAML{where}; fix the syntax") from None
     except (RecursionError, ValueError):  # absurd nesting, integers of thousands of digits
         raise DistillError(f"{path}: the YAML is too deeply nested or holds numbers too large to read") from None
+    if isinstance(raw, dict):  # the sections of `distill chain / sweep / tune` are theirs to read
+        raw = {key: value for key, value in raw.items() if key not in WORKFLOW_SECTIONS}
     config = parse_config(raw, str(path), overrides, base=path.parent)
     if config.output.name is None:
         config.output.name = path.stem
@@ -308,4 +314,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 
 def config_to_dict(config: ExperimentConfig) -> dict:
-    return config.model_dump(mode="json")
+    """The config as plain data that parses back to the same config (with an explicit terms
+    list, the unused alpha/temperature defaults are left out)."""
+    raw = config.model_dump(mode="json")
+    if config.distill.terms is not None:
+        raw["distill"] = {"terms": raw["distill"]["terms"]}
+    return raw

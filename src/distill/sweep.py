@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .compare import pareto_front
-from .config import ExperimentConfig, Strict
+from .config import ExperimentConfig, Strict, config_to_dict
 from .data import load_data
 from .errors import DistillError
 from .evaluate import measure_latencies
@@ -30,7 +30,7 @@ from .io import load_weights, write_json, write_text
 from .models import ModelSpec
 from .report import _pct, _size
 from .sizing import describe, scale_width, slug
-from .workflow import derive, experiment_dict, finish_dir, prepare_dir, relocate_text, run_or_reuse, teacher_model
+from .workflow import derive, finish_dir, prepare_dir, relocate_text, run_or_reuse, teacher_model
 
 ORDER = "sorted by parameter count, smallest first (ties: fastest first)"
 
@@ -105,7 +105,7 @@ def run_sweep(
     students = sweep_students(config, spec)
     for student in students:  # every student builds and fits the data before the run directory exists
         seeded_model(student, data, config.seed, f"sweep student {describe(student)}")
-    saved = {**experiment_dict(config), "sweep": spec.model_dump(mode="json")}
+    saved = {**config_to_dict(config), "sweep": spec.model_dump(mode="json")}
     final, partial = prepare_dir(config.output, saved, "sweep.json", resume, overwrite, console)
     partial = partial.resolve()
 

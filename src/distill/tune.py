@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
-from .config import ExperimentConfig, Strict
+from .config import ExperimentConfig, Strict, config_to_dict
 from .data import DataBundle, load_data
 from .distiller import Distiller
 from .errors import DistillError
@@ -46,7 +46,7 @@ from .experiment import (
 from .io import write_json, write_text
 from .losses import TERMS, HardLabelCE, ModelOutputs
 from .trainer import EpochLog, pick_device, train
-from .workflow import derive, experiment_dict, finish_dir, prepare_dir, teacher_model
+from .workflow import derive, finish_dir, prepare_dir, teacher_model
 
 
 class Range(Strict):
@@ -164,7 +164,7 @@ def search_space(config: ExperimentConfig, space: SpaceSpec) -> dict[str, Range]
 
 def apply_settings(config: ExperimentConfig, params: dict[str, float]) -> ExperimentConfig:
     """``config`` with sampled settings in place: the config a trial trains (and best.yaml)."""
-    raw = experiment_dict(config)
+    raw = config_to_dict(config)
     if "lr_scale" in params:
         raw["train"]["lr"] = config.train.lr * params["lr_scale"]
     if config.distill.terms is None:
@@ -328,7 +328,7 @@ def run_tune(
             seeded_model(teacher_spec, data, 0, "teacher"),
         )
         build_distiller(config, *pair, data).remove_taps()
-    saved = {**experiment_dict(config), "tune": spec.model_dump(mode="json")}
+    saved = {**config_to_dict(config), "tune": spec.model_dump(mode="json")}
     final, partial = prepare_dir(config.output, saved, "tune.json", False, overwrite, console, resumable=False)
     teacher, _, _ = obtain_teacher(config, data, device, console, cache_dir or default_cache_dir())
     shared = _shared_teacher(config, teacher, data, device)
@@ -397,7 +397,7 @@ def run_tune(
         "seconds": time.perf_counter() - started,
     }  # fmt: skip
     summary["verdict"] = tune_verdict(summary)
-    best_raw = experiment_dict(best)
+    best_raw = config_to_dict(best)
     best_raw["output"]["name"] = f"{final.name}-best"
     _write_tune(partial, summary, best_raw, config.train.epochs)
     finish_dir(partial, final)

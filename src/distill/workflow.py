@@ -18,12 +18,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from rich.console import Console
 
-from .config import ExperimentConfig, OutputSpec, _format_error, apply_override, config_to_dict, parse_config
+from .config import (
+    WORKFLOW_SECTIONS,
+    ExperimentConfig,
+    OutputSpec,
+    _format_error,
+    apply_override,
+    config_to_dict,
+    parse_config,
+)
 from .errors import DistillError
 from .experiment import RunResult, run_experiment
 from .io import write_text
 
-SECTIONS = ("chain", "sweep", "tune")
 Section = TypeVar("Section", bound=BaseModel)
 
 # ---------------------------------------------------------------------------- configs
@@ -60,7 +67,7 @@ def load_with_section(
     raw = _read_yaml(path)
     section: Any = None
     if isinstance(raw, dict):
-        sections = {name: raw.pop(name) for name in SECTIONS if name in raw}
+        sections = {name: raw.pop(name) for name in WORKFLOW_SECTIONS if name in raw}
         section = sections.get(key)
     ours = [o for o in overrides or [] if o.partition("=")[0].strip().split(".")[0] == key]
     rest = [o for o in overrides or [] if o not in ours]
@@ -75,19 +82,10 @@ def load_with_section(
     return config, parse_section(section, key, model, str(path))
 
 
-def experiment_dict(config: ExperimentConfig) -> dict[str, Any]:
-    """The config as plain data that parses back to the same config (with an explicit terms
-    list, the unused alpha/temperature defaults are left out)."""
-    raw = config_to_dict(config)
-    if config.distill.terms is not None:
-        raw["distill"] = {"terms": raw["distill"]["terms"]}
-    return raw
-
-
 def derive(config: ExperimentConfig, source: str, **changes: Any) -> ExperimentConfig:
     """A copy of ``config`` with top-level sections replaced (pydantic models or plain data),
     validated again."""
-    raw = experiment_dict(config)
+    raw = config_to_dict(config)
     for key, value in changes.items():
         raw[key] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
     return parse_config(raw, source)
