@@ -1,9 +1,15 @@
-"""Helpers shared by the benchmark scripts: statistics and step timing."""
+"""Helpers shared by the benchmark scripts: statistics, step timing and result files."""
 
 from __future__ import annotations
 
+import json
+import platform
 import statistics
 import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
 
 from distill.distiller import Distiller
 from distill.trainer import make_optimizer
@@ -45,3 +51,15 @@ def step_times(setups: dict[str, Distiller], data, train_spec, steps: int = 20, 
                 optimizers[name].step()
             samples[name].append((time.perf_counter() - start) * 1000 / steps)
     return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def machine() -> dict:
+    """Where the figures were measured, for the results file."""
+    return {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def write_results(path: Path, result: dict, console: Console) -> None:
+    """Write the results as JSON (creating the folder) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(f"[dim]wrote {path}[/]")

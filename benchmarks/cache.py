@@ -22,7 +22,6 @@ Prints tables and writes JSON (default: benchmarks/results/cache.json).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -52,7 +51,7 @@ from distill.losses import HardLabelCE
 from distill.signals import QuantizedValues, TopKLogits
 from distill.trainer import epoch_generator, make_optimizer
 
-from _common import fmt, summary
+from _common import fmt, summary, write_results
 
 KS = [1, 2, 5, 10]
 
@@ -247,9 +246,7 @@ def main() -> int:
             results["lm"] = lm(console, args.lm_rows)
         if "accuracy" in args.parts:
             results["accuracy"] = accuracy(console, Path(tmp), args.overrides, args.seeds)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    console.print(f"results: {args.out}")
+    write_results(args.out, results, console)
     return 0
 
 

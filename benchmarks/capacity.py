@@ -18,22 +18,19 @@ Prints a table and writes JSON (default: benchmarks/results/capacity.json).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import tempfile
 import time
 from importlib import resources
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
 from distill.chain import ChainSpec, run_chain
 from distill.config import load_config
 
-from _common import fmt, summary
+from _common import fmt, machine, summary, write_results
 
 SUBSET = ["data.limit_train=12000"]
 STUDENT = ["student.arch=cnn", "student.channels=[4,8]", "student.hidden=16", "student.pool=3"]
@@ -133,16 +130,14 @@ def main() -> int:
         "benchmark": "capacity",
         "seeds": args.seeds,
         "overrides": [*SUBSET, *STUDENT, *FAST_EVAL, *args.overrides],
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": machine(),
         "test_acc": {arm: summary(v) for arm, v in test.items()},
         "val_acc": {arm: summary(v) for arm, v in val.items()},
         "minus_direct": {arm: summary(v) for arm, v in gains.items() if arm != "direct KD"},
         "train_seconds": {arm: summary(v) for arm, v in seconds.items()},
         "chains": chains,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    console.print(f"[dim]wrote {args.out}[/]")
+    write_results(args.out, result, console)
     return 0
 
 

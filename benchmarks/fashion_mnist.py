@@ -13,7 +13,6 @@ Prints a table and writes JSON (default: benchmarks/results/fashion_mnist.json).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -31,7 +30,7 @@ from distill.distiller import Distiller
 from distill.experiment import build_distiller, default_cache_dir, obtain_teacher, run_experiment, seeded_model
 from distill.losses import HardLabelCE
 
-from _common import fmt, step_times, summary
+from _common import fmt, step_times, summary, write_results
 
 
 def main() -> int:
@@ -110,9 +109,7 @@ def main() -> int:
         "distill_step_over_plain_step": ratio,
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    console.print(f"[dim]wrote {args.out}[/]")
+    write_results(args.out, result, console)
     return 0
 
 

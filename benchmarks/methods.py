@@ -15,7 +15,6 @@ Prints a table and writes JSON (default: benchmarks/results/methods.json).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from importlib import resources
 from pathlib import Path
@@ -43,7 +42,7 @@ from distill.losses import HardLabelCE
 from distill.models import ModelSpec, count_parameters
 from distill.trainer import train
 
-from _common import fmt, step_times, summary
+from _common import fmt, step_times, summary, write_results
 
 KD = [{"type": "kd", "weight": 0.9, "temperature": 4.0}, {"type": "ce", "weight": 0.1}]
 
@@ -189,9 +188,7 @@ def main() -> int:
             for s in args.students
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    console.print(f"[dim]wrote {args.out}[/]")
+    write_results(args.out, result, console)
     return 0
 
 

@@ -38,6 +38,8 @@ from distill.experiment import build_distiller, cache_teacher, default_cache_dir
 from distill.losses import HardLabelCE
 from distill.trainer import pick_device, train
 
+from _common import write_results
+
 SETUPS = ("plain student (ce)", "distilled, live teacher", "distilled, cached teacher")
 
 
@@ -138,9 +140,7 @@ def main() -> int:
             )  # fmt: skip
     console.print(table)
     console.print("epoch time includes the validation pass (6,000 images) that ends every epoch")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"runs": results, "cores": cores}, indent=2) + "\n")
-    console.print(f"results: {args.out}")
+    write_results(args.out, {"runs": results, "cores": cores}, console)
     return 0
 
 

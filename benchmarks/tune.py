@@ -19,15 +19,12 @@ Prints a table and writes JSON (default: benchmarks/results/tune.json).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -35,7 +32,7 @@ from distill.config import ExperimentConfig, load_config
 from distill.experiment import run_experiment
 from distill.tune import PruneSpec, TuneSpec, apply_settings, describe_settings, run_tune
 
-from _common import fmt, summary
+from _common import fmt, machine, summary, write_results
 
 SUBSET = ["data.limit_train=12000"]
 FAST_EVAL = ["eval.latency_batch_sizes=[1]", "eval.latency_repeats=5"]  # latency is not what this measures
@@ -129,15 +126,13 @@ def main() -> int:
         "trials": args.trials,
         "trial_epochs": args.trial_epochs,
         "overrides": [*SUBSET, *FAST_EVAL, *args.overrides],
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": machine(),
         "tuned_settings": best,
         "test_acc": {name: summary(values) for name, values in rows.items()},
         "tuned_minus_textbook": summary(tuned_vs_textbook),
         "tune": tune_summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    console.print(f"[dim]wrote {args.out}[/]")
+    write_results(args.out, result, console)
     return 0
 
 
