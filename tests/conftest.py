@@ -1,10 +1,18 @@
 import gzip
+import os
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
+
+# Locally, hypothesis draws fresh cases every run (and replays failures from .hypothesis/); in CI
+# (CI set, as .ci/run does) the cases are fixed, so that a red build always means a change broke it.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)

@@ -80,6 +80,7 @@ def test_npz_arrays_and_their_errors(tmp_path):
         "negative.npz": dict(x=np.zeros((5, 4)), y=np.array([0, 1, -3, 1, 0])),
         "floatlabels.npz": dict(x=np.zeros((5, 4)), y=np.zeros(5)),
         "nan.npz": dict(x=np.full((5, 4), np.nan), y=np.zeros(5, int)),
+        "nofeatures.npz": dict(x=np.zeros((5, 0), np.float32), y=np.zeros(5, int)),  # found by hypothesis
     }
     for name, arrays in cases.items():
         np.savez(tmp_path / name, **arrays)

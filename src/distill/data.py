@@ -402,6 +402,8 @@ def _split_off(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.nd
 def _check(x: np.ndarray, y: np.ndarray, where: str, num_classes: int | None = None) -> None:
     if len(x) == 0:
         raise DistillError(f"{where} is empty")
+    if x.size == 0:
+        raise DistillError(f"{where}: the inputs have no values (shape {list(x.shape)}); each sample needs features")
     if len(x) != len(y):
         raise DistillError(f"{where}: {len(x)} inputs but {len(y)} labels")
     if y.ndim != 1:
