@@ -127,3 +127,48 @@ def test_bad_config_fails_before_any_process_starts(tmp_path, capsys):
     path.write_text(yaml.safe_dump(tiny_config(tmp_path, **{"train.lr": -1})))
     assert main(["run", str(path), "--processes", "2"]) == 2
     assert "train.lr" in capsys.readouterr().err
+
+
+def _torchrun_driver(config: Path, *args: str, kill_step: int | None = None) -> int:
+    """``distill run CONFIG`` in 2 processes through tests/resume_driver.py (one thread each, so
+    that runs are comparable bit for bit), optionally killing both at training step ``kill_step``."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "DISTILL_TEST_LIGHT_REPORTS": "1"}
+    env.pop("DISTILL_TEST_KILL_STEP", None)
+    if kill_step is not None:
+        env["DISTILL_TEST_KILL_STEP"] = str(kill_step)
+    driver = Path(__file__).parent / "resume_driver.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(driver)]
+    completed = subprocess.run(
+        [*command, "run", str(config), "--quiet", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    return completed.returncode
+
+
+def test_a_killed_two_process_run_with_dropout_resumes_exactly(tmp_path):
+    """Dropout draws differ between processes when their shares differ (batch 51: 26 / 25 rows), so
+    each process's random state must be checkpointed, not process 0's for all."""
+    changes = {"train.batch_size": 51, "baseline": False}
+    student = {"arch": "mlp", "hidden": [32], "dropout": 0.3}
+    configs = {}
+    for name in ("whole", "killed"):
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(
+            yaml.safe_dump(tiny_config(tmp_path, student=student, **{"output.name": name}, **changes))
+        )
+    assert _torchrun_driver(configs["whole"]) == 0  # also trains and caches the teacher
+    steps_per_epoch = -(-1294 // 51)
+    assert _torchrun_driver(configs["killed"], kill_step=2 * steps_per_epoch + 5) != 0  # mid epoch 3 of 3
+    assert not (tmp_path / "runs" / "killed").exists()
+    assert _torchrun_driver(configs["killed"], "--resume") == 0
+    whole = _weights(tmp_path / "runs" / "whole", "student.safetensors")
+    resumed = _weights(tmp_path / "runs" / "killed", "student.safetensors")
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), (key, float((whole[key] - resumed[key]).abs().max()))
+    # the exported student is the best epoch's; the history shows the resumed epoch 3 itself
+    histories = [
+        json.loads((tmp_path / "runs" / name / "metrics.json").read_text())["training"]["distilled"]["history"]
+        for name in ("whole", "killed")
+    ]
+    assert [(e["loss"], e["train_acc"], e["val_acc"]) for e in histories[0]] == [
+        (e["loss"], e["train_acc"], e["val_acc"]) for e in histories[1]
+    ]

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 from datetime import timedelta
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +69,12 @@ class Parallel:
         """Element-wise sum of ``values`` over all processes."""
         total = self.accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=self.device), "sum")
         return total.cpu().tolist()
+
+    def gather_object(self, value: Any) -> list[Any]:
+        """``value`` from every process, in rank order (a collective: every process calls it)."""
+        gathered: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()

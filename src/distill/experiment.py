@@ -56,7 +56,7 @@ from .losses import HardLabelCE, LossTerm, build_term
 from .models import ModelSpec, build_model, count_parameters
 from .report import ROLES, print_summary, write_markdown, write_plots
 from .tracking import RunTracker, check_tracker
-from .trainer import EpochLog, TrainResult, pick_device, train
+from .trainer import EpochLog, TrainResult, pick_device, rng_states, set_rng_states, train
 
 
 def default_cache_dir() -> Path:
@@ -123,7 +123,7 @@ def _train_phase(
         if adapters.exists():
             load_weights(distiller.terms, adapters)
         if rng_file.exists():  # the next phase draws the random numbers it would have drawn
-            torch.set_rng_state(load_checkpoint(rng_file)["rng"])
+            set_rng_states(load_checkpoint(rng_file), train_options.get("parallel"))
         console.print(f"[dim]{label}: already trained, reusing {weights}[/]")
         return TrainResult.from_dict(json.loads(history_file.read_text()))
     phase_dir.mkdir(parents=True, exist_ok=True)
@@ -133,12 +133,13 @@ def _train_phase(
     )
     distiller.to("cpu")
     parallel = train_options.get("parallel")
+    rng = rng_states(parallel)
     if parallel is not None and not parallel.is_main:
         return result  # process 0 writes the files
     save_weights(distiller.student, weights)
     if any(True for _ in distiller.terms.state_dict()):
         save_weights(distiller.terms, adapters)
-    save_checkpoint({"rng": torch.get_rng_state()}, rng_file)  # before history.json marks the phase done
+    save_checkpoint(rng, rng_file)  # before history.json marks the phase done
     write_json(history_file, result.to_dict())
     (phase_dir / "checkpoint.pt").unlink(missing_ok=True)
     return result

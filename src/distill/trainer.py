@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +140,29 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
+def rng_states(parallel: Parallel | None = None) -> dict[str, Any]:
+    """This process's random-number state and, in a distributed run, every process's (a
+    collective: every process calls it), for a checkpoint that resumes exactly."""
+    own = {
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    if parallel is None:
+        return own
+    return {**own, "rng_per_process": parallel.gather_object(own)}
+
+
+def set_rng_states(state: dict[str, Any], parallel: Parallel | None = None) -> None:
+    """Restore what :func:`rng_states` saved: this process's own state when the checkpoint holds
+    one per process for the same number of processes, else process 0's."""
+    per_process = state.get("rng_per_process")
+    if parallel is not None and per_process and len(per_process) == parallel.world:
+        state = per_process[parallel.rank]
+    torch.set_rng_state(state["rng"])
+    if torch.cuda.is_available() and state.get("cuda_rng"):
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
 def train(
     distiller: Distiller,
     data: DataBundle,
@@ -191,9 +215,7 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        if torch.cuda.is_available() and state.get("cuda_rng"):
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        set_rng_states(state, parallel)
         best_state = state["best_state"]
         result = TrainResult.from_dict(state)
         start_epoch = state["epoch"]
@@ -293,6 +315,7 @@ def train(
             f"{label} epoch {epoch + 1}/{spec.epochs}  loss {log.loss:.4f} ({terms})  "
             f"train acc {log.train_acc:.4f}  val acc {val_acc:.4f}  {log.seconds:.1f}s"
         )
+        rng = rng_states(parallel)  # every process's: dropout draws differ between shares
         if checkpoint is not None and is_main:
             save_checkpoint(
                 {
@@ -302,8 +325,7 @@ def train(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    **rng,
                     "best_state": best_state,
                     "best_epoch": result.best_epoch,
                     "best_val_acc": result.best_val_acc,
