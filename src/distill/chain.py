@@ -25,7 +25,7 @@ from .errors import DistillError
 from .experiment import RunResult, build_distiller, seeded_model
 from .io import write_json, write_text
 from .models import ModelSpec
-from .report import _pct, _size
+from .report import format_percent, format_size
 from .sizing import assistant_specs, describe
 from .workflow import derive, finish_dir, prepare_dir, relocate_text, run_or_reuse, teacher_model
 
@@ -234,8 +234,8 @@ def _rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for entry in [summary["teacher"], *summary["stages"], *summary["baselines"]]:
         rows.append([
             entry["role"],
-            entry["model"], f"{entry['params']:,}", _size(entry["size_bytes"]), entry.get("teacher") or "—",
-            str(entry["epochs"] or "—"), _pct(entry["val_acc"]), _pct(entry["test_acc"]),
+            entry["model"], f"{entry['params']:,}", format_size(entry["size_bytes"]), entry.get("teacher") or "—",
+            str(entry["epochs"] or "—"), format_percent(entry["val_acc"]), format_percent(entry["test_acc"]),
         ])  # fmt: skip
     return header, rows
 

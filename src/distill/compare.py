@@ -13,7 +13,7 @@ from rich.table import Table
 from .errors import DistillError
 from .io import write_text
 from .plots import front_figure, png_data_uri
-from .report import ROLE_TITLES
+from .report import ROLE_TITLES, format_percent
 
 HEADER = ["run", "model", "test acc", "retention", "gap closed", "params", "ms", "speed-up", "front"]
 
@@ -83,14 +83,10 @@ def comparison(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], str]:
     return points, batch
 
 
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.2f}%"
-
-
 def rows(points: list[dict[str, Any]]) -> list[list[str]]:
     return [
-        [p["run"], ROLE_TITLES.get(p["role"], p["role"]), _pct(p["test_acc"]), _pct(p["retention"]),
-         _pct(p["gap_closed"]), f"{p['params']:,}", f"{p['latency_ms']:.2f}", f"{p['speedup']:.1f}×",
+        [p["run"], ROLE_TITLES.get(p["role"], p["role"]), format_percent(p["test_acc"]), format_percent(p["retention"]),
+         format_percent(p["gap_closed"]), f"{p['params']:,}", f"{p['latency_ms']:.2f}", f"{p['speedup']:.1f}×",
          "★" if p["on_front"] else ""]
         for p in sorted(points, key=lambda p: (-p["test_acc"], p["latency_ms"]))
     ]  # fmt: skip

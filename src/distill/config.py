@@ -213,7 +213,7 @@ def _field_path(loc: tuple, raw: Any) -> str:
     return ".".join(parts)
 
 
-def _format_error(err: ValidationError, source: str, raw: Any) -> str:
+def format_validation_error(err: ValidationError, source: str, raw: Any) -> str:
     parts = []
     for item in err.errors():
         loc = _field_path(item["loc"], raw)
@@ -279,7 +279,7 @@ def parse_config(
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        raise DistillError(_format_error(err, source, raw)) from None
+        raise DistillError(format_validation_error(err, source, raw)) from None
 
 
 WORKFLOW_SECTIONS = ("chain", "sweep", "tune")

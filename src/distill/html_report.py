@@ -15,7 +15,7 @@ from .plots import (
     term_curves_figure,
     tradeoff_figure,
 )
-from .report import ROLE_TITLES, table_rows, verdict
+from .report import ROLE_TITLES, format_percent, table_rows, verdict
 
 STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2rem auto; max-width: 1100px;
@@ -42,18 +42,14 @@ def _image(uri: str, alt: str) -> str:
     return f'<img src="{uri}" alt="{escape(alt)}">'
 
 
-def _pct(value: float | None) -> str:
-    return "—" if value is None or value != value else f"{100 * value:.2f}%"
-
-
 def render_html(metrics: dict[str, Any], histories: dict[str, list[dict]], config_yaml: str) -> str:
     models, data = metrics["models"], metrics["data"]
     header, rows = table_rows(metrics)
     helped = "scratch" in models and (models["distilled"]["test_acc"] or 0) > (models["scratch"]["test_acc"] or 0)
     class_rows = [
         [name]
-        + [_pct(m["per_class_acc"][c]) for m in models.values()]
-        + [_pct(m["per_class_agreement"][c]) for role, m in models.items() if role != "teacher"]
+        + [format_percent(m["per_class_acc"][c]) for m in models.values()]
+        + [format_percent(m["per_class_agreement"][c]) for role, m in models.items() if role != "teacher"]
         for c, name in enumerate(metrics["class_names"])
     ]
     class_header = (
@@ -61,7 +57,10 @@ def render_html(metrics: dict[str, Any], histories: dict[str, list[dict]], confi
         + [f"acc: {ROLE_TITLES[r]}" for r in models]
         + [f"agreement: {ROLE_TITLES[r]}" for r in models if r != "teacher"]
     )
-    calibration_rows = [[ROLE_TITLES[r], _pct(m["calibration"]["ece"]), _pct(m["test_acc"])] for r, m in models.items()]
+    calibration_rows = [
+        [ROLE_TITLES[r], format_percent(m["calibration"]["ece"]), format_percent(m["test_acc"])]
+        for r, m in models.items()
+    ]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,">',

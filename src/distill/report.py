@@ -15,7 +15,7 @@ ROLES = ("teacher", "scratch", "distilled")
 ROLE_TITLES = {"teacher": "teacher", "scratch": "scratch student", "distilled": "distilled student"}
 
 
-def _pct(value: float | None) -> str:
+def format_percent(value: float | None) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}%"
 
 
@@ -23,7 +23,7 @@ def _num(value: float | None, fmt: str, suffix: str = "") -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{fmt}}{suffix}"
 
 
-def _size(n: int) -> str:
+def format_size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -43,12 +43,12 @@ def table_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             continue
         row = [
             ROLE_TITLES[role],
-            _pct(m["test_acc"]),
-            _pct(m.get("agreement")),
-            _pct(m.get("retention")),
-            _pct(m.get("gap_closed")),
+            format_percent(m["test_acc"]),
+            format_percent(m.get("agreement")),
+            format_percent(m.get("retention")),
+            format_percent(m.get("gap_closed")),
             f"{m['params']:,}",
-            _size(m["size_bytes"]),
+            format_size(m["size_bytes"]),
         ]
         row += [_num(m["latency_ms"].get(str(b)), ".2f") for b in batch_sizes]
         row += [_num(m["speedup"].get(str(b)), ".1f", "×") for b in batch_sizes]

@@ -28,7 +28,7 @@ from .evaluate import measure_latencies
 from .experiment import seeded_model
 from .io import load_weights, write_json, write_text
 from .models import ModelSpec
-from .report import _pct, _size
+from .report import format_percent, format_size
 from .sizing import describe, scale_width, slug
 from .workflow import derive, finish_dir, prepare_dir, relocate_text, run_or_reuse, teacher_model
 
@@ -198,15 +198,15 @@ def _rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for p in summary["students"]:
         gain = "—" if p["gain"] is None else f"{100 * p['gain']:+.2f}"
         rows.append([
-            p["label"], f"{p['params']:,}", _size(p["size_bytes"]),
-            *(f"{p['latency_by_batch'][b]:.3f}" for b in batches), _pct(p["val_acc"]), _pct(p["test_acc"]),
-            _pct(p["scratch_test_acc"]), gain, "★" if p["front_latency"] else "", "★" if p["front_size"] else "",
+            p["label"], f"{p['params']:,}", format_size(p["size_bytes"]),
+            *(f"{p['latency_by_batch'][b]:.3f}" for b in batches), format_percent(p["val_acc"]), format_percent(p["test_acc"]),
+            format_percent(p["scratch_test_acc"]), gain, "★" if p["front_latency"] else "", "★" if p["front_size"] else "",
         ])  # fmt: skip
     t = summary["teacher"]
     rows.append([
-        f"teacher (reference): {t['label']}", f"{t['params']:,}", _size(t["size_bytes"]),
+        f"teacher (reference): {t['label']}", f"{t['params']:,}", format_size(t["size_bytes"]),
         *("—" if t["latency_by_batch"][b] is None else f"{t['latency_by_batch'][b]:.3f}" for b in batches),
-        "—", _pct(t["test_acc"]), "—", "—", "", "",
+        "—", format_percent(t["test_acc"]), "—", "—", "", "",
     ])  # fmt: skip
     return header, rows
 

@@ -22,9 +22,9 @@ from .config import (
     WORKFLOW_SECTIONS,
     ExperimentConfig,
     OutputSpec,
-    _format_error,
     apply_override,
     config_to_dict,
+    format_validation_error,
     parse_config,
 )
 from .errors import DistillError
@@ -54,7 +54,7 @@ def parse_section(raw: Any, key: str, model: type[Section], source: str) -> Sect
     try:
         return getattr(wrapper.model_validate({key: raw}), key)
     except ValidationError as err:
-        raise DistillError(_format_error(err, source, {key: raw})) from None
+        raise DistillError(format_validation_error(err, source, {key: raw})) from None
 
 
 def load_with_section(
