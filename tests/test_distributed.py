@@ -172,3 +172,21 @@ def test_a_killed_two_process_run_with_dropout_resumes_exactly(tmp_path):
     assert [(e["loss"], e["train_acc"], e["val_acc"]) for e in histories[0]] == [
         (e["loss"], e["train_acc"], e["val_acc"]) for e in histories[1]
     ]
+
+
+def test_two_processes_match_one_under_a_label_budget(tmp_path):
+    """With 300 of 1294 training labels, each share of a batch holds a different number of
+    labeled rows; ce averages over those, so the processes' values are weighted by their labeled
+    counts (summed over processes every step), not by share size, to follow one process exactly."""
+    changes = {"train.batch_size": 51, "data.labeled": 300, "baseline": False}
+    one = _write_config(tmp_path, "one", **changes)
+    assert main(["run", str(one), "--quiet"]) == 0
+    _launch(_write_config(tmp_path, "two", **changes), 2)
+    runs = tmp_path / "runs"
+    w1, w2 = _weights(runs / "one", "student.safetensors"), _weights(runs / "two", "student.safetensors")
+    for key in w1:
+        assert torch.allclose(w1[key], w2[key], atol=1e-5), (key, float((w1[key] - w2[key]).abs().max()))
+    h1, h2 = (
+        json.loads((runs / n / "metrics.json").read_text())["training"]["distilled"]["history"] for n in ("one", "two")
+    )
+    assert [e["loss"] for e in h2] == pytest.approx([e["loss"] for e in h1], rel=1e-4)

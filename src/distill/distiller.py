@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,12 +37,14 @@ if TYPE_CHECKING:
 @dataclass
 class DistillOutput:
     """The weighted total ``loss`` to back-propagate, each term's unweighted value
-    (detached, for logging), and the outputs of both models."""
+    (detached, for logging), the outputs of both models, and the batch the terms saw."""
 
     loss: Tensor
     terms: dict[str, Tensor]
     student: ModelOutputs
     teacher: ModelOutputs | None
+    batch: Batch | None = None
+    values: dict[str, Tensor] = field(default_factory=dict)  # the terms' values, with gradients
 
 
 def logits_of(output: object) -> Tensor:
@@ -238,4 +240,6 @@ class Distiller(nn.Module):
             terms={name: value.detach() for name, value in values.items()},
             student=student,
             teacher=teacher,
+            batch=batch,
+            values=values,
         )

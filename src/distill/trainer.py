@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .config import TrainSpec
 from .data import DataBundle, iterate_batches
-from .distiller import Distiller
+from .distiller import Distiller, DistillOutput
 from .distributed import Parallel
 from .errors import DistillError
 from .evaluate import accuracy, predict
@@ -140,6 +140,34 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
+def _share_weighted_loss(
+    out: DistillOutput, distiller: Distiller, parallel: Parallel, global_rows: int, count_rows: bool
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """This process's loss, weighted so that DDP's average of the processes' gradients is the
+    gradient of one process on the whole global batch.
+
+    Each term is a mean over some rows of this process's share; scaled by
+    ``rows here × processes / rows in the global batch`` the average over processes is the mean
+    over the global batch. The rows a term averages over are the share's rows, unless some
+    samples have no label: then ``ce`` averages over the labeled ones, which differ from share to
+    share, and each term's count is summed over the processes (one small all-reduce per step).
+    Returns the loss and each term's factor.
+    """
+    names = list(out.values)
+    rows = len(out.student.logits)
+    if count_rows and out.batch is not None:
+        local = [float(distiller.terms[name].rows(out.student, out.batch)) for name in names]
+        totals = parallel.sum(local)
+    else:
+        local, totals = [float(rows)] * len(names), [float(global_rows)] * len(names)
+    factors = {
+        name: here * parallel.world / total if total else 0.0
+        for name, here, total in zip(names, local, totals, strict=True)
+    }
+    loss = sum(distiller.weight(name) * out.values[name] * factors[name] for name in names)
+    return loss, factors  # type: ignore[return-value]
+
+
 def rng_states(parallel: Parallel | None = None) -> dict[str, Any]:
     """This process's random-number state and, in a distributed run, every process's (a
     collective: every process calls it), for a checkpoint that resumes exactly."""
@@ -203,6 +231,7 @@ def train(
     scheduler = make_scheduler(optimizer, spec, spec.epochs * steps_per_epoch)
     autocast, scaler = _mixed_precision(spec, device)
     is_main = parallel is None or parallel.is_main
+    partly_labeled = bool((data.train.y < 0).any())  # then a share's labeled rows vary: count them
     result = TrainResult()
     best_state = copy.deepcopy(distiller.state_dict_to_keep())
     start_epoch = 0
@@ -242,13 +271,11 @@ def train(
                 b for _ in range(passes_per_epoch) for b in iterate_batches(data.train, spec.batch_size, generator)
             )
             for step, (x, y, index) in enumerate(batches):
-                share = 1.0
+                global_size = len(y)
                 if parallel is not None:
-                    global_size = len(y)
                     if global_size < parallel.world:  # a tail too small to give every process a sample
                         continue  # (every process decides alike: the batches are the same everywhere)
                     x, y, index = parallel.shard(x, y, index)
-                    share = len(y) * parallel.world / global_size  # DDP averages: each share counts by its size
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 distiller.progress = epoch + step / micro_steps
                 last_micro = (step + 1) % spec.grad_accumulation == 0 or step + 1 == micro_steps
@@ -260,7 +287,12 @@ def train(
                             f"{label}: loss term {bad[0]!r} became non-finite at epoch {epoch + 1}, step {step + 1}; "
                             f"lower train.lr or set train.grad_clip"
                         )
-                    loss = out.loss if share == 1.0 and spec.grad_accumulation == 1 else out.loss * share
+                    loss, factors = out.loss, dict.fromkeys(out.terms, 1.0)
+                    if parallel is not None:
+                        loss, factors = _share_weighted_loss(out, distiller, parallel, global_size, partly_labeled)
+                    # this process's part of the global batch's mean loss, times the global batch size
+                    world = parallel.world if parallel is not None else 1
+                    batch_loss = float(loss.detach()) * global_size / world
                     if spec.grad_accumulation > 1:  # the mean over this step's micro-batches (fewer at the end)
                         loss = loss / min(
                             spec.grad_accumulation,
@@ -276,11 +308,10 @@ def train(
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
 
-                n = len(y)
-                seen += n
-                sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) * n
+                seen += len(y)
+                sums["loss"] = sums.get("loss", 0.0) + batch_loss
                 for name, value in out.terms.items():
-                    sums[name] = sums.get(name, 0.0) + float(value) * n
+                    sums[name] = sums.get(name, 0.0) + float(value) * factors[name] * global_size / world
                 keep = y >= 0
                 labeled += int(keep.sum())
                 correct += int((out.student.logits.argmax(-1)[keep] == y[keep]).sum())

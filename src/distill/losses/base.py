@@ -73,6 +73,14 @@ class LossTerm(nn.Module):
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch) -> Tensor:
         raise NotImplementedError
 
+    def rows(self, student: ModelOutputs, batch: Batch) -> int:
+        """How many rows (samples or token positions) this term's value averages over. A
+        distributed run weights each process's value by it, so that N processes follow the mean
+        over the global batch, as one process would (default: the rows ``batch.mask`` keeps)."""
+        if batch.mask is not None:
+            return int(batch.mask.sum())
+        return student.logits.shape[:-1].numel()
+
 
 class TappedPairParams(TermParams):
     """Which outputs a feature or relation term compares: module names, or null for the logits."""

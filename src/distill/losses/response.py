@@ -153,3 +153,10 @@ class HardLabelCE(LossTerm):
         if batch.labels is None:
             raise ValueError("the ce term needs labels")
         return hard_label_ce(student.logits, batch.labels, batch.mask, self.label_smoothing)
+
+    def rows(self, student: ModelOutputs, batch: Batch) -> int:
+        """The labeled rows: the mean is over them alone."""
+        labeled = batch.labels >= 0 if batch.labels is not None else torch.zeros(0, dtype=torch.bool)
+        if batch.mask is not None:
+            labeled = labeled & batch.mask.bool()
+        return int(labeled.sum())
