@@ -37,14 +37,13 @@ if TYPE_CHECKING:
 @dataclass
 class DistillOutput:
     """The weighted total ``loss`` to back-propagate, each term's unweighted value
-    (detached, for logging), the outputs of both models, and the batch the terms saw."""
+    (detached, for logging; ``values`` keeps their gradients), and the outputs of both models."""
 
     loss: Tensor
     terms: dict[str, Tensor]
     student: ModelOutputs
     teacher: ModelOutputs | None
-    batch: Batch | None = None
-    values: dict[str, Tensor] = field(default_factory=dict)  # the terms' values, with gradients
+    values: dict[str, Tensor] = field(default_factory=dict)
 
 
 def logits_of(output: object) -> Tensor:
@@ -240,6 +239,5 @@ class Distiller(nn.Module):
             terms={name: value.detach() for name, value in values.items()},
             student=student,
             teacher=teacher,
-            batch=batch,
             values=values,
         )

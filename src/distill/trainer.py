@@ -29,6 +29,7 @@ from .distributed import Parallel
 from .errors import DistillError
 from .evaluate import accuracy, predict
 from .io import load_checkpoint, save_checkpoint
+from .losses import Batch
 
 
 @dataclass
@@ -141,30 +142,24 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def _share_weighted_loss(
-    out: DistillOutput, distiller: Distiller, parallel: Parallel, global_rows: int, count_rows: bool
+    out: DistillOutput, distiller: Distiller, world: int, share: Batch, whole: Batch
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """This process's loss, weighted so that DDP's average of the processes' gradients is the
-    gradient of one process on the whole global batch.
+    gradient of one process on the whole global batch ``whole``, of which ``share`` is ours.
 
-    Each term is a mean over some rows of this process's share; scaled by
-    ``rows here × processes / rows in the global batch`` the average over processes is the mean
-    over the global batch. The rows a term averages over are the share's rows, unless some
-    samples have no label: then ``ce`` averages over the labeled ones, which differ from share to
-    share, and each term's count is summed over the processes (one small all-reduce per step).
-    Returns the loss and each term's factor.
+    Each term is a mean over some rows of the share (all of them, or e.g. the labeled ones for
+    ``ce``: see :meth:`LossTerm.rows`); scaled by ``rows here × processes / rows in the global
+    batch``, the average over processes is the mean over the global batch. Every process holds
+    the global batch's labels, so no communication is needed. Returns the loss and each term's
+    factor.
     """
-    names = list(out.values)
-    rows = len(out.student.logits)
-    if count_rows and out.batch is not None:
-        local = [float(distiller.terms[name].rows(out.student, out.batch)) for name in names]
-        totals = parallel.sum(local)
-    else:
-        local, totals = [float(rows)] * len(names), [float(global_rows)] * len(names)
-    factors = {
-        name: here * parallel.world / total if total else 0.0
-        for name, here, total in zip(names, local, totals, strict=True)
-    }
-    loss = sum(distiller.weight(name) * out.values[name] * factors[name] for name in names)
+    factors = {}
+    for name, term in distiller.terms.items():
+        here, total = term.rows(share), term.rows(whole)
+        if here is None or total is None:
+            here, total = len(share.labels), len(whole.labels)
+        factors[name] = here * world / total if total else 0.0
+    loss = sum(distiller.weight(name) * out.values[name] * factors[name] for name in out.values)
     return loss, factors  # type: ignore[return-value]
 
 
@@ -231,7 +226,6 @@ def train(
     scheduler = make_scheduler(optimizer, spec, spec.epochs * steps_per_epoch)
     autocast, scaler = _mixed_precision(spec, device)
     is_main = parallel is None or parallel.is_main
-    partly_labeled = bool((data.train.y < 0).any())  # then a share's labeled rows vary: count them
     result = TrainResult()
     best_state = copy.deepcopy(distiller.state_dict_to_keep())
     start_epoch = 0
@@ -271,7 +265,7 @@ def train(
                 b for _ in range(passes_per_epoch) for b in iterate_batches(data.train, spec.batch_size, generator)
             )
             for step, (x, y, index) in enumerate(batches):
-                global_size = len(y)
+                global_size, global_y = len(y), y
                 if parallel is not None:
                     if global_size < parallel.world:  # a tail too small to give every process a sample
                         continue  # (every process decides alike: the batches are the same everywhere)
@@ -289,7 +283,8 @@ def train(
                         )
                     loss, factors = out.loss, dict.fromkeys(out.terms, 1.0)
                     if parallel is not None:
-                        loss, factors = _share_weighted_loss(out, distiller, parallel, global_size, partly_labeled)
+                        share, whole = Batch(None, y.cpu()), Batch(None, global_y)
+                        loss, factors = _share_weighted_loss(out, distiller, parallel.world, share, whole)
                     # this process's part of the global batch's mean loss, times the global batch size
                     world = parallel.world if parallel is not None else 1
                     batch_loss = float(loss.detach()) * global_size / world

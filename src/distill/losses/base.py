@@ -73,13 +73,12 @@ class LossTerm(nn.Module):
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch) -> Tensor:
         raise NotImplementedError
 
-    def rows(self, student: ModelOutputs, batch: Batch) -> int:
-        """How many rows (samples or token positions) this term's value averages over. A
-        distributed run weights each process's value by it, so that N processes follow the mean
-        over the global batch, as one process would (default: the rows ``batch.mask`` keeps)."""
-        if batch.mask is not None:
-            return int(batch.mask.sum())
-        return student.logits.shape[:-1].numel()
+    def rows(self, batch: Batch) -> int | None:
+        """How many rows (samples or token positions) of ``batch`` this term's value averages
+        over. A distributed run weights each process's value by its share of the global batch's
+        count, so that N processes follow the mean over the global batch, as one process would.
+        Default: the rows ``batch.mask`` keeps; None (no mask) means every row."""
+        return int(batch.mask.sum()) if batch.mask is not None else None
 
 
 class TappedPairParams(TermParams):

@@ -154,9 +154,11 @@ class HardLabelCE(LossTerm):
             raise ValueError("the ce term needs labels")
         return hard_label_ce(student.logits, batch.labels, batch.mask, self.label_smoothing)
 
-    def rows(self, student: ModelOutputs, batch: Batch) -> int:
+    def rows(self, batch: Batch) -> int | None:
         """The labeled rows: the mean is over them alone."""
-        labeled = batch.labels >= 0 if batch.labels is not None else torch.zeros(0, dtype=torch.bool)
+        if batch.labels is None:
+            return None
+        labeled = batch.labels >= 0
         if batch.mask is not None:
             labeled = labeled & batch.mask.bool()
         return int(labeled.sum())
