@@ -190,3 +190,27 @@ def test_two_processes_match_one_under_a_label_budget(tmp_path):
         json.loads((runs / n / "metrics.json").read_text())["training"]["distilled"]["history"] for n in ("one", "two")
     )
     assert [e["loss"] for e in h2] == pytest.approx([e["loss"] for e in h1], rel=1e-4)
+
+
+def test_a_failing_process_ends_the_launch_with_one_line_errors(tmp_path):
+    """A worker's error reaches the user as its own line and exit code 2, not as torchrun's
+    traceback; a process waiting for a failed one says so in one line."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+
+    def launch(config: Path) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "distill", "run", str(config), "--processes", "2", "--quiet"]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+    diverging = _write_config(tmp_path, "nan", **{"train.lr": 1e30, "baseline": False})
+    first = launch(diverging)  # every process: the loss becomes non-finite
+    assert first.returncode == 2
+    lines = [line for line in first.stderr.splitlines() if line.strip()]
+    assert lines and all(
+        line.startswith("distill: error: distilled: loss term 'kd' became non-finite") for line in lines
+    )
+    second = launch(diverging)  # process 0 refuses the unfinished run; process 1 waits for it at a barrier
+    assert second.returncode == 2
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in second.stderr
+    assert any(line.startswith("distill: error: an unfinished run exists") for line in lines)
+    assert all(line.startswith("distill: error:") for line in lines)

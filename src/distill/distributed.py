@@ -10,11 +10,12 @@ reports. The teacher is never wrapped or synchronised: it is frozen and only run
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-import shutil
 import socket
-import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -67,17 +68,31 @@ class Parallel:
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum of ``values`` over all processes."""
-        total = self.accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=self.device), "sum")
+        with self._peers():
+            total = self.accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=self.device), "sum")
         return total.cpu().tolist()
 
     def gather_object(self, value: Any) -> list[Any]:
         """``value`` from every process, in rank order (a collective: every process calls it)."""
         gathered: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(gathered, value)
+        with self._peers():
+            torch.distributed.all_gather_object(gathered, value)
         return gathered
 
     def barrier(self) -> None:
-        self.accelerator.wait_for_everyone()
+        with self._peers():
+            self.accelerator.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def _peers(self) -> Iterator[None]:
+        """A collective that fails because another process died (it printed its own error)
+        ends this one with a line saying so, not with the backend's traceback."""
+        try:
+            yield
+        except RuntimeError as err:  # gloo / NCCL: connection closed, process group aborted
+            raise DistillError(
+                f"process {self.rank} of {self.world} stopped: another process failed (its error is above)"
+            ) from err
 
     def finish(self) -> None:
         """Wait for every process, then leave the process group cleanly."""
@@ -100,19 +115,36 @@ def _free_port() -> int:
 
 
 def launch(processes: int, argv: list[str]) -> int:
-    """``distill ... --processes N``: rerun this command in N local processes via torchrun."""
+    """``distill ... --processes N``: rerun this command in N local processes via torchrun.
+
+    torchrun's agent runs in this process, so that a failed worker ends the command with the
+    worker's own one-line error (each process prints it) and its exit code, not torchrun's
+    traceback and report."""
     if processes < 1:
         raise DistillError("--processes must be at least 1")
     if launched_distributed():
         raise DistillError("--processes: already running under a distributed launcher; drop --processes")
     if torch.cuda.is_available() and processes > torch.cuda.device_count():
         raise DistillError(f"--processes {processes}: only {torch.cuda.device_count()} GPU(s) are visible")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
     threads = max(1, (os.cpu_count() or 1) // processes)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
-        f"--master-port={_free_port()}", "-m", "distill", *argv,
-    ]  # fmt: skip
-    if shutil.which(sys.executable) is None:  # pragma: no cover - a broken interpreter path
-        raise DistillError(f"cannot start {sys.executable}")
-    return subprocess.call(command, env=env)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # the workers inherit it
+    options = get_args_parser().parse_args(
+        [f"--nproc-per-node={processes}", f"--master-port={_free_port()}", "-m", "distill", *argv]
+    )
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its own failure report
+    try:
+        torchrun(options)
+    except ChildFailedError as err:
+        codes = sorted({failure.exitcode for failure in err.failures.values()})
+        if 2 not in codes:  # 2: a worker printed its error (the others were stopped); else none did
+            print(
+                f"distill: error: a process of {processes} failed (exit codes {codes}; negative: killed by that "
+                "signal, e.g. -9 when out of memory)",
+                file=sys.stderr,
+            )
+        return 2 if 2 in codes else 1
+    return 0
