@@ -220,6 +220,14 @@ class Distiller(nn.Module):
             if taps is not None:
                 taps.remove()
 
+    def weighted_sum(self, values: Mapping[str, Tensor], factors: Mapping[str, float] | None = None) -> Tensor:
+        """The loss: the terms' values times their weights (and times ``factors``, which a
+        distributed run uses to weight each process's share; see :mod:`distill.trainer`)."""
+        return sum(  # type: ignore[return-value]
+            self.weight(name) * value * (factors[name] if factors is not None else 1.0)
+            for name, value in values.items()
+        )
+
     def forward(
         self, inputs: object, labels: Tensor | None = None, mask: Tensor | None = None, index: Tensor | None = None
     ) -> DistillOutput:
@@ -233,7 +241,7 @@ class Distiller(nn.Module):
         batch = Batch(inputs=inputs, labels=labels, mask=mask)
         student, teacher = self._outputs(inputs, index)
         values = {name: term(student, teacher, batch) for name, term in self.terms.items()}
-        loss = sum(self.weight(name) * value for name, value in values.items())
+        loss = self.weighted_sum(values)
         return DistillOutput(
             loss=loss,
             terms={name: value.detach() for name, value in values.items()},

@@ -159,8 +159,7 @@ def _share_weighted_loss(
         if here is None or total is None:
             here, total = len(share.labels), len(whole.labels)
         factors[name] = here * world / total if total else 0.0
-    loss = sum(distiller.weight(name) * out.values[name] * factors[name] for name in out.values)
-    return loss, factors  # type: ignore[return-value]
+    return distiller.weighted_sum(out.values, factors), factors
 
 
 def rng_states(parallel: Parallel | None = None) -> dict[str, Any]:

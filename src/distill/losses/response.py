@@ -63,8 +63,8 @@ def _check_rows(student_logits: Tensor, teacher: TopKLogits) -> None:
 
 
 class _BucketKL(torch.autograd.Function):
-    """Per-row KL(p ‖ q) over the teacher's top-k classes plus one bucket for the rest, with a
-    closed-form gradient.
+    """Per-row KL(p ‖ q) over the teacher's top-k classes (k below the number of classes) plus one
+    bucket for the rest, with a closed-form gradient.
 
     Autograd through the bucketing (gather, scatter, logsumexp, cat) costs more than the rest of
     a small model's loss; the gradient has a closed form: ∂KL/∂z_j = q_j − p̃_j, where p̃ gives a
@@ -76,10 +76,7 @@ class _BucketKL(torch.autograd.Function):
     def forward(ctx, scaled_student: Tensor, indices: Tensor, log_p: Tensor) -> Tensor:  # type: ignore[override]
         log_q = scaled_student.log_softmax(-1)
         log_q_head = log_q.gather(-1, indices)
-        if indices.shape[-1] < log_q.shape[-1]:  # the student's mass outside the teacher's top-k, exactly
-            log_q_tail = log_q.scatter(-1, indices, float("-inf")).logsumexp(-1)
-        else:  # no tail: a bucket the teacher gives zero mass
-            log_q_tail = torch.zeros_like(log_q_head[..., 0])
+        log_q_tail = log_q.scatter(-1, indices, float("-inf")).logsumexp(-1)  # outside the top-k, exactly
         log_q_buckets = torch.cat([log_q_head, log_q_tail.unsqueeze(-1)], dim=-1)
         per_row = torch.where(log_p.isneginf(), 0.0, log_p.exp() * (log_p - log_q_buckets)).sum(-1)
         ctx.save_for_backward(log_q, indices, log_p, log_q_tail)
@@ -89,12 +86,9 @@ class _BucketKL(torch.autograd.Function):
     def backward(ctx, grad_rows: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         log_q, indices, log_p, log_q_tail = ctx.saved_tensors
         q = log_q.exp()
-        if indices.shape[-1] < log_q.shape[-1]:
-            # p̃_j = p_tail · q_j / q_tail outside the top-k (0 where the student's tail underflowed)
-            shift = torch.where(log_q_tail.isfinite(), log_p[..., -1] - log_q_tail, float("-inf"))
-            target = (log_q + shift.unsqueeze(-1)).exp()
-        else:
-            target = torch.zeros_like(q)
+        # p̃_j = p_tail · q_j / q_tail outside the top-k (0 where the student's tail underflowed)
+        shift = torch.where(log_q_tail.isfinite(), log_p[..., -1] - log_q_tail, float("-inf"))
+        target = (log_q + shift.unsqueeze(-1)).exp()
         target = target.scatter(-1, indices, log_p[..., :-1].exp())
         return (q - target) * grad_rows.unsqueeze(-1), None, None
 
