@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup data demo demo-quick test lint bench clean
+.PHONY: setup data demo demo-quick test fuzz lint bench clean
 
 setup: $(VENV)/.installed data
 
@@ -29,6 +29,11 @@ test: $(VENV)/.installed lint
 	@bash scripts/get_data.sh || echo "note: Fashion-MNIST not installed; tests do not need it"
 	@bash scripts/get_test_deps.sh
 	$(BIN)/python -m pytest -q
+
+# fresh hypothesis cases for MINUTES minutes; failures are recorded in tests/fuzz_regressions.json
+MINUTES ?= 10
+fuzz: $(VENV)/.installed
+	@bash scripts/fuzz.sh $(MINUTES)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks

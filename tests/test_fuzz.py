@@ -12,6 +12,7 @@ fixed; each keeps a minimal reproduction at the end of the module.
 
 import copy
 import gzip
+import inspect
 import io
 import json
 import os
@@ -50,11 +51,20 @@ from distill.data import DataSpec, load_data, read_idx
 from distill.errors import DistillError
 from distill.models import MLP, CNNSpec, MLPSpec
 
-from conftest import tiny_config, write_idx
+from conftest import decode, recorded, recorded_regressions, tiny_config, write_idx
 
 CASES: Counter = Counter()  # generated cases each test ran to an outcome
 VALID: Counter = Counter()  # generated inputs that turned out valid: discarded before any run starts
 KNOWN: Counter = Counter()  # generated inputs that hit a known bug (see the strict xfail tests at the end)
+
+
+FIXTURES = ("cli", "tmp_path")  # arguments that are pytest fixtures, not generated
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _under_a_memory_limit(memory_limit):
+    """Generated configs run where an allocation beyond the limit fails instead of filling the machine."""
+    yield
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -103,6 +113,7 @@ def one_line_or_config(call) -> None:
 
 @FAST
 @given(path=st.sampled_from(PATHS), value=values)
+@recorded(*FIXTURES)
 def test_any_value_anywhere_in_a_config(path, value):
     CASES["loader: any value anywhere"] += 1
     raw = copy.deepcopy(BASE)
@@ -115,6 +126,7 @@ def test_any_value_anywhere_in_a_config(path, value):
 
 @FAST
 @given(text=st.text(max_size=200))
+@recorded(*FIXTURES)
 def test_any_text_as_a_config_file(tmp_path, text):
     CASES["loader: any text as a config"] += 1
     path = tmp_path / "fuzz.yaml"
@@ -124,6 +136,7 @@ def test_any_text_as_a_config_file(tmp_path, text):
 
 @FAST
 @given(key=st.text(max_size=20), value=st.text(max_size=20))
+@recorded(*FIXTURES)
 def test_any_override(key, value):
     CASES["loader: any override"] += 1
     one_line_or_config(lambda: parse_config(copy.deepcopy(BASE), "fuzz.yaml", [f"{key}={value}"]))
@@ -136,6 +149,7 @@ def test_any_override(key, value):
     magic=st.sampled_from([b"", b"\x00\x00\x08\x01", b"\x00\x00\x08\x03", b"\x00\x00\x09\x03"]),
     compress=st.booleans(),
 )
+@recorded(*FIXTURES)
 def test_any_bytes_as_an_idx_file(tmp_path, header, body, magic, compress):
     CASES["loader: any bytes as IDX"] += 1
     raw = magic + header + body
@@ -159,6 +173,7 @@ arrays = st.sampled_from([np.float32, np.float64, np.int64, np.uint8, np.bool_, 
 
 @FAST
 @given(x=arrays, y=arrays, include_y=st.booleans())
+@recorded(*FIXTURES)
 def test_any_arrays_as_an_npz_dataset(tmp_path, x, y, include_y):
     CASES["loader: any arrays as npz"] += 1
     path = tmp_path / "d.npz"
@@ -173,6 +188,7 @@ def test_any_arrays_as_an_npz_dataset(tmp_path, x, y, include_y):
 
 @FAST
 @given(files=st.lists(st.tuples(st.sampled_from(["a", "b"]), st.binary(max_size=64)), min_size=0, max_size=4))
+@recorded(*FIXTURES)
 def test_any_bytes_as_image_files(tmp_path, files):
     CASES["loader: any bytes as images"] += 1
     root = Path(tempfile.mkdtemp(dir=tmp_path)) / "imgs"  # a fresh folder for every generated case
@@ -345,6 +361,7 @@ NASTY_YAML = [
     | st.sampled_from(NASTY_YAML)
     | st.binary(max_size=200)
 )
+@recorded(*FIXTURES)
 def test_cli_any_text_as_a_config_file(cli, text):
     case = cli.case()
     if cli.run("cli: any text as a config", ["run", str(cli.write_config(case, text))], case) == "valid":
@@ -353,6 +370,7 @@ def test_cli_any_text_as_a_config_file(cli, text):
 
 @CLI_FAST
 @given(path=st.sampled_from(FIELDS), value=finite)
+@recorded(*FIXTURES)
 def test_cli_any_value_anywhere_in_a_config(cli, path, value):
     case = cli.case()
     config = base_config(case)
@@ -363,6 +381,7 @@ def test_cli_any_value_anywhere_in_a_config(cli, path, value):
 
 @CLI_FAST
 @given(section=st.sampled_from(list(SECTIONS)), key=st.text(min_size=1, max_size=12), value=finite)
+@recorded(*FIXTURES)
 def test_cli_unknown_keys(cli, section, key, value):
     known = set(SECTIONS[section].model_fields) | {"kind", "arch"}
     if key in known:
@@ -390,6 +409,7 @@ overrides = (
 
 @CLI_FAST
 @given(assignments=st.lists(overrides, min_size=1, max_size=3))
+@recorded(*FIXTURES)
 def test_cli_bad_overrides(cli, assignments):
     case = cli.case()
     argv = ["run", str(cli.write_config(case, base_config(case)))] + [f"--set={a}" for a in assignments]
@@ -405,6 +425,7 @@ def test_cli_bad_overrides(cli, assignments):
         max_size=5,
     )
 )
+@recorded(*FIXTURES)
 def test_cli_bad_arguments(cli, tokens):
     case = cli.case()
     if any(t.startswith("-h") or (t.startswith("--h") and "--help".startswith(t)) for t in tokens):
@@ -498,6 +519,7 @@ def place(case: Path, content: object, name: str) -> str:
 
 @CLI_FAST
 @given(train=bad_npz(), test=st.none() | bad_npz() | st.sampled_from(["more classes", "other shape"]))
+@recorded(*FIXTURES)
 def test_cli_bad_npz_data(cli, train, test):
     case = cli.case()
     if test in ("more classes", "other shape"):  # a good training file, and a test file that does not match it
@@ -562,6 +584,7 @@ folders = st.dictionaries(st.sampled_from(["a", "b", "c"]), st.lists(image_file(
 
 @CLI_FAST
 @given(train=folders, test=st.none() | folders, root=st.sampled_from(["folder"] * 4 + BAD_PATHS))
+@recorded(*FIXTURES)
 def test_cli_bad_image_folders(cli, train, test, root):
     case = cli.case()
     path = image_folder(case, "train", train) if root == "folder" else bad_path(case, root, "train")
@@ -580,6 +603,7 @@ def test_cli_bad_image_folders(cli, train, test, root):
     cut=st.integers(0, 400),
     compress=st.booleans(),
 )
+@recorded(*FIXTURES)
 def test_cli_bad_idx_files(cli, part, defect, cut, compress):
     case = cli.case()
     directory = case / "fmnist"
@@ -684,6 +708,7 @@ def bad_teacher(draw) -> object:
 
 @CLI_FAST
 @given(teacher=bad_teacher())
+@recorded(*FIXTURES)
 def test_cli_bad_teacher_checkpoints(cli, teacher):
     case = cli.case()
     path = place(case, teacher, "teacher.safetensors")
@@ -698,6 +723,7 @@ def test_cli_bad_teacher_checkpoints(cli, teacher):
     | st.fixed_dictionaries({"models": finite, "latency_batch_sizes": finite}).map(json.dumps),
     second=st.booleans(),
 )
+@recorded(*FIXTURES)
 def test_cli_compare_bad_run_directories(cli, metrics, second):
     case = cli.case()
     run = case / "run"
@@ -860,3 +886,16 @@ def test_a_corrupt_image_gives_only_the_one_line_error_on_stderr(tmp_path):
     assert done.returncode == 2 and "cannot read image" in done.stderr
     assert len(done.stderr.splitlines()) == 1, done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------ failures `make fuzz` found, replayed
+
+
+@pytest.mark.parametrize(
+    "case", recorded_regressions(), ids=lambda case: f"{case['test']}-{json.dumps(case['args'], sort_keys=True)[:60]}"
+)
+def test_recorded_fuzz_failures(case, request):
+    """Each failing case `make fuzz` found (tests/fuzz_regressions.json), called as the test it failed in."""
+    test = globals()[case["test"]].hypothesis.inner_test
+    fixtures = {name: request.getfixturevalue(name) for name in FIXTURES if name in inspect.signature(test).parameters}
+    test(**fixtures, **decode(case["args"]))

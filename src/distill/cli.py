@@ -22,6 +22,16 @@ DEMO_QUICK_OVERRIDES = [
 ]
 
 
+def _add_max_memory(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        default=None,
+        help="memory budget, e.g. 8GB or 6GiB: models and batches that would not fit are refused before anything "
+        "is built (default: the memory available now; same as max_memory: in the config)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distill", description="Knowledge distillation: teacher → student, measured honestly."
@@ -49,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     run.add_argument("--quiet", action="store_true", help="print only the final table")
+    _add_max_memory(run)
 
     demo = sub.add_parser("demo", help="distil a CNN on Fashion-MNIST and compare with training from scratch")
     demo.add_argument(
@@ -57,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs"), help="parent directory of the run (default: runs)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--quiet", action="store_true")
+    _add_max_memory(demo)
 
     cache = sub.add_parser(
         "cache", help="run the teacher once and store its top-k signals, so students train without it"
@@ -65,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     cache.add_argument("--overwrite", action="store_true", help="rebuild a cache made with another teacher or data")
     cache.add_argument("--quiet", action="store_true")
+    _add_max_memory(cache)
 
     sub.add_parser("methods", help="list the available loss terms and their parameters")
 
@@ -90,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
             many.add_argument("--resume", action="store_true", help="continue, reusing the finished experiments")
         many.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
         many.add_argument("--quiet", action="store_true", help="print only the final table")
+        _add_max_memory(many)
     return parser
 
 
@@ -116,6 +130,8 @@ def _without_processes(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "max_memory", None) is not None:  # a config setting like any other
+        args.overrides = [*args.overrides, f"max_memory={args.max_memory}"]
     # logs and pipes get long lines rather than rich's default of 80 folded columns
     console = Console(quiet=getattr(args, "quiet", False), width=None if sys.stdout.isatty() else 160)
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data import DataSpec
 from .errors import DistillError
@@ -180,6 +180,12 @@ class ExperimentConfig(Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     cache: CacheSpec = Field(default_factory=CacheSpec, description="settings of `distill cache`")
+    max_memory: ByteSize | None = Field(
+        None,
+        gt=0,
+        description="memory budget, e.g. 8GB or 6GiB (also --max-memory); models and batches that would not fit are "
+        "refused before anything is built. Default: the memory available when the run starts",
+    )
 
     def cache_path(self) -> Path:
         return self.cache.path or self.output.dir / f"{self.output.name or 'run'}-teacher-cache"
@@ -259,6 +265,16 @@ def _resolve_paths(raw: dict, base: Path) -> None:
         if isinstance(node, dict) and isinstance(node.get(key), str):
             path = Path(os.path.expanduser(node[key]))
             node[key] = str(path if path.is_absolute() else base / path)
+    teacher = raw.get("teacher")
+    for model in (raw.get("student"), teacher.get("model") if isinstance(teacher, dict) else None):
+        # a factory's module is looked for beside the config first
+        if isinstance(model, dict) and model.get("arch") == "factory":
+            path = model.get("path")
+            if path is None:
+                model["path"] = str(base)
+            elif isinstance(path, str):
+                path = Path(os.path.expanduser(path))
+                model["path"] = str(path if path.is_absolute() else base / path)
 
 
 def parse_config(
@@ -311,6 +327,16 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if config.output.name is None:
         config.output.name = path.stem
     return config
+
+
+MACHINE_KEYS = ("output", "max_memory")
+"""Config keys that say where and on what a run happens, not what it computes: a run may be resumed
+(or a finished one reused) with other values."""
+
+
+def run_identity(raw: dict) -> dict:
+    """A config's plain data without :data:`MACHINE_KEYS`, to decide whether two runs are the same."""
+    return {key: value for key, value in raw.items() if key not in MACHINE_KEYS}
 
 
 def config_to_dict(config: ExperimentConfig) -> dict:

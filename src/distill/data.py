@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .errors import DistillError
 from .io import hash_tensors
+from .memory import available_memory, format_bytes
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -280,6 +281,14 @@ def _load_folder(path: Path, field_name: str, image_size, class_names=None):
         raise DistillError(f"{field_name}: no images found under {path}/<class>/")
     mode = "L" if all(im.mode in ("L", "1", "I;16", "I") for im in images) else "RGB"
     size = tuple(image_size[::-1]) if image_size else images[0].size
+    needed = 2 * 4 * len(images) * (1 if mode == "L" else 3) * size[0] * size[1]  # float32, array and tensor
+    free = available_memory()
+    if free is not None and needed > free:
+        raise DistillError(
+            f"{'data.image_size' if image_size else field_name}: {len(images):,} images of {size[1]}×{size[0]} pixels "
+            f"need about {format_bytes(needed)} as float32, more than the {format_bytes(free)} of memory available; "
+            f"set a smaller data.image_size"
+        )
     arrays = []
     for image in images:
         image = image.convert(mode)

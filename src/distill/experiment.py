@@ -24,8 +24,17 @@ from rich.console import Console
 from torch import nn
 
 from . import __version__
+from .budget import RunMemory
 from .cache import CachedTeacher, write_cache
-from .config import CachedTeacherSpec, CheckpointTeacher, ExperimentConfig, TrainedTeacher, TrainSpec, config_to_dict
+from .config import (
+    CachedTeacherSpec,
+    CheckpointTeacher,
+    ExperimentConfig,
+    TrainedTeacher,
+    TrainSpec,
+    config_to_dict,
+    run_identity,
+)
 from .data import DataBundle, load_data
 from .distiller import Distiller, LinearWarmup, logits_of
 from .distributed import parallel_from_environment
@@ -248,6 +257,10 @@ def cache_teacher(
         f"data: {data.name}, {len(data.train)} train ({data.train.labeled} labeled) / {len(data.val)} val / "
         f"{len(data.test)} test, {data.num_classes} classes"
     )
+    memory = RunMemory(config, data.input_shape, data.num_classes, len(data.train), caching=True)
+    memory.check_models()  # before the teacher is built
+    probe = seeded_model(config.teacher.model, data, config.seed, "teacher.model")
+    memory.check_batches({"teacher.model": probe}, data.train.x[:1])  # before it trains or runs a batch
     teacher, weights, _ = obtain_teacher(config, data, device, console, cache_dir or default_cache_dir())
     spec = config.cache
     path = config.cache_path()
@@ -320,10 +333,6 @@ def _is_run_dir(path: Path, *markers: str) -> bool:
     return path.is_dir() and all((path / name).is_file() for name in ("config.yaml", *markers))
 
 
-def _without_output(config: dict) -> dict:
-    return {key: value for key, value in config.items() if key != "output"}
-
-
 def _run_dir_paths(config: ExperimentConfig) -> tuple[Path, Path]:
     """The run directory and the ``.partial`` directory it is built in."""
     final = config.output.dir / (config.output.name or "run")
@@ -346,7 +355,7 @@ def _prepare_run_dir(config: ExperimentConfig, resume: bool, overwrite: bool, co
             previous = yaml.safe_load(saved_config.read_text())
         except (OSError, yaml.YAMLError):
             previous = None
-        same = isinstance(previous, dict) and _without_output(previous) == _without_output(config_to_dict(config))
+        same = isinstance(previous, dict) and run_identity(previous) == run_identity(config_to_dict(config))
         if resume and same:
             console.print(f"resuming {partial}")
         elif overwrite:  # with both flags (the demo): resume when possible, else start over
@@ -529,11 +538,15 @@ def _check_inputs(config: ExperimentConfig, data: DataBundle, console: Console) 
         f"data: {data.name}, {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
         f"{data.num_classes} classes, input {list(data.input_shape)}"
     )
+    memory = RunMemory(config, data.input_shape, data.num_classes, len(data.train))
+    memory.check_models()  # before any model is built
     student = seeded_model(config.student, data, config.seed, "student")
     if isinstance(config.teacher, CachedTeacherSpec):
         teacher = open_cached_teacher(config, data)
+        memory.check_batches({"student": student}, data.train.x[:1])
     else:
         teacher = seeded_model(config.teacher.model, data, config.seed, "teacher.model")
+        memory.check_batches({"student": student, "teacher.model": teacher}, data.train.x[:1])  # before any batch
     if isinstance(config.teacher, CheckpointTeacher):
         load_weights(teacher, config.teacher.path, "teacher.path")
     build_distiller(config, student, teacher, data).remove_taps()  # the taps exist and adapters fit

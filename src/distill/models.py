@@ -7,13 +7,17 @@ name them in configs.
 from __future__ import annotations
 
 import importlib
+import inspect
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from .errors import DistillError
+from .memory import available_memory, format_bytes, measure
 
 
 class _Spec(BaseModel):
@@ -40,11 +44,17 @@ class MLPSpec(_Spec):
 
 
 class FactorySpec(_Spec):
-    """Any model: ``factory(in_shape=..., num_classes=..., **kwargs)`` from ``package.module:function``."""
+    """Any model: ``factory(in_shape=..., num_classes=..., **kwargs)`` from ``package.module:function``;
+    ``in_shape`` and ``num_classes`` are passed only if the function's signature takes them."""
 
     arch: Literal["factory"] = "factory"
     factory: str = Field(pattern=r"^[\w.]+:[\w.]+$")
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    path: Path | None = Field(
+        None,
+        description="folder searched first for the factory's module (default: the config file's folder), "
+        "then the working directory, then sys.path",
+    )
 
 
 ModelSpec = Annotated[CNNSpec | MLPSpec | FactorySpec, Field(discriminator="arch")]
@@ -103,15 +113,25 @@ class MLP(nn.Module):
         return self.head(self.features(x))
 
 
-def load_factory(path: str, field: str = "factory"):
-    """Import ``package.module:function``; a missing module or name is a DistillError."""
+def load_factory(path: str, field: str = "factory", folder: Path | None = None):
+    """Import ``package.module:function``, looking in ``folder`` first, then the working directory,
+    then ``sys.path``; a missing module or name is a DistillError."""
     module_name, _, attr = path.partition(":")
+    searched = [str(p) for p in (folder, Path.cwd()) if p is not None]
+    saved = list(sys.path)
+    sys.path[:0] = [p for p in searched if p not in sys.path]
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as err:
-        raise DistillError(f"{field}: cannot import module {module_name!r} ({err}); is it on PYTHONPATH?") from err
+        where = ", ".join(searched + ["sys.path"])
+        raise DistillError(
+            f"{field}: cannot import module {module_name!r} ({err}); looked in {where}; "
+            f"put {module_name.split('.')[0]}.py beside the config or set the factory's path"
+        ) from err
     except Exception as err:  # noqa: BLE001 - the user's module failed while importing
         raise DistillError(f"{field}: importing {module_name!r} failed: {type(err).__name__}: {err}") from err
+    finally:
+        sys.path[:] = saved
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise DistillError(f"{field}: module {module_name!r} has no attribute {attr!r}")
@@ -121,22 +141,63 @@ def load_factory(path: str, field: str = "factory"):
     return obj
 
 
-def build_model(
-    spec: CNNSpec | MLPSpec | FactorySpec, in_shape: Sequence[int], num_classes: int, field: str = "model"
+def _accepted(function, offered: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of ``offered`` that ``function``'s signature takes (all of them with ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: offer everything
+        return offered
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return offered
+    names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {key: value for key, value in offered.items() if key in names}
+
+
+def _construct(
+    spec: CNNSpec | MLPSpec | FactorySpec, in_shape: Sequence[int], num_classes: int, field: str
 ) -> nn.Module:
-    """Build a model from its spec for inputs of ``in_shape`` and ``num_classes`` outputs."""
     if isinstance(spec, CNNSpec):
         return SmallCNN(in_shape, num_classes, spec, field)
     if isinstance(spec, MLPSpec):
         return MLP(in_shape, num_classes, spec)
-    factory = load_factory(spec.factory, f"{field}.factory")
+    factory = load_factory(spec.factory, f"{field}.factory", spec.path)
+    offered = _accepted(factory, {"in_shape": tuple(in_shape), "num_classes": num_classes})
     try:
-        model = factory(in_shape=tuple(in_shape), num_classes=num_classes, **spec.kwargs)
+        model = factory(**offered, **spec.kwargs)
     except Exception as err:  # noqa: BLE001 - report the user's factory failure in one line
         raise DistillError(f"{field}.factory: calling {spec.factory} failed: {type(err).__name__}: {err}") from err
     if not isinstance(model, nn.Module):
         raise DistillError(f"{field}: {spec.factory} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def size_field(spec: CNNSpec | MLPSpec | FactorySpec, field: str, largest_param: str = "") -> str:
+    """The setting that makes a model big, for messages: ``student.hidden``, ``teacher.model.channels``."""
+    if isinstance(spec, MLPSpec):
+        return f"{field}.hidden"
+    if isinstance(spec, CNNSpec):
+        if largest_param.startswith("features"):
+            return f"{field}.channels"
+        return f"{field}.hidden" if spec.hidden else f"{field}.pool"
+    return f"{field}.kwargs"
+
+
+def build_model(
+    spec: CNNSpec | MLPSpec | FactorySpec, in_shape: Sequence[int], num_classes: int, field: str = "model"
+) -> nn.Module:
+    """Build a model from its spec for inputs of ``in_shape`` and ``num_classes`` outputs.
+
+    The model is sized on the meta device first: one whose weights alone exceed the memory this
+    machine has available is refused before a byte is allocated."""
+    size = measure(lambda: _construct(spec, in_shape, num_classes, field))
+    free = available_memory()
+    if size is not None and free is not None and size.weight_bytes > free:
+        raise DistillError(
+            f"{size_field(spec, field, size.largest_param)}: the model has {size.params:,} parameters, "
+            f"{format_bytes(size.weight_bytes)} of weights, more than the {format_bytes(free)} of memory available; "
+            f"make it smaller"
+        )
+    return _construct(spec, in_shape, num_classes, field)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -26,6 +26,7 @@ from .config import (
     config_to_dict,
     format_validation_error,
     parse_config,
+    run_identity,
 )
 from .errors import DistillError
 from .experiment import RunResult, run_experiment
@@ -139,7 +140,7 @@ def prepare_dir(
             previous = yaml.safe_load((partial / "config.yaml").read_text())
         except (OSError, yaml.YAMLError):
             previous = None
-        same = isinstance(previous, dict) and _without_output(previous) == _without_output(saved)
+        same = isinstance(previous, dict) and run_identity(previous) == run_identity(saved)
         if resume and same:
             console.print(f"resuming {partial}")
         elif overwrite:
@@ -154,10 +155,6 @@ def prepare_dir(
     partial.mkdir(parents=True, exist_ok=True)
     write_text(partial / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
     return final, partial
-
-
-def _without_output(config: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in config.items() if key != "output"}
 
 
 def finish_dir(partial: Path, final: Path) -> None:
@@ -175,7 +172,7 @@ def run_or_reuse(
     metrics_file, saved = final / "metrics.json", final / "config.yaml"
     if resume and metrics_file.is_file() and saved.is_file():
         previous = yaml.safe_load(saved.read_text())
-        if isinstance(previous, dict) and _without_output(previous) == _without_output(config_to_dict(config)):
+        if isinstance(previous, dict) and run_identity(previous) == run_identity(config_to_dict(config)):
             console.print(f"[dim]{final.name}: already finished, reusing {final}[/]")
             return RunResult(final, json.loads(metrics_file.read_text()))
     return run_experiment(config, resume=resume, overwrite=True, console=console, cache_dir=cache_dir)
