@@ -45,6 +45,15 @@ UNLABELED = -1
 MAX_CLASSES = 100_000
 
 
+class Normalization(BaseModel):
+    """Fixed input statistics: ``x' = (x - mean) / std`` per channel (images, scaled to [0, 1]) or per feature."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    mean: list[float] = Field(min_length=1)
+    std: list[Annotated[float, Field(gt=0)]] = Field(min_length=1)
+
+
 class DataSpec(BaseModel):
     """Which data, and how it is split."""
 
@@ -53,7 +62,9 @@ class DataSpec(BaseModel):
     source: Literal["fashion_mnist", "digits", "npz", "folder"]
     path: Path | None = Field(None, description="IDX directory, .npz file or image-folder root")
     test_path: Path | None = Field(None, description="separate test .npz / folder (else split off)")
-    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    val_fraction: float = Field(
+        0.1, ge=0, lt=0.5, description="0 = no validation split: every training sample trains, the last epoch is kept"
+    )
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="used when the source has no test split")
     split_seed: int = Field(0, ge=0)
     limit_train: int | None = Field(None, gt=0, description="use only this many training samples")
@@ -65,6 +76,12 @@ class DataSpec(BaseModel):
     )
     image_size: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]] | None = Field(
         None, description="resize folder images to [H, W]"
+    )
+    normalize: Literal["auto", "none"] | Normalization = Field(
+        "auto",
+        description="auto: per-channel (images) or per-feature (vectors) statistics of the labeled training inputs; "
+        "none: inputs as loaded (images scaled to [0, 1]); or fixed {mean: [...], std: [...]}, one value per channel "
+        "or feature, e.g. the statistics a checkpoint teacher was trained with",
     )
     unlabeled: Path | None = Field(
         None,
@@ -102,6 +119,7 @@ class DataBundle:
     class_names: list[str]
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
+    normalize: str = "auto"  # how mean and std were chosen: auto, none or fixed
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -139,7 +157,7 @@ class DataBundle:
             "train_labeled": self.train.labeled,
             "val": len(self.val),
             "test": len(self.test),
-            "normalisation": {"mean": self.mean, "std": self.std},
+            "normalisation": {"mean": self.mean, "std": self.std, "setting": self.normalize},
         }
 
 
@@ -404,7 +422,7 @@ def _load_unlabeled(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 def _split_off(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     order = rng.permutation(n)
-    cut = max(1, int(round(n * fraction)))
+    cut = max(1, int(round(n * fraction))) if fraction > 0 else 0
     return order[cut:], order[:cut]
 
 
@@ -425,6 +443,26 @@ def _check(x: np.ndarray, y: np.ndarray, where: str, num_classes: int | None = N
         raise DistillError(f"{where}: inputs contain NaN or infinity")
     if x.dtype.kind == "f" and np.abs(x).max() > np.finfo(np.float32).max:
         raise DistillError(f"{where}: inputs exceed the float32 range (|x| up to {np.abs(x).max():.3g}); rescale them")
+
+
+def _normalization(setting: str | Normalization, train: Split) -> tuple[Tensor, Tensor]:
+    """Mean and std shaped to broadcast over inputs: per channel for images [C, H, W], per
+    feature for vectors. ``auto`` takes them from the labeled training inputs; an unlabeled pool
+    does not move them, so a teacher trained without it sees the same inputs."""
+    dims = [0] + list(range(2, train.x.dim()))
+    shape = [1, train.x.shape[1]] + [1] * (train.x.dim() - 2)
+    if setting == "auto":
+        labeled_x = train.x[train.y >= 0]
+        return labeled_x.mean(dim=dims, keepdim=True), labeled_x.std(dim=dims, keepdim=True).clamp_min(1e-6)
+    if setting == "none":
+        return torch.zeros(shape), torch.ones(shape)
+    for name, values in (("mean", setting.mean), ("std", setting.std)):
+        if len(values) != shape[1]:
+            unit = "channel(s)" if train.x.dim() > 2 else "feature(s)"
+            raise DistillError(
+                f"data.normalize.{name}: {len(values)} value(s), but the inputs have {shape[1]} {unit}; give one per {unit[:-3]}"
+            )
+    return torch.tensor(setting.mean).reshape(shape), torch.tensor(setting.std).reshape(shape)
 
 
 def load_data(spec: DataSpec) -> DataBundle:
@@ -488,12 +526,7 @@ def load_data(spec: DataSpec) -> DataBundle:
     val_split = Split(to_tensor(x[val_index]), torch.tensor(y[val_index], dtype=torch.long))
     test_split = Split(to_tensor(test[0]), torch.tensor(test[1], dtype=torch.long))
 
-    # normalise per channel with the labeled training statistics (images) or per feature dimension
-    # (vectors); an unlabeled pool does not move them, so a teacher trained without it sees the same inputs
-    dims = [0] + list(range(2, train_split.x.dim()))
-    labeled_x = train_split.x[train_split.y >= 0]
-    mean = labeled_x.mean(dim=dims, keepdim=True)
-    std = labeled_x.std(dim=dims, keepdim=True).clamp_min(1e-6)
+    mean, std = _normalization(spec.normalize, train_split)
     for split in (train_split, val_split, test_split):
         split.x = (split.x - mean) / std
 
@@ -506,4 +539,5 @@ def load_data(spec: DataSpec) -> DataBundle:
         class_names=class_names,
         mean=mean.flatten().tolist(),
         std=std.flatten().tolist(),
+        normalize=spec.normalize if isinstance(spec.normalize, str) else "fixed",
     )

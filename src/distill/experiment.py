@@ -551,6 +551,8 @@ def _check_inputs(config: ExperimentConfig, data: DataBundle, console: Console) 
         load_weights(teacher, config.teacher.path, "teacher.path")
     build_distiller(config, student, teacher, data).remove_taps()  # the taps exist and adapters fit
     check_tracker(config.output.tracker)
+    if len(data.val) == 0:
+        console.print("no validation split (data.val_fraction: 0): every model keeps the weights of its last epoch")
     terms = config.distill.resolved_terms()
     if all(term.type == "ce" for term in terms):
         console.print(

@@ -15,7 +15,7 @@ from .plots import (
     term_curves_figure,
     tradeoff_figure,
 )
-from .report import ROLE_TITLES, format_percent, table_rows, verdict
+from .report import ROLE_TITLES, format_percent, table_rows, training_warnings, validation_note, verdict
 
 STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2rem auto; max-width: 1100px;
@@ -71,12 +71,14 @@ def render_html(metrics: dict[str, Any], histories: dict[str, list[dict]], confi
         f"trained on {escape(metrics.get('device', ''))} in {metrics.get('seconds', 0):.0f} s · "
         f"objective: {escape(metrics.get('objective', ''))}</p>",
         f'<p class="verdict{"" if helped else " bad"}">{escape(verdict(metrics))}</p>',
+        *[f'<p class="verdict bad">Warning: {escape(w)}</p>' for w in training_warnings(metrics)],
         "<h2>Summary</h2>",
         _table(header, rows, "summary"),
         f'<p class="muted">Test split: {data["test"]} samples of {escape(data["name"])}; training on {data["train"]} '
         f"samples ({data['train_labeled']} labeled), validation {data['val']}. Retention = student / teacher "
         f"accuracy; gap closed = (distilled − scratch) / (teacher − scratch); latency = median of "
-        f"{metrics['latency_repeats']} timed CPU samples with {metrics['latency_threads']} thread(s).</p>",
+        f"{metrics['latency_repeats']} timed CPU samples with {metrics['latency_threads']} thread(s). "
+        f"{escape(validation_note(data))}</p>",
         _image(png_data_uri(tradeoff_figure(metrics)), "accuracy against size and latency"),
         "<h2>Training</h2>",
         _image(png_data_uri(curves_figure(histories)), "training loss and validation accuracy"),

@@ -81,10 +81,34 @@ def verdict(metrics: dict[str, Any]) -> str:
     delta = 100 * (models["distilled"]["test_acc"] - models["scratch"]["test_acc"])
     if delta > 0:
         return f"Distillation helped: the distilled student beats the same student trained from scratch by {delta:.2f} points."
-    return (
+    text = (
         f"Distillation did not help here: the distilled student is {abs(delta):.2f} points "
         f"{'below' if delta < 0 else 'level with'} the same student trained from scratch."
     )
+    teacher, scratch = 100 * models["teacher"]["test_acc"], 100 * models["scratch"]["test_acc"]
+    if teacher < scratch + WEAK_TEACHER_POINTS:
+        text += (
+            f" The teacher is weak: at {teacher:.2f}% it is {'below' if teacher < scratch else 'barely above'} the "
+            f"student trained from scratch ({scratch:.2f}%), and a student cannot learn from a teacher what it does not "
+            f"know; train the teacher longer or use a larger one."
+        )
+    return text
+
+
+WEAK_TEACHER_POINTS = 1.0
+"""A teacher less than this many points above the scratch student has little to teach."""
+
+
+def training_warnings(metrics: dict[str, Any]) -> list[str]:
+    """The warnings training raised (a model at chance, a loss that did not fall), in role order."""
+    training = metrics.get("training") or {}
+    return [w for r in training.values() if r for w in r.get("warnings", [])]
+
+
+def validation_note(data: dict[str, Any]) -> str:
+    if data.get("val", 1) == 0:
+        return "No validation split (data.val_fraction: 0): each model is the one of its last epoch."
+    return "Best epochs chosen on validation."
 
 
 def write_markdown(path: Path, metrics: dict[str, Any], config_yaml: str) -> None:
@@ -101,8 +125,9 @@ def write_markdown(path: Path, metrics: dict[str, Any], config_yaml: str) -> Non
         f"top-1 agreement with the teacher; retention = student / teacher accuracy; gap closed = "
         f"(distilled − scratch) / (teacher − scratch). Latency: median of {metrics['latency_repeats']} timed samples of CPU "
         f"forward passes with {metrics['latency_threads']} thread(s); speed-up is relative to the teacher. "
-        f"Best epochs chosen on validation.",
+        f"{validation_note(data)}",
         "",
+        *[f"**Warning:** {w}\n" for w in training_warnings(metrics)],
         f"Trained on {metrics['device']} in {metrics['seconds']:.0f} s.",
         "",
         "![training curves](curves.png)",
@@ -131,4 +156,8 @@ def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> N
     console.print()
     console.print(console_table(metrics, f"distill: {metrics['name']} ({metrics['data']['name']}, test split)"))
     console.print(verdict(metrics))
+    for warning in training_warnings(metrics):
+        console.print(f"[yellow]warning: {warning}[/]")
+    if metrics["data"].get("val", 1) == 0:
+        console.print(validation_note(metrics["data"]))
     console.print(f"[dim]run directory: {run_dir}[/]")

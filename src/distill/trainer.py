@@ -48,7 +48,8 @@ class EpochLog:
 class TrainResult:
     history: list[EpochLog] = field(default_factory=list)
     best_epoch: int = 0
-    best_val_acc: float = -1.0
+    best_val_acc: float = -1.0  # NaN without a validation split (the last epoch is kept)
+    warnings: list[str] = field(default_factory=list)  # e.g. a model that learns nothing
 
     @property
     def seconds(self) -> float:
@@ -56,7 +57,13 @@ class TrainResult:
 
     @classmethod
     def from_dict(cls, saved: dict) -> TrainResult:
-        return cls([EpochLog(**e) for e in saved["history"]], saved["best_epoch"], saved["best_val_acc"])
+        best = saved["best_val_acc"]
+        return cls(
+            [EpochLog(**{k: _nan(v) for k, v in e.items()}) for e in saved["history"]],
+            saved["best_epoch"],
+            _nan(best),
+            list(saved.get("warnings", [])),
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -64,7 +71,39 @@ class TrainResult:
             "best_val_acc": self.best_val_acc,
             "seconds": self.seconds,
             "history": [asdict(e) for e in self.history],
+            "warnings": self.warnings,
         }
+
+
+def _nan(value):
+    """JSON stores NaN as null; read it back as NaN."""
+    return float("nan") if value is None else value
+
+
+def chance_level(labels: torch.Tensor) -> float:
+    """The accuracy of always predicting the most frequent class (labels -1 skipped)."""
+    labels = labels[labels >= 0]
+    return float(torch.bincount(labels).max()) / len(labels) if len(labels) else float("nan")
+
+
+def learning_warning(label: str, history: list[EpochLog], chance: float, measured_on: str) -> str | None:
+    """One line when a model learns nothing: accuracy at chance after an epoch, or a loss that
+    has not fallen after two. None when training looks healthy."""
+    last = history[-1]
+    acc = last.val_acc if measured_on == "validation" else last.train_acc
+    causes = (
+        "likely causes: a learning rate too high or too low, no warm-up, or a kd term whose T² scale dwarfs the rest"
+    )
+    if not math.isnan(acc) and not math.isnan(chance) and acc <= chance + 0.02:
+        return (
+            f"{label} is at chance level after epoch {last.epoch} ({measured_on} accuracy {100 * acc:.2f}%, "
+            f"always guessing the commonest class gives {100 * chance:.2f}%); {causes}"
+        )
+    if len(history) >= 2 and not last.loss < 0.99 * history[0].loss:
+        return (
+            f"{label}'s loss has not fallen in {last.epoch} epochs ({history[0].loss:.4f} → {last.loss:.4f}); {causes}"
+        )
+    return None
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -204,7 +243,9 @@ def train(
     """Train ``distiller.student`` (and any learnable term parts); return per-epoch history.
 
     On return the student holds the weights of its best validation epoch (of its last epoch
-    with ``select_best=False``, e.g. for a stage whose classifier is not trained yet).
+    with ``select_best=False``, e.g. for a stage whose classifier is not trained yet, or without
+    a validation split). A model that learns nothing (at chance after an epoch, or a loss that
+    does not fall) gets one warning line, kept in ``TrainResult.warnings``; training goes on.
     ``passes_per_epoch`` > 1 makes one epoch several shuffled passes over a small training set
     (the scratch baseline on a label budget), so validation and checkpoints stay per epoch.
 
@@ -226,7 +267,10 @@ def train(
     autocast, scaler = _mixed_precision(spec, device)
     is_main = parallel is None or parallel.is_main
     result = TrainResult()
-    best_state = copy.deepcopy(distiller.state_dict_to_keep())
+    validating = len(data.val) > 0  # without a validation split the last epoch is kept
+    measured_on = "validation" if validating else "training"
+    chance = chance_level(data.val.y if validating else data.train.y)
+    best_state = copy.deepcopy(distiller.state_dict_to_keep()) if validating else {}
     start_epoch = 0
 
     if resume and checkpoint is not None and checkpoint.exists():
@@ -240,6 +284,7 @@ def train(
         set_rng_states(state, parallel)
         best_state = state["best_state"]
         result = TrainResult.from_dict(state)
+        result.warnings = list(state.get("warnings", []))
         start_epoch = state["epoch"]
         console.print(f"[dim]{label}: resumed after epoch {start_epoch}/{spec.epochs}[/]")
 
@@ -318,9 +363,12 @@ def train(
             totals = parallel.sum([sums[key] for key in keys] + [seen, correct, labeled])
             sums = dict(zip(keys, totals[: len(keys)], strict=True))
             seen, correct, labeled = (int(v) for v in totals[len(keys) :])
-        val_logits = predict(distiller.student, data.val.x, device=device)
-        val_acc = accuracy(val_logits, data.val.y)
-        val_loss = float(F.cross_entropy(val_logits, data.val.y))
+        if validating:
+            val_logits = predict(distiller.student, data.val.x, device=device)
+            val_acc = accuracy(val_logits, data.val.y)
+            val_loss = float(F.cross_entropy(val_logits, data.val.y))
+        else:
+            val_acc = val_loss = float("nan")
         log = EpochLog(
             epoch=epoch + 1,
             loss=sums["loss"] / seen,
@@ -332,14 +380,20 @@ def train(
             seconds=time.perf_counter() - started,
         )
         result.history.append(log)
-        if val_acc > result.best_val_acc:
+        if not validating:  # the last epoch is kept
+            result.best_val_acc, result.best_epoch = float("nan"), epoch + 1
+        elif val_acc > result.best_val_acc:
             result.best_val_acc, result.best_epoch = val_acc, epoch + 1
             best_state = {k: v.detach().cpu().clone() for k, v in distiller.state_dict_to_keep().items()}
         terms = "  ".join(f"{k} {v:.4f}" for k, v in log.terms.items())
+        val_text = f"  val acc {val_acc:.4f}" if validating else ""
         console.print(
             f"{label} epoch {epoch + 1}/{spec.epochs}  loss {log.loss:.4f} ({terms})  "
-            f"train acc {log.train_acc:.4f}  val acc {val_acc:.4f}  {log.seconds:.1f}s"
+            f"train acc {log.train_acc:.4f}{val_text}  {log.seconds:.1f}s"
         )
+        if not result.warnings and (warning := learning_warning(label, result.history, chance, measured_on)):
+            result.warnings.append(warning)
+            console.print(f"[yellow]warning: {warning}[/]")
         rng = rng_states(parallel)  # every process's: dropout draws differ between shares
         if checkpoint is not None and is_main:
             save_checkpoint(
@@ -355,12 +409,13 @@ def train(
                     "best_epoch": result.best_epoch,
                     "best_val_acc": result.best_val_acc,
                     "history": [asdict(e) for e in result.history],
+                    "warnings": result.warnings,
                 },
                 checkpoint,
             )
         if on_epoch_end is not None:
             on_epoch_end(log)
 
-    if select_best:
+    if select_best and validating:
         distiller.load_state_dict(best_state, strict=False)  # student and adapters of the best epoch
     return result

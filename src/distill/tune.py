@@ -321,6 +321,8 @@ def run_tune(
         raise DistillError("tune.space: nothing to search; give at least one range")
     epochs = spec.epochs or config.train.epochs
     data = load_data(config.data)  # only its train and val splits are used below
+    if len(data.val) == 0:
+        raise DistillError("data.val_fraction: distill tune chooses settings on validation; set data.val_fraction > 0")
     teacher_spec = teacher_model(config)
     if teacher_spec is not None:  # the objective fits the models, before the run directory exists
         pair = (
