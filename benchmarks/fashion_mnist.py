@@ -6,6 +6,7 @@ training step, both measured in this process on the same batches.
 
     python benchmarks/fashion_mnist.py                 # 3 seeds, full demo settings
     python benchmarks/fashion_mnist.py --seeds 0 --set train.epochs=1   # a quick look
+    python benchmarks/fashion_mnist.py --quick         # `distill demo --quick` over 3 seeds (no step timing)
 
 Prints a table and writes JSON (default: benchmarks/results/fashion_mnist.json).
 """
@@ -24,6 +25,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from distill.cli import DEMO_QUICK_OVERRIDES
 from distill.config import load_config
 from distill.data import load_data
 from distill.distiller import Distiller
@@ -37,8 +39,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fashion_mnist.json"))
+    parser.add_argument("--quick", action="store_true", help="the settings of `distill demo --quick`")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/fashion_mnist[_quick].json")
     args = parser.parse_args()
+    args.out = args.out or Path(f"benchmarks/results/fashion_mnist{'_quick' if args.quick else ''}.json")
+    overrides = (DEMO_QUICK_OVERRIDES if args.quick else []) + args.overrides
     console = Console()
 
     runs = []
@@ -47,16 +52,18 @@ def main() -> int:
         tempfile.TemporaryDirectory() as tmp,
     ):
         for seed in args.seeds:
-            config = load_config(
-                demo, [f"seed={seed}", f"output.dir={tmp}", f"output.name=seed{seed}", *args.overrides]
-            )
+            config = load_config(demo, [f"seed={seed}", f"output.dir={tmp}", f"output.name=seed{seed}", *overrides])
             console.rule(f"seed {seed}")
             runs.append(run_experiment(config, console=Console(quiet=True)).metrics)
             m = runs[-1]["models"]
             console.print(
                 f"seed {seed}: teacher {100 * m['teacher']['test_acc']:.2f}  scratch {100 * m['scratch']['test_acc']:.2f}  "
-                f"distilled {100 * m['distilled']['test_acc']:.2f}"
+                f"distilled {100 * m['distilled']['test_acc']:.2f}  ({runs[-1]['seconds']:.0f} s, teacher "
+                f"{'reused' if runs[-1]['training']['teacher'] is None else 'trained'})"
             )
+        if args.quick:
+            timing = None
+            return report(args, runs, config, timing, console)
         data = load_data(config.data)
         teacher, _, _ = obtain_teacher(config, data, "cpu", Console(quiet=True), default_cache_dir())
         student_data = data.with_label_budget(config.data.labeled, config.data.split_seed)
@@ -65,7 +72,10 @@ def main() -> int:
             "distill": build_distiller(config, seeded_model(config.student, data, 0, "student"), teacher, data),
         }
         timing = step_times(setups, student_data, config.train)
+    return report(args, runs, config, timing, console)
 
+
+def report(args, runs: list[dict], config, timing: dict | None, console: Console) -> int:
     acc = {role: [r["models"][role]["test_acc"] for r in runs] for role in ("teacher", "scratch", "distilled")}
     gap = [r["models"]["distilled"]["gap_closed"] for r in runs]
     gain = [d - s for d, s in zip(acc["distilled"], acc["scratch"], strict=True)]
@@ -84,16 +94,23 @@ def main() -> int:
         )
     console.print(table)
     console.print(f"distilled − scratch: {fmt(gain)} points; gap closed {fmt(gap)} %")
-    ratio = timing["distill"] / timing["plain"]
+    ahead = sum(g > 0 for g in gain)
     console.print(
-        f"step time (batch {config.train.batch_size}, CPU, {torch.get_num_threads()} threads): plain {timing['plain']:.2f} ms, "
-        f"distillation {timing['distill']:.2f} ms, ratio {ratio:.2f}×"
+        f"distilled ahead of scratch on {ahead} of {len(gain)} seeds: " + ", ".join(f"{100 * g:+.2f}" for g in gain)
     )
+    ratio = timing["distill"] / timing["plain"] if timing else None
+    if timing:
+        console.print(
+            f"step time (batch {config.train.batch_size}, CPU, {torch.get_num_threads()} threads): plain "
+            f"{timing['plain']:.2f} ms, distillation {timing['distill']:.2f} ms, ratio {ratio:.2f}×"
+        )
 
     result = {
         "benchmark": "fashion_mnist",
         "seeds": args.seeds,
+        "quick": args.quick,
         "overrides": args.overrides,
+        "seconds": [r["seconds"] for r in runs],
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
