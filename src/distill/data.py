@@ -215,8 +215,10 @@ def _load_fashion_mnist(spec: DataSpec):
     for part in ("train", "test"):
         if len(arrays[f"{part}_x"]) != len(arrays[f"{part}_y"]):
             raise DistillError(f"Fashion-MNIST in {directory}: {part} images and labels differ in count")
-    train = (arrays["train_x"][:, None] / 255.0, arrays["train_y"])
-    test = (arrays["test_x"][:, None] / 255.0, arrays["test_y"])
+    # float32 from the start (the same values as float64 rounded: k/255 is never a float32 tie), half the memory
+    # and time of a float64 pass over 47 million pixels
+    train = (arrays["train_x"][:, None].astype(np.float32) / np.float32(255), arrays["train_y"])
+    test = (arrays["test_x"][:, None].astype(np.float32) / np.float32(255), arrays["test_y"])
     return train, test, FASHION_MNIST_CLASSES
 
 
