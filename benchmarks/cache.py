@@ -1,6 +1,6 @@
 """The offline teacher cache: step cost, accuracy against k, and bytes per sample / token.
 
-Three parts, all measured in this process:
+Four parts, all measured in this process:
 
 1. ``timing``: one epoch of the demo's distilled student with the live teacher, from a cache
    of every class's logit (top-10 of 10), from a top-5 cache (the sparse path with a tail
@@ -12,9 +12,13 @@ Three parts, all measured in this process:
 3. ``lm``: a 49,152-entry vocabulary with synthetic LM-like logits (Zipf-shaped, varying
    sharpness): bytes per token against KL(full teacher ‖ reconstruction from the cache)
    for several k and value dtypes.
+4. ``batch``: the teacher pass that ``distill cache`` makes, in images per second against its
+   batch size (the demo's teacher on 20,000 training images, batch sizes interleaved, median of
+   3 passes), to choose ``cache.batch_size``'s default.
 
     python benchmarks/cache.py                     # everything, 3 seeds
     python benchmarks/cache.py --parts timing lm   # the quick parts only
+    python benchmarks/cache.py --parts batch       # the cache writer's batch size (a minute)
 
 Prints tables and writes JSON (default: benchmarks/results/cache.json).
 """
@@ -223,10 +227,34 @@ def lm(console: Console, rows: int, vocab: int = 49152) -> dict:
     return {"vocab": vocab, "rows": rows, "entropy": entropy, "top1": top1, "results": out}
 
 
+def batch_sizes(console: Console, overrides: list[str], sizes=(64, 128, 256, 512, 1024), images: int = 20_000) -> dict:
+    """Images per second of the cache writer's teacher pass at each batch size."""
+    from distill.cache import _teacher_rows
+
+    config = demo_config(overrides)
+    data = load_data(config.data)
+    teacher = seeded_model(config.teacher.model, data, 0, "teacher").eval()
+    x = data.train.x[:images]
+    rates: dict[int, list[float]] = {b: [] for b in sizes}
+    for repeat in range(3):
+        for b in sizes[repeat % len(sizes) :] + sizes[: repeat % len(sizes)]:  # rotating order
+            started = time.perf_counter()
+            for i in range(0, len(x), b):
+                _teacher_rows(teacher, None, x[i : i + b], 10, torch.device("cpu"))
+            rates[b].append(len(x) / (time.perf_counter() - started))
+    table = Table(title=f"cache writer: teacher pass over {images:,} images ({torch.get_num_threads()} threads)")
+    for column in ("batch size", "images / s (median of 3)", "min–max"):
+        table.add_column(column, justify="right")
+    for b, r in rates.items():
+        table.add_row(str(b), f"{statistics.median(r):,.0f}", f"{min(r):,.0f}–{max(r):,.0f}")
+    console.print(table)
+    return {str(b): {"median": statistics.median(r), "all": r} for b, r in rates.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--parts", nargs="+", choices=["timing", "accuracy", "lm"], default=["timing", "accuracy", "lm"]
+        "--parts", nargs="+", choices=["timing", "accuracy", "lm", "batch"], default=["timing", "accuracy", "lm"]
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--repeats", type=int, default=5, help="timed epochs per setup")
@@ -244,6 +272,8 @@ def main() -> int:
             results["timing"] = timing(console, Path(tmp), args.overrides, args.repeats)
         if "lm" in args.parts:
             results["lm"] = lm(console, args.lm_rows)
+        if "batch" in args.parts:
+            results["batch"] = batch_sizes(console, args.overrides)
         if "accuracy" in args.parts:
             results["accuracy"] = accuracy(console, Path(tmp), args.overrides, args.seeds)
     write_results(args.out, results, console)

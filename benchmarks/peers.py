@@ -225,7 +225,8 @@ def bare_worker(work: Path, seed: int, epochs: int, limit_train: int | None) -> 
 
 
 def torchdistill_worker(work: Path, seed: int, epochs: int, limit_train: int | None) -> dict:
-    """The job through torchdistill's Python API (DistillationBox, 1.x config keys)."""
+    """The job through torchdistill's Python API: its DistillationBox (1.1.x config keys) builds the data loader,
+    forward processes, criterion, optimiser and scheduler, and its pre/post epoch/forward processes drive training."""
     from torch.utils.data import RandomSampler, TensorDataset
     from torchdistill.core.distillation import get_distillation_box
 
@@ -235,13 +236,14 @@ def torchdistill_worker(work: Path, seed: int, epochs: int, limit_train: int | N
     torch.manual_seed(seed)
     student = models.student(num_classes=10)
     steps = epochs * -(-len(train_x) // BATCH)
+    # KDLoss returns alpha * CE + beta * T^2 * KL(batchmean): alpha weighs the cross-entropy, beta the scaled KL.
     kd = {
         "student_module_path": ".",
         "student_module_io": "output",
         "teacher_module_path": ".",
         "teacher_module_io": "output",
         "temperature": TEMPERATURE,
-        "alpha": 1 - ALPHA,  # torchdistill's alpha weighs the cross-entropy, beta the T^2-scaled KL
+        "alpha": 1 - ALPHA,
         "beta": ALPHA,
         "reduction": "batchmean",
     }
@@ -249,16 +251,20 @@ def torchdistill_worker(work: Path, seed: int, epochs: int, limit_train: int | N
         "num_epochs": epochs,
         "train_data_loader": {
             "dataset_id": "train",
-            "sampler": {"class_or_func": RandomSampler, "kwargs": {}},
+            # seeded like the bare loop: the first epoch visits the same randperm(n, Generator(seed)) batches
+            "sampler": {"class_or_func": RandomSampler, "kwargs": {"generator": torch.Generator().manual_seed(seed)}},
             "kwargs": {"batch_size": BATCH, "num_workers": 0, "drop_last": False},
             "requires_supp": True,
         },
-        "teacher": {"requires_grad": False},
-        "student": {},
+        # the teacher stays as load_teacher left it (eval mode, frozen) and runs under no_grad; the default
+        # pre-epoch process puts only the student in train mode
+        "teacher": {"forward_proc": "forward_batch_only", "requires_grad": False},
+        "student": {"forward_proc": "forward_batch_only"},
         "optimizer": {
             "key": "SGD",
             "kwargs": {"lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY, "nesterov": MOMENTUM > 0},
         },
+        # scheduling_step 1: the default post-forward process steps the scheduler after every optimiser step
         "scheduler": {"key": "CosineAnnealingLR", "kwargs": {"T_max": steps}, "scheduling_step": 1},
         "criterion": {
             "key": "WeightedSumLoss",
@@ -268,15 +274,41 @@ def torchdistill_worker(work: Path, seed: int, epochs: int, limit_train: int | N
     box = get_distillation_box(
         teacher, student, {"train": TensorDataset(train_x, train_y)}, train_config, torch.device("cpu"), None, False, 1
     )
-    forward = getattr(box, "forward_process", box)
+    _check_torchdistill_box(box, steps)
     started = time.perf_counter()
     for epoch in range(box.num_epochs):
         box.pre_epoch_process(epoch=epoch)
         for sample_batch, targets, supp_dict in box.train_data_loader:
-            box.post_forward_process(loss=forward(sample_batch, targets, supp_dict))
+            box.post_forward_process(loss=box.forward_process(sample_batch, targets, supp_dict))
         box.post_epoch_process()
     seconds = time.perf_counter() - started
+    if box.lr_scheduler.last_epoch != steps:
+        raise RuntimeError(f"torchdistill stepped its scheduler {box.lr_scheduler.last_epoch} times, not {steps}")
     return {"train_seconds": seconds, "train_images": len(train_x), "test_acc": accuracy(student, test_x, test_y)}
+
+
+def _check_torchdistill_box(box, steps: int) -> None:
+    """Fail unless torchdistill's box optimises the same loss, with the same optimiser and schedule, as bare_worker."""
+    generator = torch.Generator().manual_seed(1234)  # random logits: leaves the global RNG (and so the run) alone
+    student_logits, teacher_logits = torch.randn(2, BATCH, 10, generator=generator) * 3
+    labels = torch.randint(0, 10, (BATCH,), generator=generator)
+    io_dict = {"student": {".": {"output": student_logits}}, "teacher": {".": {"output": teacher_logits}}}
+    theirs, ours = float(box.criterion(io_dict, {}, labels)), float(kd_loss(student_logits, teacher_logits, labels))
+    if abs(theirs - ours) > 1e-5 * max(1.0, abs(ours)):
+        raise RuntimeError(f"torchdistill's criterion gives {theirs}, bare_worker's kd_loss {ours}: not the same job")
+    group = box.optimizer.param_groups[0]
+    expected = {"lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY, "nesterov": MOMENTUM > 0}
+    got = {key: group[key] for key in expected}
+    trainable = sum(p.numel() for g in box.optimizer.param_groups for p in g["params"])
+    if got != expected or trainable != sum(p.numel() for p in box.student_model.parameters()):
+        raise RuntimeError(f"torchdistill's optimiser is {got} over {trainable} parameters, not the student's SGD")
+    scheduler = box.lr_scheduler
+    if type(scheduler).__name__ != "CosineAnnealingLR" or scheduler.T_max != steps or box.scheduling_step != 1:
+        raise RuntimeError(
+            f"torchdistill's scheduler is {scheduler} every {box.scheduling_step} steps, not per-step cosine"
+        )
+    if box.teacher_updatable or box.teacher_model.training:
+        raise RuntimeError("torchdistill's teacher is not frozen in eval mode")
 
 
 WORKERS = {"bare": bare_worker, "torchdistill": torchdistill_worker}
@@ -335,7 +367,8 @@ def run_worker(tool: str, work: Path, seed: int, args: argparse.Namespace) -> di
     """A bare or torchdistill run in its own Python process (this file, --worker)."""
     result = work / f"{tool}-seed{seed}.json"
     result.unlink(missing_ok=True)
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, "--work", str(work)]
+    python = args.torchdistill_python if tool == "torchdistill" and args.torchdistill_python else sys.executable
+    command = [str(python), str(Path(__file__).resolve()), "--worker", tool, "--work", str(work)]
     command += ["--seeds", str(seed), "--epochs", str(args.epochs), "--result", str(result)]
     if args.limit_train is not None:
         command += ["--limit-train", str(args.limit_train)]
@@ -346,8 +379,16 @@ def run_worker(tool: str, work: Path, seed: int, args: argparse.Namespace) -> di
     return {"whole_seconds": whole, **json.loads(result.read_text())}
 
 
-def torchdistill_missing() -> str | None:
-    """Why torchdistill cannot run here, or None when it can."""
+def torchdistill_missing(python: Path | None = None) -> str | None:
+    """Why torchdistill cannot run here (in ``python``, default this interpreter), or None when it can."""
+    if python is not None:
+        done = subprocess.run([str(python), "-c", "import torchdistill"], capture_output=True, text=True)
+        lines = done.stderr.strip().splitlines()
+        return (
+            None
+            if done.returncode == 0
+            else f"torchdistill unusable in {python}: {lines[-1] if lines else done.returncode}"
+        )
     try:
         import torchdistill  # noqa: F401
     except ModuleNotFoundError as err:
@@ -382,7 +423,7 @@ def benchmark(args: argparse.Namespace) -> int:
 
     console = Console()
     load_at_start = os.getloadavg()  # this measures wall clock: a busy machine shows here
-    skipped = torchdistill_missing()
+    skipped = torchdistill_missing(args.torchdistill_python)
     tools = [t for t in TOOLS if t != "torchdistill" or skipped is None]
     if skipped:
         console.print(f"[yellow]skipping torchdistill[/]: {skipped}")
@@ -519,6 +560,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--limit-train", type=int, default=None, help="train on this many images (a smoke run)")
     parser.add_argument("--work", type=Path, default=None, help="work folder, kept (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/peers.json"))
+    parser.add_argument(
+        "--torchdistill-python",
+        type=Path,
+        default=None,
+        help="a Python with torchdistill installed, if not this one (torchdistill needs torchvision, which needs "
+        "its own torch build: e.g. a venv with torch==2.14.1 torchvision==0.29.1 torchdistill)",
+    )
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args()

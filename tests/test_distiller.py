@@ -116,3 +116,47 @@ def test_hugging_face_style_outputs_are_understood(batch):
 
     out = hinton(WithLogits(), WithLogits(), alpha=0.5)(x, labels=y)
     assert out.student.logits.shape == (8, 3)
+
+
+def test_a_remembered_teacher_runs_once_and_trains_bit_for_bit_like_a_live_one():
+    """distill.remember_teacher: the teacher's logits are computed once over the training split
+    and looked up by sample index; training ends with the same weights, with far fewer passes."""
+    from distill.config import TrainSpec
+    from distill.data import DataSpec, load_data
+    from distill.trainer import train
+
+    data = load_data(DataSpec(source="digits"))
+    spec = TrainSpec(epochs=3, batch_size=64, lr=0.05)
+    students, calls = {}, {}
+    for remember in (False, True):
+        torch.manual_seed(0)
+        teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10))
+        torch.manual_seed(1)
+        student = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        calls[remember] = 0
+
+        def count(*_, remember=remember):
+            calls[remember] += 1
+
+        teacher.register_forward_hook(count)
+        distiller = hinton(student, teacher, alpha=0.9)
+        train(distiller, data, spec, remember_teacher=remember)
+        assert distiller._teacher_memo is None  # forgotten after training
+        students[remember] = student.state_dict()
+    steps = -(-len(data.train) // 64)
+    assert calls[False] == 3 * steps and calls[True] == 1 + steps  # a probe, then one pass over the data
+    assert all(torch.equal(students[False][k], students[True][k]) for k in students[False])
+
+
+def test_a_teacher_is_not_remembered_when_terms_read_its_features():
+    from distill import FitNetsHint
+
+    student, teacher = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3)), nn.Sequential(nn.Linear(5, 6), nn.Linear(6, 3))
+    distiller = Distiller(
+        student, teacher, {"kd": SoftTargetKD(), "hint": FitNetsHint(student="0", teacher="0")},
+        example_inputs=torch.randn(2, 5),
+    )  # fmt: skip
+    assert not distiller.remember_teacher(torch.randn(10, 5), 4)
+    plain = hinton(nn.Linear(5, 3), teacher, alpha=1.0)
+    assert not plain.remember_teacher(torch.randn(10, 5), 4, max_bytes=10 * 3 * 4 - 1)  # would not fit
+    assert plain.remember_teacher(torch.randn(10, 5), 4, max_bytes=10 * 3 * 4)

@@ -342,6 +342,7 @@ def test_methods_lists_every_term_with_its_parameters(capsys):
     for name in ("kd", "ce", "hint", "at", "rkd_distance", "rkd_angle", "sp", "pkt", "dkd"):
         assert f"\n{name} " in "\n" + out or out.startswith(name), name
     assert "stage_epochs" in out and "beta" in out
+    assert "student (required: student module to tap, e.g. features.1)" in out and "Undefined" not in out
 
 
 def test_the_hint_stage_trains_only_the_layers_below_the_tap():

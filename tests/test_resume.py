@@ -125,19 +125,8 @@ SCENARIOS = {
 }
 REFERENCES = {"exp.yaml": "reference", "teacher.yaml": "reference-teacher"}
 
-KNOWN_BUGS: dict[tuple[str, str], str] = {}  # (test, scenario) -> reason: a strict xfail until fixed
-# fixed: the RNG state after a reused finished phase (hint stage) is restored, and a crash's
+# fixed and tested below: the RNG state after a reused finished phase (hint stage) is restored, and a crash's
 # half-written temporary file never reaches the finished run directory
-
-
-def cases(test: str, names) -> list:
-    """The scenarios as test parameters; a known bug is a strict xfail (it fails the suite once fixed)."""
-    return [
-        pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_BUGS[test, name], strict=True))
-        if (test, name) in KNOWN_BUGS
-        else name
-        for name in names
-    ]
 
 
 @dataclass
@@ -313,7 +302,7 @@ def test_a_killed_run_leaves_no_half_written_file(runs, name):
         assert outcome.phases == {}
 
 
-@pytest.mark.parametrize("name", cases("resume", SCENARIOS))
+@pytest.mark.parametrize("name", list(SCENARIOS))
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(runs, name):
     workdir, outcomes = runs
     outcome, scenario = outcomes[name], SCENARIOS[name]
@@ -339,7 +328,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(runs, name):
         assert ours["training"][role]["best_epoch"] == training["best_epoch"], role
 
 
-@pytest.mark.parametrize("name", cases("leftover", [n for n, s in SCENARIOS.items() if s.temp_file]))
+@pytest.mark.parametrize("name", [n for n, s in SCENARIOS.items() if s.temp_file])
 def test_a_resumed_run_directory_holds_no_leftover_of_the_crash(runs, name):
     workdir, _ = runs
     leftovers = [p.name for p in (workdir / "runs" / name).rglob("*") if TEMP_FILE.match(p.name)]

@@ -17,7 +17,7 @@ from .config import CachedTeacherSpec, ExperimentConfig, TrainedTeacher, TrainSp
 from .memory import Budget, ModelSize, input_bytes, measure
 from .models import _construct, size_field
 
-PREDICT_BATCH = 1024  # evaluate.predict's batch
+PREDICT_BATCH = 1024  # evaluate.predict's largest batch (on an accelerator; 128 on a CPU)
 
 
 def _optimizer_states(spec: TrainSpec) -> int:

@@ -145,7 +145,7 @@ def write_cache(
     dtype: ValueDtype,
     features: list[str] | None = None,
     shard_rows: int = 1_000_000,
-    batch_size: int = 512,
+    batch_size: int = 128,
     device: torch.device | str = "cpu",
     overwrite: bool = False,
     console: Console | None = None,

@@ -112,8 +112,17 @@ def _methods(console: Console) -> None:
     from .losses import TERMS
 
     for name, cls in sorted(TERMS.items()):
-        params = ", ".join(f"{field}={info.default!r}" for field, info in cls.Params.model_fields.items())
-        console.print(f"[bold]{name}[/]  {cls.summary}" + (f"\n    parameters: {params}" if params else ""))
+        params = ", ".join(_describe_parameter(field, info) for field, info in cls.Params.model_fields.items())
+        console.print(
+            f"[bold]{name}[/]  {cls.summary}" + (f"\n    parameters: {params}" if params else ""), highlight=False
+        )
+
+
+def _describe_parameter(field: str, info) -> str:
+    """``temperature=4.0``, or for a required one ``student (required: student module to tap, e.g. features.1)``."""
+    if info.is_required():
+        return f"{field} (required{': ' + info.description if info.description else ''})"
+    return f"{field}={info.default!r}"
 
 
 def _without_processes(argv: list[str]) -> list[str]:

@@ -140,6 +140,7 @@ class Distiller(nn.Module):
             teacher_taps = []
         self._teacher_taps = FeatureTaps(teacher, teacher_taps, "teacher") if teacher_taps else None
         self._prepared = not (student_taps or teacher_taps or any(_has_setup(term) for term in terms.values()))
+        self._teacher_memo: Tensor | None = None  # see remember_teacher
         if example_inputs is not None:
             self.prepare(example_inputs, example_index)
 
@@ -176,7 +177,9 @@ class Distiller(nn.Module):
             student = ModelOutputs(logits=logits_of(self.student(inputs)))
         student.features = features
         teacher = None
-        if self.uses_teacher and self.teacher_is_cached:
+        if self.uses_teacher and self._teacher_memo is not None and index is not None:
+            teacher = ModelOutputs(logits=self._teacher_memo[index.to(self._teacher_memo.device)])
+        elif self.uses_teacher and self.teacher_is_cached:
             if index is None:
                 raise ValueError("the teacher is a cache: pass index= (the samples' positions in the cached split)")
             teacher = self.teacher.lookup(index, device=student.logits.device)
@@ -213,6 +216,40 @@ class Distiller(nn.Module):
         device = next(self.student.parameters(), torch.empty(0)).device
         self.terms.to(device)
         self._prepared = True
+
+    def can_remember_teacher(self) -> bool:
+        """A live teacher whose logits are all the terms read (no feature taps)."""
+        return self.uses_teacher and not self.teacher_is_cached and self._teacher_taps is None
+
+    def remember_teacher(self, inputs: Tensor, batch_size: int, max_bytes: int | None = None) -> bool:
+        """Run the live teacher once over ``inputs`` (the training split, in order) and answer every
+        later batch from memory by the samples' positions (``forward(..., index=)``).
+
+        Why: the teacher is frozen and in eval mode, so while a sample's input is the same every
+        epoch (no augmentation), so are its outputs; every epoch after the first then skips the
+        teacher's forward pass, which is most of a distillation step. The outputs are those of the
+        same forward passes (on this machine's CPU, bit for bit: a sample's logits do not depend on
+        the batch it runs in). Not done with teacher feature taps (features are not kept), nor when
+        the logits would take more than ``max_bytes``. Returns whether the teacher is remembered.
+        """
+        if not self.can_remember_teacher():
+            return False
+        device = next(self.student.parameters(), torch.empty(0)).device
+        with torch.no_grad():
+            first = logits_of(self.teacher(inputs[:1].to(device)))
+            if max_bytes is not None and len(inputs) * first.numel() * first.element_size() > max_bytes:
+                return False
+            self._teacher_memo = torch.cat(
+                [
+                    logits_of(self.teacher(inputs[i : i + batch_size].to(device)))
+                    for i in range(0, len(inputs), batch_size)
+                ]
+            )
+        return True
+
+    def forget_teacher(self) -> None:
+        """Run the live teacher on every batch again (after :meth:`remember_teacher`)."""
+        self._teacher_memo = None
 
     def remove_taps(self) -> None:
         """Remove the forward hooks this Distiller put on student and teacher."""

@@ -490,8 +490,9 @@ class _StudentTraining:
                 self.on_epoch_end(role, log.epoch)
 
         self.results[role] = self._phase(
-            role, distiller, data, self.config.train, label=role, on_epoch_end=hook, passes_per_epoch=passes_per_epoch
-        )
+            role, distiller, data, self.config.train, label=role, on_epoch_end=hook, passes_per_epoch=passes_per_epoch,
+            remember_teacher=self.config.distill.remember_teacher,
+        )  # fmt: skip
         self.students[role] = distiller.student.to("cpu")
 
     def run(self, teacher: nn.Module) -> str:
@@ -572,7 +573,8 @@ def _write_run(partial: Path, final: Path, config: ExperimentConfig, metrics: di
     write_plots(partial, metrics, histories)
     config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
     write_markdown(partial / "report.md", metrics, config_yaml)
-    write_html_report(partial / "report.html", metrics, histories, config_yaml)
+    pngs = {name: (partial / f"{name}.png").read_bytes() for name in ("curves", "tradeoff")}  # drawn once
+    write_html_report(partial / "report.html", metrics, histories, config_yaml, pngs)
     for phase in partial.iterdir():  # phase checkpoints are no longer needed; tracker logs stay
         if phase.is_dir() and phase.name != "tracking":
             shutil.rmtree(phase)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,18 @@ def _image(uri: str, alt: str) -> str:
     return f'<img src="{uri}" alt="{escape(alt)}">'
 
 
-def render_html(metrics: dict[str, Any], histories: dict[str, list[dict]], config_yaml: str) -> str:
+def render_html(
+    metrics: dict[str, Any], histories: dict[str, list[dict]], config_yaml: str, pngs: dict[str, bytes] | None = None
+) -> str:
+    """The report page. ``pngs`` may hold the already rendered ``curves`` and ``tradeoff``
+    figures (report.md's PNG files), which are then embedded instead of drawn again."""
+    pngs = pngs or {}
+
+    def figure(name: str, draw) -> str:
+        if name in pngs:
+            return "data:image/png;base64," + base64.b64encode(pngs[name]).decode()
+        return png_data_uri(draw())
+
     models, data = metrics["models"], metrics["data"]
     header, rows = table_rows(metrics)
     helped = "scratch" in models and (models["distilled"]["test_acc"] or 0) > (models["scratch"]["test_acc"] or 0)
@@ -79,9 +91,9 @@ def render_html(metrics: dict[str, Any], histories: dict[str, list[dict]], confi
         f"accuracy; gap closed = (distilled − scratch) / (teacher − scratch); latency = median of "
         f"{metrics['latency_repeats']} timed CPU samples with {metrics['latency_threads']} thread(s). "
         f"{escape(validation_note(data))}</p>",
-        _image(png_data_uri(tradeoff_figure(metrics)), "accuracy against size and latency"),
+        _image(figure("tradeoff", lambda: tradeoff_figure(metrics)), "accuracy against size and latency"),
         "<h2>Training</h2>",
-        _image(png_data_uri(curves_figure(histories)), "training loss and validation accuracy"),
+        _image(figure("curves", lambda: curves_figure(histories)), "training loss and validation accuracy"),
         "<p>Every loss term, unweighted, per epoch:</p>",
         _image(png_data_uri(term_curves_figure(histories)), "loss terms per epoch"),
         "<h2>Per class</h2>",
@@ -102,5 +114,11 @@ def render_html(metrics: dict[str, Any], histories: dict[str, list[dict]], confi
     return "\n".join(parts)
 
 
-def write_html_report(path: Path, metrics: dict[str, Any], histories: dict[str, list[dict]], config_yaml: str) -> None:
-    write_text(path, render_html(metrics, histories, config_yaml))
+def write_html_report(
+    path: Path,
+    metrics: dict[str, Any],
+    histories: dict[str, list[dict]],
+    config_yaml: str,
+    pngs: dict[str, bytes] | None = None,
+) -> None:
+    write_text(path, render_html(metrics, histories, config_yaml, pngs))

@@ -82,9 +82,6 @@ class TopKLogits:
             self.vocab_size,
         )  # fmt: skip
 
-    def quantize(self, dtype: ValueDtype) -> QuantizedValues:
-        return QuantizedValues.encode(self.values, dtype)
-
 
 @dataclass
 class QuantizedValues:

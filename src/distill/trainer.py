@@ -30,6 +30,7 @@ from .errors import DistillError
 from .evaluate import accuracy, predict
 from .io import load_checkpoint, save_checkpoint
 from .losses import Batch
+from .memory import available_memory
 
 
 @dataclass
@@ -239,6 +240,7 @@ def train(
     select_best: bool = True,
     passes_per_epoch: int = 1,
     parallel: Parallel | None = None,
+    remember_teacher: bool = False,
 ) -> TrainResult:
     """Train ``distiller.student`` (and any learnable term parts); return per-epoch history.
 
@@ -253,7 +255,9 @@ def train(
     ``spec.batch_size`` samples, DDP averages the gradients, and only process 0 writes the
     checkpoint; the losses are scaled so that N processes follow the gradient of 1.
     ``spec.grad_accumulation`` micro-batches make one optimiser step; ``spec.mixed_precision``
-    runs the forward passes under autocast.
+    runs the forward passes under autocast. With ``remember_teacher`` (one process), a live
+    teacher runs once over the training inputs at the start, counted in the first epoch's time,
+    and its logits are reused every step (:meth:`Distiller.remember_teacher`).
     """
     console = console or Console(quiet=True)
     device = torch.device(device)
@@ -288,133 +292,142 @@ def train(
         start_epoch = state["epoch"]
         console.print(f"[dim]{label}: resumed after epoch {start_epoch}/{spec.epochs}[/]")
 
-    for epoch in range(start_epoch, spec.epochs):
-        started = time.perf_counter()
-        distiller.train()
-        sums: dict[str, float] = {}
-        seen = correct = labeled = 0
-        with Progress(
-            TextColumn(f"{label} {epoch + 1}/{spec.epochs}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-            disable=console.quiet or not console.is_terminal,
-        ) as progress:
-            task = progress.add_task("train", total=micro_steps, stats="")
-            generator = epoch_generator(seed, epoch)
-            batches = (
-                b for _ in range(passes_per_epoch) for b in iterate_batches(data.train, spec.batch_size, generator)
-            )
-            for step, (x, y, index) in enumerate(batches):
-                global_size, global_y = len(y), y
-                if parallel is not None:
-                    if global_size < parallel.world:  # a tail too small to give every process a sample
-                        continue  # (every process decides alike: the batches are the same everywhere)
-                    x, y, index = parallel.shard(x, y, index)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                distiller.progress = epoch + step / micro_steps
-                last_micro = (step + 1) % spec.grad_accumulation == 0 or step + 1 == micro_steps
-                with _no_sync(model, parallel is not None and not last_micro), autocast():
-                    out = model(x, labels=y, index=index)
-                    if not torch.isfinite(out.loss):
-                        bad = [n for n, v in out.terms.items() if not torch.isfinite(v)] or ["total"]
-                        raise DistillError(
-                            f"{label}: loss term {bad[0]!r} became non-finite at epoch {epoch + 1}, step {step + 1}; "
-                            f"lower train.lr or set train.grad_clip"
-                        )
-                    loss, factors = out.loss, dict.fromkeys(out.terms, 1.0)
-                    if parallel is not None:
-                        share, whole = Batch(None, y.cpu()), Batch(None, global_y)
-                        loss, factors = _share_weighted_loss(out, distiller, parallel.world, share, whole)
-                    # this process's part of the global batch's mean loss, times the global batch size
-                    world = parallel.world if parallel is not None else 1
-                    batch_loss = float(loss.detach()) * global_size / world
-                    if spec.grad_accumulation > 1:  # the mean over this step's micro-batches (fewer at the end)
-                        loss = loss / min(
-                            spec.grad_accumulation,
-                            micro_steps - step // spec.grad_accumulation * spec.grad_accumulation,
-                        )
-                    scaler.scale(loss).backward()
-                if last_micro:
-                    if spec.grad_clip:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(list(distiller.trainable_parameters()), spec.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-
-                seen += len(y)
-                sums["loss"] = sums.get("loss", 0.0) + batch_loss
-                for name, value in out.terms.items():
-                    sums[name] = sums.get(name, 0.0) + float(value) * factors[name] * global_size / world
-                keep = y >= 0
-                labeled += int(keep.sum())
-                correct += int((out.student.logits.argmax(-1)[keep] == y[keep]).sum())
-                progress.update(
-                    task, advance=1, stats=f"loss {sums['loss'] / seen:.4f}  acc {correct / max(labeled, 1):.3f}"
+    remember = remember_teacher and parallel is None and distiller.can_remember_teacher()
+    try:
+        for epoch in range(start_epoch, spec.epochs):
+            started = time.perf_counter()
+            if remember:  # once, inside the first epoch's time
+                free = available_memory()
+                with autocast():
+                    distiller.remember_teacher(data.train.x, spec.batch_size, free // 4 if free else None)
+                remember = False
+            distiller.train()
+            sums: dict[str, float] = {}
+            seen = correct = labeled = 0
+            with Progress(
+                TextColumn(f"{label} {epoch + 1}/{spec.epochs}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+                disable=console.quiet or not console.is_terminal,
+            ) as progress:
+                task = progress.add_task("train", total=micro_steps, stats="")
+                generator = epoch_generator(seed, epoch)
+                batches = (
+                    b for _ in range(passes_per_epoch) for b in iterate_batches(data.train, spec.batch_size, generator)
                 )
+                for step, (x, y, index) in enumerate(batches):
+                    global_size, global_y = len(y), y
+                    if parallel is not None:
+                        if global_size < parallel.world:  # a tail too small to give every process a sample
+                            continue  # (every process decides alike: the batches are the same everywhere)
+                        x, y, index = parallel.shard(x, y, index)
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    distiller.progress = epoch + step / micro_steps
+                    last_micro = (step + 1) % spec.grad_accumulation == 0 or step + 1 == micro_steps
+                    with _no_sync(model, parallel is not None and not last_micro), autocast():
+                        out = model(x, labels=y, index=index)
+                        if not torch.isfinite(out.loss):
+                            bad = [n for n, v in out.terms.items() if not torch.isfinite(v)] or ["total"]
+                            raise DistillError(
+                                f"{label}: loss term {bad[0]!r} became non-finite at epoch {epoch + 1}, step {step + 1}; "
+                                f"lower train.lr or set train.grad_clip"
+                            )
+                        loss, factors = out.loss, dict.fromkeys(out.terms, 1.0)
+                        if parallel is not None:
+                            share, whole = Batch(None, y.cpu()), Batch(None, global_y)
+                            loss, factors = _share_weighted_loss(out, distiller, parallel.world, share, whole)
+                        # this process's part of the global batch's mean loss, times the global batch size
+                        world = parallel.world if parallel is not None else 1
+                        batch_loss = float(loss.detach()) * global_size / world
+                        if spec.grad_accumulation > 1:  # the mean over this step's micro-batches (fewer at the end)
+                            loss = loss / min(
+                                spec.grad_accumulation,
+                                micro_steps - step // spec.grad_accumulation * spec.grad_accumulation,
+                            )
+                        scaler.scale(loss).backward()
+                    if last_micro:
+                        if spec.grad_clip:
+                            scaler.unscale_(optimizer)
+                            torch.nn.utils.clip_grad_norm_(list(distiller.trainable_parameters()), spec.grad_clip)
+                        scaler.step(optimizer)
+                        scaler.update()
+                        optimizer.zero_grad(set_to_none=True)
+                        scheduler.step()
 
-        if parallel is not None:  # epoch statistics over every process's share
-            keys = sorted(sums)
-            totals = parallel.sum([sums[key] for key in keys] + [seen, correct, labeled])
-            sums = dict(zip(keys, totals[: len(keys)], strict=True))
-            seen, correct, labeled = (int(v) for v in totals[len(keys) :])
-        if validating:
-            val_logits = predict(distiller.student, data.val.x, device=device)
-            val_acc = accuracy(val_logits, data.val.y)
-            val_loss = float(F.cross_entropy(val_logits, data.val.y))
-        else:
-            val_acc = val_loss = float("nan")
-        log = EpochLog(
-            epoch=epoch + 1,
-            loss=sums["loss"] / seen,
-            terms={name: sums[name] / seen for name in out.terms},
-            train_acc=correct / labeled if labeled else float("nan"),
-            val_acc=val_acc,
-            val_loss=val_loss,
-            lr=optimizer.param_groups[0]["lr"],
-            seconds=time.perf_counter() - started,
-        )
-        result.history.append(log)
-        if not validating:  # the last epoch is kept
-            result.best_val_acc, result.best_epoch = float("nan"), epoch + 1
-        elif val_acc > result.best_val_acc:
-            result.best_val_acc, result.best_epoch = val_acc, epoch + 1
-            best_state = {k: v.detach().cpu().clone() for k, v in distiller.state_dict_to_keep().items()}
-        terms = "  ".join(f"{k} {v:.4f}" for k, v in log.terms.items())
-        val_text = f"  val acc {val_acc:.4f}" if validating else ""
-        console.print(
-            f"{label} epoch {epoch + 1}/{spec.epochs}  loss {log.loss:.4f} ({terms})  "
-            f"train acc {log.train_acc:.4f}{val_text}  {log.seconds:.1f}s"
-        )
-        if not result.warnings and (warning := learning_warning(label, result.history, chance, measured_on)):
-            result.warnings.append(warning)
-            console.print(f"[yellow]warning: {warning}[/]")
-        rng = rng_states(parallel)  # every process's: dropout draws differ between shares
-        if checkpoint is not None and is_main:
-            save_checkpoint(
-                {
-                    "epoch": epoch + 1,
-                    "student": distiller.student.state_dict(),
-                    "terms": distiller.terms.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    **rng,
-                    "best_state": best_state,
-                    "best_epoch": result.best_epoch,
-                    "best_val_acc": result.best_val_acc,
-                    "history": [asdict(e) for e in result.history],
-                    "warnings": result.warnings,
-                },
-                checkpoint,
+                    seen += len(y)
+                    sums["loss"] = sums.get("loss", 0.0) + batch_loss
+                    for name, value in out.terms.items():
+                        sums[name] = sums.get(name, 0.0) + float(value) * factors[name] * global_size / world
+                    keep = y >= 0
+                    labeled += int(keep.sum())
+                    correct += int((out.student.logits.argmax(-1)[keep] == y[keep]).sum())
+                    progress.update(
+                        task, advance=1, stats=f"loss {sums['loss'] / seen:.4f}  acc {correct / max(labeled, 1):.3f}"
+                    )
+
+            if parallel is not None:  # epoch statistics over every process's share
+                keys = sorted(sums)
+                totals = parallel.sum([sums[key] for key in keys] + [seen, correct, labeled])
+                sums = dict(zip(keys, totals[: len(keys)], strict=True))
+                seen, correct, labeled = (int(v) for v in totals[len(keys) :])
+            if validating:
+                val_logits = predict(distiller.student, data.val.x, device=device)
+                val_acc = accuracy(val_logits, data.val.y)
+                val_loss = float(F.cross_entropy(val_logits, data.val.y))
+            else:
+                val_acc = val_loss = float("nan")
+            log = EpochLog(
+                epoch=epoch + 1,
+                loss=sums["loss"] / seen,
+                terms={name: sums[name] / seen for name in out.terms},
+                train_acc=correct / labeled if labeled else float("nan"),
+                val_acc=val_acc,
+                val_loss=val_loss,
+                lr=optimizer.param_groups[0]["lr"],
+                seconds=time.perf_counter() - started,
             )
-        if on_epoch_end is not None:
-            on_epoch_end(log)
+            result.history.append(log)
+            if not validating:  # the last epoch is kept
+                result.best_val_acc, result.best_epoch = float("nan"), epoch + 1
+            elif val_acc > result.best_val_acc:
+                result.best_val_acc, result.best_epoch = val_acc, epoch + 1
+                best_state = {k: v.detach().cpu().clone() for k, v in distiller.state_dict_to_keep().items()}
+            terms = "  ".join(f"{k} {v:.4f}" for k, v in log.terms.items())
+            val_text = f"  val acc {val_acc:.4f}" if validating else ""
+            console.print(
+                f"{label} epoch {epoch + 1}/{spec.epochs}  loss {log.loss:.4f} ({terms})  "
+                f"train acc {log.train_acc:.4f}{val_text}  {log.seconds:.1f}s"
+            )
+            if not result.warnings and (warning := learning_warning(label, result.history, chance, measured_on)):
+                result.warnings.append(warning)
+                console.print(f"[yellow]warning: {warning}[/]")
+            rng = rng_states(parallel)  # every process's: dropout draws differ between shares
+            if checkpoint is not None and is_main:
+                save_checkpoint(
+                    {
+                        "epoch": epoch + 1,
+                        "student": distiller.student.state_dict(),
+                        "terms": distiller.terms.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        **rng,
+                        "best_state": best_state,
+                        "best_epoch": result.best_epoch,
+                        "best_val_acc": result.best_val_acc,
+                        "history": [asdict(e) for e in result.history],
+                        "warnings": result.warnings,
+                    },
+                    checkpoint,
+                )
+            if on_epoch_end is not None:
+                on_epoch_end(log)
+    finally:
+        distiller.forget_teacher()
 
     if select_best and validating:
         distiller.load_state_dict(best_state, strict=False)  # student and adapters of the best epoch

@@ -26,6 +26,7 @@ from .config import (
     config_to_dict,
     format_validation_error,
     parse_config,
+    read_yaml,
     run_identity,
 )
 from .errors import DistillError
@@ -35,17 +36,6 @@ from .io import write_text
 Section = TypeVar("Section", bound=BaseModel)
 
 # ---------------------------------------------------------------------------- configs
-
-
-def _read_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise DistillError(f"config file {path} does not exist")
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise DistillError(f"{path}: not valid YAML{where}; fix the syntax") from None
 
 
 def parse_section(raw: Any, key: str, model: type[Section], source: str) -> Section:
@@ -65,7 +55,7 @@ def load_with_section(
     overrides reach the section, all others the experiment. Other commands' sections are
     ignored. Without ``output.name`` the run directory is named ``<file stem>-<key>``."""
     path = Path(path)
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     section: Any = None
     if isinstance(raw, dict):
         sections = {name: raw.pop(name) for name in WORKFLOW_SECTIONS if name in raw}
