@@ -166,3 +166,30 @@ def test_mlflow_tracking_stays_in_the_run_directory(tmp_path, monkeypatch):
     logged = {p.parent.name + "/" + p.name for p in (result.run_dir / "tracking" / "mlruns").glob("*/*/metrics/*/*")}
     assert {"distilled/kd", "distilled/val_acc", "scratch/ce"} <= logged
     assert not (tmp_path / "mlruns").exists()  # nothing written to the working directory
+
+
+def test_latency_timing_keeps_to_its_time_budget():
+    """A slow model at a big batch gets fewer timed rounds (never fewer than 7), a fast one all of them."""
+    import time as clock
+
+    from torch import nn
+
+    from distill.evaluate import MIN_ROUNDS, measure_latencies
+
+    class Slow(nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            Slow.calls += 1
+            clock.sleep(0.02)
+            return x
+
+    Slow.calls = 0
+    started = clock.perf_counter()
+    measure_latencies({"slow": Slow()}, (3,), 4, repeats=30, max_seconds=0.2)
+    timed = Slow.calls
+    assert clock.perf_counter() - started < 0.2 + 0.5  # the budget, plus the warm-up
+    assert MIN_ROUNDS <= timed - 3 <= 11  # 3 warm-up passes (>= 3 and >= 20 ms), then about 0.2 s / 20 ms rounds
+    Slow.calls = 0
+    measure_latencies({"slow": Slow()}, (3,), 4, repeats=30, max_seconds=None)
+    assert Slow.calls - 3 == 30

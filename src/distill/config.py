@@ -157,7 +157,13 @@ class DistillSpec(Strict):
 
 class EvalSpec(Strict):
     latency_batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 256], min_length=1)
-    latency_repeats: int = Field(30, gt=0, description="timed runs per batch size (median reported)")
+    latency_repeats: int = Field(30, gt=0, description="timed samples per model and batch size (median reported)")
+    latency_seconds: float | None = Field(
+        1.0,
+        gt=0,
+        description="time budget per batch size: fewer samples (at least 7) when latency_repeats would take longer; "
+        "null = always latency_repeats",
+    )
     latency_threads: int | None = Field(None, gt=0, description="CPU threads for latency; default: torch's")
 
 

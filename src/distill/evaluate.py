@@ -80,6 +80,9 @@ def calibration(logits: Tensor, labels: Tensor, bins: int = 15) -> dict:
     return {"ece": ece, "bins": table}
 
 
+MIN_ROUNDS = 7  # timed samples per model at least, whatever the time budget
+
+
 @torch.inference_mode()
 def measure_latencies(
     models: dict[str, nn.Module],
@@ -88,19 +91,22 @@ def measure_latencies(
     repeats: int = 30,
     threads: int | None = None,
     min_sample_ms: float = 5.0,
+    max_seconds: float | None = None,
 ) -> dict[str, float]:
     """Median wall-clock milliseconds of one CPU forward pass of each model at ``batch_size``.
 
     Sub-millisecond passes are too short to time one by one, so each timed sample runs as many
     back-to-back passes as fill ``min_sample_ms`` (like ``timeit``). The models' samples are
-    interleaved, so a slow moment of the machine hits all of them alike.
+    interleaved, so a slow moment of the machine hits all of them alike. With ``max_seconds``,
+    fewer than ``repeats`` rounds are timed (never fewer than :data:`MIN_ROUNDS`) when all of
+    them would take longer: a big teacher at a big batch need not cost seconds of every run.
     """
     x = torch.randn(batch_size, *input_shape)
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        inner = {}
+        inner, round_ms = {}, 0.0
         for name, model in models.items():
             model.to("cpu").eval()
             start, warm = time.perf_counter(), 0
@@ -109,6 +115,9 @@ def measure_latencies(
                 warm += 1
             per_pass = (time.perf_counter() - start) * 1000 / warm
             inner[name] = max(1, math.ceil(min_sample_ms / max(per_pass, 1e-6)))
+            round_ms += inner[name] * per_pass
+        if max_seconds is not None:
+            repeats = min(repeats, max(MIN_ROUNDS, int(max_seconds * 1000 / max(round_ms, 1e-6))))
         samples: dict[str, list[float]] = {name: [] for name in models}
         for _ in range(repeats):
             for name, model in models.items():

@@ -603,7 +603,14 @@ def evaluate_models(
     if cached_teacher is not None:
         logits["teacher"] = cached_teacher["test_logits"]
     latencies = {
-        b: measure_latencies(models, data.input_shape, b, spec.latency_repeats, threads=spec.latency_threads)
+        b: measure_latencies(
+            models,
+            data.input_shape,
+            b,
+            spec.latency_repeats,
+            threads=spec.latency_threads,
+            max_seconds=spec.latency_seconds,
+        )
         for b in spec.latency_batch_sizes
     }
     out: dict[str, Any] = {}
@@ -636,5 +643,6 @@ def evaluate_models(
         "seed": config.seed,
         "latency_batch_sizes": spec.latency_batch_sizes,
         "latency_repeats": spec.latency_repeats,
+        "latency_seconds": spec.latency_seconds,
         "latency_threads": spec.latency_threads or torch.get_num_threads(),
     }

@@ -16,7 +16,15 @@ from .plots import (
     term_curves_figure,
     tradeoff_figure,
 )
-from .report import ROLE_TITLES, format_percent, table_rows, training_warnings, validation_note, verdict
+from .report import (
+    ROLE_TITLES,
+    format_percent,
+    latency_samples_text,
+    table_rows,
+    training_warnings,
+    validation_note,
+    verdict,
+)
 
 STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2rem auto; max-width: 1100px;
@@ -89,7 +97,7 @@ def render_html(
         f'<p class="muted">Test split: {data["test"]} samples of {escape(data["name"])}; training on {data["train"]} '
         f"samples ({data['train_labeled']} labeled), validation {data['val']}. Retention = student / teacher "
         f"accuracy; gap closed = (distilled − scratch) / (teacher − scratch); latency = median of "
-        f"{metrics['latency_repeats']} timed CPU samples with {metrics['latency_threads']} thread(s). "
+        f"{latency_samples_text(metrics)} timed CPU samples with {metrics['latency_threads']} thread(s). "
         f"{escape(validation_note(data))}</p>",
         _image(figure("tradeoff", lambda: tradeoff_figure(metrics)), "accuracy against size and latency"),
         "<h2>Training</h2>",

@@ -73,6 +73,13 @@ def markdown_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def latency_samples_text(metrics: dict[str, Any]) -> str:
+    """How many latency samples: ``30``, or ``7 to 30`` under a time budget."""
+    budget = metrics.get("latency_seconds")
+    repeats = metrics["latency_repeats"]
+    return f"{min(7, repeats)} to {repeats} (within {budget:g} s per batch size)" if budget else str(repeats)
+
+
 def verdict(metrics: dict[str, Any]) -> str:
     """One honest sentence: did distillation beat training the student alone?"""
     models = metrics["models"]
@@ -123,7 +130,7 @@ def write_markdown(path: Path, metrics: dict[str, Any], config_yaml: str) -> Non
         f"Test split: {data['test']} samples of {data['name']}; training on {data['train']} samples "
         f"({data['train_labeled']} labeled), validation {data['val']}. Accuracy is top-1 on test; agreement is "
         f"top-1 agreement with the teacher; retention = student / teacher accuracy; gap closed = "
-        f"(distilled − scratch) / (teacher − scratch). Latency: median of {metrics['latency_repeats']} timed samples of CPU "
+        f"(distilled − scratch) / (teacher − scratch). Latency: median of {latency_samples_text(metrics)} timed samples of CPU "
         f"forward passes with {metrics['latency_threads']} thread(s); speed-up is relative to the teacher. "
         f"{validation_note(data)}",
         "",

@@ -126,7 +126,14 @@ def run_sweep(
         models["teacher"] = seeded_model(teacher_spec, data, config.seed, "teacher.model")
     batches = [str(b) for b in config.eval.latency_batch_sizes]
     latency = {
-        b: measure_latencies(models, data.input_shape, int(b), config.eval.latency_repeats, config.eval.latency_threads)
+        b: measure_latencies(
+            models,
+            data.input_shape,
+            int(b),
+            config.eval.latency_repeats,
+            config.eval.latency_threads,
+            max_seconds=config.eval.latency_seconds,
+        )  # fmt: skip
         for b in batches
     }
     front_batch = batches[0]
