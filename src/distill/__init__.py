@@ -8,8 +8,7 @@ Train a small student to imitate a large teacher, and measure what it kept::
                           weights={"kd": 0.9, "ce": 0.1})
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .distiller import Distiller, DistillOutput, LinearWarmup  # noqa: E402
 from .errors import DistillError  # noqa: E402
 from .losses import (  # noqa: E402

@@ -35,12 +35,13 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
-from . import __version__
+from ._version import __version__
 from .data import DataBundle
-from .distiller import logits_of
 from .errors import DistillError
+from .inputs import Inputs, call_model, take, to_device
 from .io import file_sha256, json_safe, write_json
 from .losses import ModelOutputs
+from .losses.base import logits_of
 from .signals import QuantizedValues, TopKLogits, ValueDtype, index_dtype
 from .taps import FeatureTaps
 
@@ -63,10 +64,10 @@ def _teacher_rows(
 ) -> tuple[TopKLogits, dict[str, Tensor]]:
     with torch.no_grad():  # not inference_mode: feature taps read tensors' version counters
         if taps is None:
-            logits, features = logits_of(teacher(x.to(device))), {}
+            logits, features = logits_of(call_model(teacher, to_device(x, device))), {}
         else:
             with taps.recording() as recorded:
-                logits = logits_of(teacher(x.to(device)))
+                logits = logits_of(call_model(teacher, to_device(x, device)))
             features = {name: value.half().cpu() for name, value in recorded.items()}
     return TopKLogits.from_dense(logits.float(), k).to("cpu"), features  # only the top-k leave the device
 
@@ -165,7 +166,7 @@ def write_cache(
     device = torch.device(device)
     path = Path(path)
     features = list(features or [])
-    probe = logits_of(_eval(teacher, data.train.x[:1], device))
+    probe = logits_of(_eval(teacher, take(data.train.x, slice(0, 1)), device))
     vocab, row_shape = probe.shape[-1], list(probe.shape[1:-1])
     rows_per_sample = int(np.prod(row_shape)) if row_shape else 1
     samples_per_shard = max(1, shard_rows // rows_per_sample)
@@ -230,7 +231,7 @@ def write_cache(
                     shards.append(record)
                     continue
                 parts = [
-                    _teacher_rows(teacher, taps, split.x[i : min(end, i + batch_size)], k, device)
+                    _teacher_rows(teacher, taps, take(split.x, slice(i, min(end, i + batch_size))), k, device)
                     for i in range(start, end, batch_size)
                 ]
                 signals = TopKLogits(
@@ -279,10 +280,10 @@ def write_cache(
     return path
 
 
-def _eval(model: nn.Module, x: Tensor, device: torch.device) -> object:
+def _eval(model: nn.Module, x: Inputs, device: torch.device) -> object:
     model.to(device).eval()
     with torch.inference_mode():
-        return model(x.to(device))
+        return call_model(model, to_device(x, device))
 
 
 # ---------------------------------------------------------------------------- reading
@@ -415,8 +416,8 @@ class CachedTeacher:
                 out[name][chosen] = arrays[name][local[chosen]]
         return out
 
-    def lookup(self, index: Tensor, split: str = "train", device: torch.device | str | None = None) -> ModelOutputs:
-        """The teacher's outputs for samples ``index`` of ``split``."""
+    def lookup(self, index: Tensor, *, split: str = "train", device: torch.device | str | None = None) -> ModelOutputs:
+        """The teacher's outputs for samples ``index`` of ``split`` (:class:`~distill.losses.base.TeacherSignals`)."""
         idx = index.detach().cpu().numpy().astype(np.int64)
         n = self.manifest["splits"][split]["samples"]
         if len(idx) and (idx.min() < 0 or idx.max() >= n):
@@ -448,4 +449,4 @@ class CachedTeacher:
     def split_logits(self, split: str) -> TopKLogits:
         """The cached signals of a whole split (for the teacher's metrics on val / test)."""
         n = self.manifest["splits"][split]["samples"]
-        return self.lookup(torch.arange(n), split).logits
+        return self.lookup(torch.arange(n), split=split).logits

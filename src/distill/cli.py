@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import __version__
+from ._version import __version__
 from .errors import DistillError
 
 DEMO_QUICK_OVERRIDES = [
@@ -125,6 +125,43 @@ def _describe_parameter(field: str, info) -> str:
     return f"{field}={info.default!r}"
 
 
+def _run_workflow(
+    command: str,
+    config_path: Path,
+    overrides: list[str],
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Console,
+    summary_console: Console | None = None,
+) -> Path:
+    """``distill chain|sweep|tune CONFIG``: load, run, print the summary; returns the run directory."""
+    from .workflow import load_with_section
+
+    summary_console = summary_console or console
+    if command == "chain":
+        from .chain import ChainSpec, print_chain, run_chain
+
+        config, spec = load_with_section(config_path, overrides, "chain", ChainSpec)
+        result = run_chain(config, spec, resume=resume, overwrite=overwrite, console=console)
+        print_chain(summary_console, result)
+    elif command == "sweep":
+        from .sweep import SweepSpec, print_sweep, run_sweep
+
+        config, spec = load_with_section(config_path, overrides, "sweep", SweepSpec)
+        result = run_sweep(config, spec, resume=resume, overwrite=overwrite, console=console)
+        print_sweep(summary_console, result)
+    elif command == "tune":
+        from .tune import TuneSpec, print_tune, run_tune
+
+        config, spec = load_with_section(config_path, overrides, "tune", TuneSpec)
+        result = run_tune(config, spec, overwrite=overwrite, console=console)
+        print_tune(summary_console, result)
+    else:
+        raise ValueError(f"unknown command {command!r}")
+    return result.run_dir
+
+
 def _without_processes(argv: list[str]) -> list[str]:
     """The command line minus ``--processes N`` (each launched process runs as one of N)."""
     out, skip = [], False
@@ -162,10 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             compare(args.runs, args.out, console)
             return 0
         if args.command in ("chain", "sweep", "tune"):
-            from .workflow import run_command
-
             try:
-                run_command(
+                _run_workflow(
                     args.command, args.config, args.overrides, resume=getattr(args, "resume", False),
                     overwrite=args.overwrite, console=console,
                     summary_console=Console(width=None if sys.stdout.isatty() else 160) if args.quiet else None,

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from .errors import DistillError
+from .inputs import Inputs, take
 from .io import hash_tensors
 from .memory import available_memory, format_bytes
 
@@ -93,10 +94,14 @@ class DataSpec(BaseModel):
 
 @dataclass
 class Split:
-    """Inputs ``x`` (float32) and labels ``y`` (int64; -1 = unlabeled)."""
+    """Inputs ``x`` (float32 images or vectors; or a mapping of tensors, e.g. token ids, that
+    models take as keyword arguments) and labels ``y`` (int64; -1 = unlabeled), one per sample
+    ``[N]`` or per position ``[N, S]``. ``mask`` (``[N, S]``, True = counts) marks the positions
+    that count, e.g. not padding; None: all of them."""
 
-    x: Tensor
+    x: Inputs
     y: Tensor
+    mask: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.y)
@@ -106,7 +111,7 @@ class Split:
         return int((self.y >= 0).sum())
 
     def subset(self, index: Tensor) -> Split:
-        return Split(self.x[index], self.y[index])
+        return Split(take(self.x, index), self.y[index], None if self.mask is None else self.mask[index])
 
 
 @dataclass
@@ -163,7 +168,7 @@ class DataBundle:
 
 def iterate_batches(
     split: Split, batch_size: int, generator: torch.Generator | None = None
-) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+) -> Iterator[tuple[Inputs, Tensor, Tensor]]:
     """Mini-batches ``(x, y, index)`` of ``split``; shuffled by ``generator`` when one is given.
     ``index`` holds the samples' positions in the split, which is how cached teacher signals
     are looked up."""
@@ -171,7 +176,7 @@ def iterate_batches(
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     for start in range(0, n, batch_size):
         index = order[start : start + batch_size]
-        yield split.x[index], split.y[index], index
+        yield take(split.x, index), split.y[index], index
 
 
 # ---------------------------------------------------------------------------- readers

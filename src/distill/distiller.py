@@ -9,8 +9,9 @@
         optimizer.zero_grad(); out.loss.backward(); optimizer.step()
 
 The teacher is frozen (no gradients) and stays in eval mode across ``train()`` calls, so
-batch-norm statistics and dropout of the teacher never drift. The teacher may also be a
-:class:`~distill.cache.CachedTeacher` (signals precomputed by ``distill cache``): then
+batch-norm statistics and dropout of the teacher never drift. The teacher may also be
+:class:`~distill.losses.base.TeacherSignals`, e.g. a :class:`~distill.cache.CachedTeacher` (signals
+precomputed by ``distill cache``): then
 ``forward`` needs ``index=`` (the samples' positions in the cached split) and no teacher runs. With no teacher (or only
 terms that need none) the same wrapper trains a student from scratch, which is how the
 baseline gets exactly the same loop.
@@ -21,17 +22,15 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from .errors import DistillError
+from .inputs import Inputs, batch_len, call_model, take, to_device
 from .losses import Batch, LossTerm, ModelOutputs
+from .losses.base import TeacherSignals, logits_of
 from .taps import FeatureTaps
-
-if TYPE_CHECKING:
-    from .cache import CachedTeacher
 
 
 @dataclass
@@ -44,18 +43,6 @@ class DistillOutput:
     student: ModelOutputs
     teacher: ModelOutputs | None
     values: dict[str, Tensor] = field(default_factory=dict)
-
-
-def logits_of(output: object) -> Tensor:
-    """Logits from a plain tensor, a Hugging Face ``ModelOutput`` or a tuple."""
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(f"cannot find logits in model output of type {type(output).__name__}")
 
 
 @dataclass(frozen=True)
@@ -84,13 +71,6 @@ def _recording(taps: FeatureTaps | None) -> Iterator[dict[str, Tensor]]:
             yield features
 
 
-def _batch_len(inputs: object) -> int:
-    """Samples in a batch of inputs: a tensor, or a mapping of tensors (tokenizer output)."""
-    if isinstance(inputs, Mapping):
-        inputs = next(iter(inputs.values()))
-    return len(inputs)
-
-
 def _has_setup(term: LossTerm) -> bool:
     return type(term).setup is not LossTerm.setup
 
@@ -107,7 +87,7 @@ class Distiller(nn.Module):
     def __init__(
         self,
         student: nn.Module,
-        teacher: nn.Module | CachedTeacher | None = None,
+        teacher: nn.Module | TeacherSignals | None = None,
         terms: Mapping[str, LossTerm] | None = None,
         weights: Mapping[str, Weight] | None = None,
         example_inputs: object | None = None,
@@ -124,6 +104,14 @@ class Distiller(nn.Module):
         needs_teacher = [name for name, term in terms.items() if term.needs_teacher]
         if needs_teacher and teacher is None:
             raise ValueError(f"terms {needs_teacher} need a teacher, but none was given")
+        if teacher is not None and not isinstance(teacher, (nn.Module, TeacherSignals)):
+            raise TypeError(f"the teacher must be a torch.nn.Module or TeacherSignals, not {type(teacher).__name__}")
+        live_only = [name for name, term in terms.items() if term.needs_live_teacher]
+        if live_only and teacher is not None and not isinstance(teacher, nn.Module):
+            raise DistillError(
+                f"the {live_only[0]} term needs a live teacher model (it scores inputs no cache holds); "
+                f"give the teacher as a model (kind train or checkpoint), not a cache"
+            )
         self.student = student
         self.terms = nn.ModuleDict(terms)
         self.weights = {name: w if isinstance(w, LinearWarmup) else float(w) for name, w in weights.items()}
@@ -174,7 +162,7 @@ class Distiller(nn.Module):
 
     def _outputs(self, inputs: object, index: Tensor | None) -> tuple[ModelOutputs, ModelOutputs | None]:
         with _recording(self._student_taps) as features:
-            student = ModelOutputs(logits=logits_of(self.student(inputs)))
+            student = ModelOutputs(logits=logits_of(call_model(self.student, inputs)))
         student.features = features
         teacher = None
         if self.uses_teacher and self._teacher_memo is not None and index is not None:
@@ -185,7 +173,7 @@ class Distiller(nn.Module):
             teacher = self.teacher.lookup(index, device=student.logits.device)
         elif self.uses_teacher:
             with torch.no_grad(), _recording(self._teacher_taps) as features:
-                teacher = ModelOutputs(logits=logits_of(self.teacher(inputs)))
+                teacher = ModelOutputs(logits=logits_of(call_model(self.teacher, inputs)))
             teacher.features = features
         return student, teacher
 
@@ -199,7 +187,7 @@ class Distiller(nn.Module):
         self.student.eval()  # no batch-norm statistics are updated by the probe
         try:
             if example_index is None and self.teacher_is_cached:
-                example_index = torch.arange(_batch_len(example_inputs))
+                example_index = torch.arange(batch_len(example_inputs))
             with torch.no_grad():
                 student, teacher = self._outputs(example_inputs, example_index)
         finally:
@@ -221,7 +209,7 @@ class Distiller(nn.Module):
         """A live teacher whose logits are all the terms read (no feature taps)."""
         return self.uses_teacher and not self.teacher_is_cached and self._teacher_taps is None
 
-    def remember_teacher(self, inputs: Tensor, batch_size: int, max_bytes: int | None = None) -> bool:
+    def remember_teacher(self, inputs: Inputs, batch_size: int, max_bytes: int | None = None) -> bool:
         """Run the live teacher once over ``inputs`` (the training split, in order) and answer every
         later batch from memory by the samples' positions (``forward(..., index=)``).
 
@@ -236,13 +224,13 @@ class Distiller(nn.Module):
             return False
         device = next(self.student.parameters(), torch.empty(0)).device
         with torch.no_grad():
-            first = logits_of(self.teacher(inputs[:1].to(device)))
-            if max_bytes is not None and len(inputs) * first.numel() * first.element_size() > max_bytes:
+            first = logits_of(call_model(self.teacher, to_device(take(inputs, slice(0, 1)), device)))
+            if max_bytes is not None and batch_len(inputs) * first.numel() * first.element_size() > max_bytes:
                 return False
             self._teacher_memo = torch.cat(
                 [
-                    logits_of(self.teacher(inputs[i : i + batch_size].to(device)))
-                    for i in range(0, len(inputs), batch_size)
+                    logits_of(call_model(self.teacher, to_device(take(inputs, slice(i, i + batch_size)), device)))
+                    for i in range(0, batch_len(inputs), batch_size)
                 ]
             )
         return True

@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -62,9 +62,17 @@ class Parallel:
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(distiller, ignored)
         return self.accelerator.prepare_model(distiller)
 
-    def shard(self, *tensors: Tensor) -> tuple[Tensor, ...]:
-        """This process's contiguous share of one global batch."""
-        return tuple(torch.tensor_split(t, self.world)[self.rank] for t in tensors)
+    def shard(self, *tensors: Tensor | Mapping[str, Tensor] | None) -> tuple:
+        """This process's contiguous share of one global batch (tensors, mappings of tensors, or None)."""
+
+        def share(t):
+            if t is None:
+                return None
+            if isinstance(t, Mapping):
+                return {key: share(value) for key, value in t.items()}
+            return torch.tensor_split(t, self.world)[self.rank]
+
+        return tuple(share(t) for t in tensors)
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum of ``values`` over all processes."""

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .distiller import logits_of
+from .inputs import Inputs, batch_len, call_model, take, to_device
+from .losses.base import logits_of
 
 
 def predict_batch_size(device: torch.device | str) -> int:
@@ -20,12 +21,15 @@ def predict_batch_size(device: torch.device | str) -> int:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, x: Tensor, batch_size: int | None = None, device: torch.device | str = "cpu") -> Tensor:
+def predict(model: nn.Module, x: Inputs, batch_size: int | None = None, device: torch.device | str = "cpu") -> Tensor:
     """Logits of ``model`` for all of ``x`` (in eval mode), on the CPU."""
     batch_size = batch_size or predict_batch_size(device)
     was_training = model.training
     model.eval()
-    outputs = [logits_of(model(x[i : i + batch_size].to(device))).float().cpu() for i in range(0, len(x), batch_size)]
+    outputs = [
+        logits_of(call_model(model, to_device(take(x, slice(i, i + batch_size)), device))).float().cpu()
+        for i in range(0, batch_len(x), batch_size)
+    ]
     model.train(was_training)
     return torch.cat(outputs)
 

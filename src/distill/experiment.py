@@ -23,7 +23,7 @@ import yaml
 from rich.console import Console
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .budget import RunMemory
 from .cache import CachedTeacher, write_cache
 from .config import (
@@ -49,6 +49,7 @@ from .evaluate import (
     predict,
 )
 from .html_report import write_html_report
+from .inputs import call_model, take
 from .io import (
     file_sha256,
     hash_json,
@@ -85,7 +86,7 @@ def check_outputs(model: nn.Module, data: DataBundle, field: str) -> None:
     model.eval()
     try:
         with torch.inference_mode():
-            logits = logits_of(model(data.train.x[:2]))
+            logits = logits_of(call_model(model, take(data.train.x, slice(0, 2))))
     except Exception as err:  # noqa: BLE001 - any failure here is a model/data mismatch
         raise DistillError(
             f"{field}: forward pass on inputs of shape {list(data.input_shape)} failed: {str(err).splitlines()[0]}"
@@ -127,7 +128,7 @@ def _train_phase(
         phase_dir / n for n in ("model.safetensors", "adapters.safetensors", "history.json", "rng.pt")
     )
     if resume and weights.exists() and history_file.exists():
-        distiller.prepare(data.train.x[:2])
+        distiller.prepare(take(data.train.x, slice(0, 2)))
         load_weights(distiller.student, weights)
         if adapters.exists():
             load_weights(distiller.terms, adapters)
@@ -260,7 +261,7 @@ def cache_teacher(
     memory = RunMemory(config, data.input_shape, data.num_classes, len(data.train), caching=True)
     memory.check_models()  # before the teacher is built
     probe = seeded_model(config.teacher.model, data, config.seed, "teacher.model")
-    memory.check_batches({"teacher.model": probe}, data.train.x[:1])  # before it trains or runs a batch
+    memory.check_batches({"teacher.model": probe}, take(data.train.x, slice(0, 1)))  # before it trains or runs a batch
     teacher, weights, _ = obtain_teacher(config, data, device, console, cache_dir or default_cache_dir())
     spec = config.cache
     path = config.cache_path()
@@ -296,7 +297,7 @@ def build_distiller(config: ExperimentConfig, student: nn.Module, teacher: nn.Mo
     for spec in config.distill.resolved_terms():
         terms[spec.key] = build_term(spec.type, spec.params)
         weights[spec.key] = LinearWarmup(spec.weight, spec.warmup_epochs) if spec.warmup_epochs else spec.weight
-    return Distiller(student, teacher, terms, weights, example_inputs=data.train.x[:2])
+    return Distiller(student, teacher, terms, weights, example_inputs=take(data.train.x, slice(0, 2)))
 
 
 def hint_stages(distiller: Distiller) -> list[tuple[str, LossTerm]]:
@@ -310,11 +311,13 @@ def run_hint_stage(name: str, term: LossTerm, distiller: Distiller, data: DataBu
     stage = Distiller(distiller.student, distiller.teacher, {name: term})
     frozen: list[torch.nn.Parameter] = []
     try:
-        stage.prepare(data.train.x[:2])
+        stage.prepare(take(data.train.x, slice(0, 2)))
         trainable = [p for p in distiller.student.parameters() if p.requires_grad]
         modes = {module: module.training for module in distiller.student.modules()}
         distiller.student.eval()  # the probe must not move batch-norm statistics
-        probe = stage(data.train.x[:8], labels=data.train.y[:8], index=torch.arange(min(8, len(data.train))))
+        probe = stage(
+            take(data.train.x, slice(0, 8)), labels=data.train.y[:8], index=torch.arange(min(8, len(data.train)))
+        )
         gradients = torch.autograd.grad(probe.loss, trainable, allow_unused=True)
         for module, training in modes.items():
             module.training = training
@@ -544,10 +547,12 @@ def _check_inputs(config: ExperimentConfig, data: DataBundle, console: Console) 
     student = seeded_model(config.student, data, config.seed, "student")
     if isinstance(config.teacher, CachedTeacherSpec):
         teacher = open_cached_teacher(config, data)
-        memory.check_batches({"student": student}, data.train.x[:1])
+        memory.check_batches({"student": student}, take(data.train.x, slice(0, 1)))
     else:
         teacher = seeded_model(config.teacher.model, data, config.seed, "teacher.model")
-        memory.check_batches({"student": student, "teacher.model": teacher}, data.train.x[:1])  # before any batch
+        memory.check_batches(
+            {"student": student, "teacher.model": teacher}, take(data.train.x, slice(0, 1))
+        )  # before any batch
     if isinstance(config.teacher, CheckpointTeacher):
         load_weights(teacher, config.teacher.path, "teacher.path")
     build_distiller(config, student, teacher, data).remove_taps()  # the taps exist and adapters fit

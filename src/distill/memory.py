@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import DistillError
+from .inputs import batch_len, call_model
 
 HOW_TO_SET = "set another budget with --max-memory (e.g. --max-memory 8GB) or max_memory: in the config"
 
@@ -148,14 +149,14 @@ class ModelSize:
         try:
             model.eval()
             with torch.inference_mode():
-                model(example)
+                call_model(model, example)
         except Exception:  # noqa: BLE001 - the model's own checks report a failing forward pass
             outputs = []
         finally:
             model.train(was_training)
             for hook in hooks:
                 hook.remove()
-        n = max(len(example), 1)
+        n = max(batch_len(example), 1)
         return replace(self, activation_bytes=sum(outputs) // n, peak_activation_bytes=max(outputs, default=0) // n)
 
 

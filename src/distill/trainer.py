@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -28,8 +27,10 @@ from .distiller import Distiller, DistillOutput
 from .distributed import Parallel
 from .errors import DistillError
 from .evaluate import accuracy, predict
+from .inputs import take, to_device
 from .io import load_checkpoint, save_checkpoint
 from .losses import Batch
+from .losses.response import hard_label_ce
 from .memory import available_memory
 
 
@@ -262,7 +263,9 @@ def train(
     console = console or Console(quiet=True)
     device = torch.device(device)
     distiller.to(device)
-    distiller.prepare(data.train.x[:2].to(device), torch.arange(2))  # adapters exist before the optimiser does
+    distiller.prepare(
+        to_device(take(data.train.x, slice(0, 2)), device), torch.arange(2)
+    )  # adapters exist before the optimiser does
     model = parallel.wrap(distiller) if parallel is not None else distiller
     optimizer = make_optimizer(distiller.trainable_parameters(), spec)
     micro_steps = passes_per_epoch * math.ceil(len(data.train) / spec.batch_size)
@@ -320,16 +323,18 @@ def train(
                     b for _ in range(passes_per_epoch) for b in iterate_batches(data.train, spec.batch_size, generator)
                 )
                 for step, (x, y, index) in enumerate(batches):
-                    global_size, global_y = len(y), y
+                    mask = None if data.train.mask is None else data.train.mask[index]
+                    global_size, global_y, global_mask = len(y), y, mask
                     if parallel is not None:
                         if global_size < parallel.world:  # a tail too small to give every process a sample
                             continue  # (every process decides alike: the batches are the same everywhere)
-                        x, y, index = parallel.shard(x, y, index)
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                        x, y, index, mask = parallel.shard(x, y, index, mask)
+                    x, y = to_device(x, device, non_blocking=True), y.to(device, non_blocking=True)
+                    mask = None if mask is None else mask.to(device, non_blocking=True)
                     distiller.progress = epoch + step / micro_steps
                     last_micro = (step + 1) % spec.grad_accumulation == 0 or step + 1 == micro_steps
                     with _no_sync(model, parallel is not None and not last_micro), autocast():
-                        out = model(x, labels=y, index=index)
+                        out = model(x, labels=y, mask=mask, index=index)
                         if not torch.isfinite(out.loss):
                             bad = [n for n, v in out.terms.items() if not torch.isfinite(v)] or ["total"]
                             raise DistillError(
@@ -338,7 +343,8 @@ def train(
                             )
                         loss, factors = out.loss, dict.fromkeys(out.terms, 1.0)
                         if parallel is not None:
-                            share, whole = Batch(None, y.cpu()), Batch(None, global_y)
+                            share = Batch(None, y.cpu(), None if mask is None else mask.cpu())
+                            whole = Batch(None, global_y, global_mask)
                             loss, factors = _share_weighted_loss(out, distiller, parallel.world, share, whole)
                         # this process's part of the global batch's mean loss, times the global batch size
                         world = parallel.world if parallel is not None else 1
@@ -362,7 +368,7 @@ def train(
                     sums["loss"] = sums.get("loss", 0.0) + batch_loss
                     for name, value in out.terms.items():
                         sums[name] = sums.get(name, 0.0) + float(value) * factors[name] * global_size / world
-                    keep = y >= 0
+                    keep = y >= 0 if mask is None else (y >= 0) & mask.bool()
                     labeled += int(keep.sum())
                     correct += int((out.student.logits.argmax(-1)[keep] == y[keep]).sum())
                     progress.update(
@@ -377,7 +383,7 @@ def train(
             if validating:
                 val_logits = predict(distiller.student, data.val.x, device=device)
                 val_acc = accuracy(val_logits, data.val.y)
-                val_loss = float(F.cross_entropy(val_logits, data.val.y))
+                val_loss = float(hard_label_ce(val_logits, data.val.y, data.val.mask))
             else:
                 val_acc = val_loss = float("nan")
             log = EpochLog(

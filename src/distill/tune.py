@@ -215,7 +215,7 @@ class TeacherLogits:
     def __init__(self, logits: Tensor) -> None:
         self.logits = logits
 
-    def lookup(self, index: Tensor, device: torch.device | str | None = None) -> ModelOutputs:
+    def lookup(self, index: Tensor, *, device: torch.device | str | None = None) -> ModelOutputs:
         return ModelOutputs(logits=self.logits[index].to(device or "cpu"))
 
     def check_features(self, names: list[str]) -> None:

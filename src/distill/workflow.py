@@ -182,38 +182,3 @@ def relocate_text(directory: Path, old: Path, new: Path, names: tuple[str, ...])
 
 
 # ---------------------------------------------------------------------------- the commands
-
-
-def run_command(
-    command: str,
-    config_path: Path,
-    overrides: list[str],
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    console: Console,
-    summary_console: Console | None = None,
-) -> Path:
-    """``distill chain|sweep|tune CONFIG``: load, run, print the summary; returns the run directory."""
-    summary_console = summary_console or console
-    if command == "chain":
-        from .chain import ChainSpec, print_chain, run_chain
-
-        config, spec = load_with_section(config_path, overrides, "chain", ChainSpec)
-        result = run_chain(config, spec, resume=resume, overwrite=overwrite, console=console)
-        print_chain(summary_console, result)
-    elif command == "sweep":
-        from .sweep import SweepSpec, print_sweep, run_sweep
-
-        config, spec = load_with_section(config_path, overrides, "sweep", SweepSpec)
-        result = run_sweep(config, spec, resume=resume, overwrite=overwrite, console=console)
-        print_sweep(summary_console, result)
-    elif command == "tune":
-        from .tune import TuneSpec, print_tune, run_tune
-
-        config, spec = load_with_section(config_path, overrides, "tune", TuneSpec)
-        result = run_tune(config, spec, overwrite=overwrite, console=console)
-        print_tune(summary_console, result)
-    else:
-        raise ValueError(f"unknown command {command!r}")
-    return result.run_dir

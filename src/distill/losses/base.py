@@ -7,13 +7,25 @@ The training loop only sums weighted terms, so a new method is a new term, never
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from ..signals import TopKLogits, dense_logits
+
+
+def logits_of(output: object) -> Tensor:
+    """Logits from a plain tensor, a Hugging Face ``ModelOutput`` or a tuple."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"cannot find logits in model output of type {type(output).__name__}")
 
 
 @dataclass
@@ -25,6 +37,21 @@ class ModelOutputs:
 
     logits: Tensor | TopKLogits
     features: dict[str, Tensor] = field(default_factory=dict)
+
+
+@runtime_checkable
+class TeacherSignals(Protocol):
+    """A teacher that is not run but looked up: outputs precomputed for every sample of the
+    training split (``distill cache``'s store, or logits computed once for tuning), addressed by
+    the samples' positions in it. The Distiller accepts one in place of a teacher model."""
+
+    def lookup(self, index: Tensor, *, device: torch.device | str | None = None) -> ModelOutputs:
+        """The teacher's outputs for training samples ``index``, on ``device``."""
+        ...
+
+    def check_features(self, names: list[str]) -> None:
+        """Raise a DistillError unless the named teacher features are held."""
+        ...
 
 
 @dataclass
@@ -59,6 +86,8 @@ class LossTerm(nn.Module):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     needs_teacher: ClassVar[bool] = True
+    # a term that must run the teacher on inputs no cache holds (e.g. on-policy: the student's own samples)
+    needs_live_teacher: ClassVar[bool] = False
     Params: ClassVar[type[TermParams]] = TermParams
 
     def student_taps(self) -> list[str]:

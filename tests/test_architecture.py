@@ -1,0 +1,188 @@
+"""The package's shape: no import cycles, one teacher-signals protocol for every precomputed teacher."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import distill
+from distill import Distiller, SoftTargetKD
+from distill.errors import DistillError
+from distill.losses import LossTerm
+from distill.losses.base import ModelOutputs, TeacherSignals
+
+PACKAGE = Path(distill.__file__).parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every import between the package's modules, lazy ones (inside functions) included."""
+    files = {module_name(f): f for f in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for module, file in files.items():
+        package = module if file.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package
+                for _ in range(max(node.level - 1, 0)):
+                    base = base.rpartition(".")[0]
+                target = (f"{base}.{node.module}" if node.module else base) if node.level else (node.module or "")
+                for alias in node.names:
+                    candidate = f"{target}.{alias.name}"
+                    graph[module] |= {candidate} if candidate in files else ({target} if target in files else set())
+            elif isinstance(node, ast.Import):
+                graph[module] |= {alias.name for alias in node.names if alias.name in files}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_package_has_no_import_cycles():
+    graph = import_graph()
+    assert "distill.distiller" in graph and "distill.losses.base" in graph["distill.distiller"]  # the graph is real
+    assert cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+class Logits:
+    """A minimal TeacherSignals: logits looked up by position."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+    def lookup(self, index, *, device=None):
+        return ModelOutputs(logits=self.logits[index].to(device or "cpu"))
+
+    def check_features(self, names):
+        raise DistillError("no features")
+
+
+def test_precomputed_teachers_share_one_protocol_and_train_like_the_live_one():
+    from distill.cache import CachedTeacher
+    from distill.tune import TeacherLogits
+
+    for cls in (CachedTeacher, TeacherLogits):
+        assert all(callable(getattr(cls, name, None)) for name in ("lookup", "check_features")), cls
+    assert isinstance(TeacherLogits(torch.zeros(3, 2)), TeacherSignals)
+    torch.manual_seed(0)
+    teacher, x = nn.Linear(4, 3), torch.randn(6, 4)
+    student = nn.Linear(4, 3)
+    live = Distiller(student, teacher, {"kd": SoftTargetKD(2.0)})(x[2:5], index=torch.arange(2, 5))
+    looked_up = Distiller(student, Logits(teacher(x).detach()), {"kd": SoftTargetKD(2.0)})(
+        x[2:5], index=torch.arange(2, 5)
+    )
+    assert torch.equal(live.loss, looked_up.loss)
+    with pytest.raises(TypeError, match="must be a torch.nn.Module or TeacherSignals"):
+        Distiller(student, object(), {"kd": SoftTargetKD()})
+
+
+def test_a_term_that_needs_a_live_teacher_refuses_signals():
+    class OnPolicy(LossTerm):
+        needs_live_teacher = True
+
+        def forward(self, student, teacher, batch):
+            return student.logits.sum() * 0
+
+    Distiller(nn.Linear(4, 3), nn.Linear(4, 3), {"op": OnPolicy()})  # a model: fine
+    with pytest.raises(DistillError, match="the op term needs a live teacher model"):
+        Distiller(nn.Linear(4, 3), Logits(torch.zeros(6, 3)), {"op": OnPolicy()})
+
+
+class TinyLM(nn.Module):
+    """A language model as Hugging Face calls one: keyword inputs, logits [batch, seq, vocab]."""
+
+    def __init__(self, vocab: int = 11, width: int = 8) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocab, width), nn.Linear(width, vocab)
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(self.embed(input_ids) * attention_mask.unsqueeze(-1))
+
+
+def token_split(n: int, seq: int = 6, vocab: int = 11, seed: int = 0):
+    from distill.data import Split
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, seq), generator=g)
+    lengths = torch.randint(2, seq + 1, (n,), generator=g)
+    attention = (torch.arange(seq) < lengths[:, None]).long()
+    labels = torch.roll(ids, -1, dims=1).masked_fill(attention == 0, -1)
+    return Split({"input_ids": ids, "attention_mask": attention}, labels, attention.bool())
+
+
+def test_token_models_take_keyword_inputs_and_padding_gets_no_gradient():
+    from distill import HardLabelCE
+    from distill.evaluate import predict
+    from distill.losses import Batch
+
+    torch.manual_seed(0)
+    split = token_split(4)
+    distiller = Distiller(TinyLM(), TinyLM(), {"kd": SoftTargetKD(2.0), "ce": HardLabelCE()}, {"kd": 0.5, "ce": 0.5})
+    out = distiller(split.x, labels=split.y, mask=split.mask)
+    grad = torch.autograd.grad(out.loss, out.student.logits)[0]
+    assert grad.shape == (4, 6, 11)
+    assert grad[~split.mask].abs().max() == 0 and grad[split.mask].abs().sum(-1).min() > 0
+    batch = Batch(split.x, split.y, split.mask)
+    tokens = int(split.mask.sum())
+    assert distiller.terms["kd"].rows(batch) == tokens and distiller.terms["ce"].rows(batch) == tokens
+    assert predict(distiller.student, split.x, batch_size=3).shape == (4, 6, 11)
+
+
+def test_the_trainer_trains_a_token_model_on_keyword_inputs_with_a_mask():
+    from distill import HardLabelCE
+    from distill.config import TrainSpec
+    from distill.data import DataBundle
+    from distill.trainer import train
+
+    torch.manual_seed(0)
+    data = DataBundle(
+        "tokens", token_split(64), token_split(16, seed=1), token_split(16, seed=2), 11, list("abcdefghijk")
+    )
+    weights = {}
+    for remember in (False, True):
+        torch.manual_seed(1)
+        teacher, student = TinyLM(width=16), TinyLM()
+        distiller = Distiller(student, teacher, {"kd": SoftTargetKD(2.0), "ce": HardLabelCE()}, {"kd": 0.5, "ce": 0.5})
+        result = train(distiller, data, TrainSpec(epochs=3, batch_size=16, lr=0.5), remember_teacher=remember)
+        assert result.history[-1].loss < result.history[0].loss
+        weights[remember] = student.state_dict()
+    assert all(torch.equal(weights[False][k], weights[True][k]) for k in weights[False])  # [N, S, V] remembered too
