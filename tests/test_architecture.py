@@ -186,3 +186,36 @@ def test_the_trainer_trains_a_token_model_on_keyword_inputs_with_a_mask():
         assert result.history[-1].loss < result.history[0].loss
         weights[remember] = student.state_dict()
     assert all(torch.equal(weights[False][k], weights[True][k]) for k in weights[False])  # [N, S, V] remembered too
+
+
+def test_a_tap_can_pick_an_element_of_a_tuple_output():
+    """Hugging Face attention modules return (context, probabilities): ``name[1]`` taps the second."""
+    from distill.taps import FeatureTaps
+
+    class Attention(nn.Module):
+        def forward(self, x):
+            probabilities = torch.softmax(x @ x.transpose(-1, -2), -1)
+            return probabilities @ x, probabilities
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = Attention()
+
+        def forward(self, x):
+            return self.attention(x)[0].sum(-1)
+
+    model, x = Model(), torch.randn(2, 3, 4)
+    taps = FeatureTaps(model, ["attention[1]", "attention"], "student")
+    with taps.recording() as features:
+        model(x)
+    assert features["attention[1]"].shape == (2, 3, 3) and torch.allclose(
+        features["attention[1]"].sum(-1), torch.ones(2, 3)
+    )
+    assert features["attention"].shape == (2, 3, 4)  # element 0 by default
+    bad = FeatureTaps(model, ["attention[5]"], "student")
+    with pytest.raises(DistillError, match="cannot tap element 5 of a module output of type tuple \\(2 elements\\)"):
+        with bad.recording():
+            model(x)
+    with pytest.raises(DistillError, match="student has no module named 'atention'; did you mean attention"):
+        FeatureTaps(model, ["atention[1]"], "student")

@@ -368,6 +368,15 @@ class CachedTeacher:
         """What the manifest records about the teacher (weights hash, parameters, model spec)."""
         return {**self.manifest.get("teacher", {}), **self.manifest.get("teacher_facts", {})}
 
+    def model_spec(self) -> Any:
+        """The teacher's architecture (a model spec) as the manifest records it; None if it does not."""
+        from pydantic import TypeAdapter
+
+        from .models import ModelSpec
+
+        recorded = self.teacher.get("model")
+        return None if recorded is None else TypeAdapter(ModelSpec).validate_python(recorded)
+
     def check_data(self, data: DataBundle, field: str = "teacher.path") -> None:
         """Refuse a cache made for other data: signals for sample i must be about sample i."""
         if self.manifest.get("data") != data.fingerprint:

@@ -71,6 +71,19 @@ def _recording(taps: FeatureTaps | None) -> Iterator[dict[str, Tensor]]:
             yield features
 
 
+@contextmanager
+def probing(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for a probe pass, each module's own mode restored afterwards (also
+    on errors): a probe must not move batch-norm statistics, nor switch a user-frozen part to train."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 def _has_setup(term: LossTerm) -> bool:
     return type(term).setup is not LossTerm.setup
 
@@ -183,16 +196,10 @@ class Distiller(nn.Module):
         ``example_index`` gives the example batch's positions (default: the first samples)."""
         if self._prepared:
             return
-        modes = {module: module.training for module in self.student.modules()}
-        self.student.eval()  # no batch-norm statistics are updated by the probe
-        try:
-            if example_index is None and self.teacher_is_cached:
-                example_index = torch.arange(batch_len(example_inputs))
-            with torch.no_grad():
-                student, teacher = self._outputs(example_inputs, example_index)
-        finally:
-            for module, training in modes.items():
-                module.training = training
+        if example_index is None and self.teacher_is_cached:
+            example_index = torch.arange(batch_len(example_inputs))
+        with probing(self.student), torch.no_grad():  # no batch-norm statistics are updated by the probe
+            student, teacher = self._outputs(example_inputs, example_index)
         for role, taps, outputs in (("student", self._student_taps, student), ("teacher", self._teacher_taps, teacher)):
             missing = [name for name in (taps.names if taps else []) if outputs is None or name not in outputs.features]
             if missing:

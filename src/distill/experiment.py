@@ -36,7 +36,7 @@ from .config import (
     run_identity,
 )
 from .data import DataBundle, load_data
-from .distiller import Distiller, LinearWarmup, logits_of
+from .distiller import Distiller, LinearWarmup, logits_of, probing
 from .distributed import parallel_from_environment
 from .errors import DistillError
 from .evaluate import (
@@ -63,7 +63,7 @@ from .io import (
     write_text,
 )
 from .losses import HardLabelCE, LossTerm, build_term
-from .models import ModelSpec, build_model, count_parameters
+from .models import build_model, count_parameters
 from .report import ROLES, print_summary, write_markdown, write_plots
 from .tracking import RunTracker, check_tracker
 from .trainer import EpochLog, TrainResult, pick_device, rng_states, set_rng_states, train
@@ -228,13 +228,10 @@ def obtain_teacher(
 def _cached_teacher_architecture(cache: CachedTeacher, data: DataBundle, config: ExperimentConfig) -> nn.Module:
     """The cached teacher's architecture with fresh weights, to time it (the weights do not
     change latency); a cache of a teacher distill cannot rebuild gets the same error as a bad spec."""
-    spec = cache.teacher.get("model")
+    spec = cache.model_spec()
     if spec is None:
         raise DistillError(f"teacher.path: the cache {cache.path} does not record the teacher's architecture")
-    from pydantic import TypeAdapter
-
-    model_spec = TypeAdapter(ModelSpec).validate_python(spec)
-    return seeded_model(model_spec, data, config.seed, "teacher (cached) model")
+    return seeded_model(spec, data, config.seed, "teacher (cached) model")
 
 
 def cache_teacher(
@@ -313,14 +310,11 @@ def run_hint_stage(name: str, term: LossTerm, distiller: Distiller, data: DataBu
     try:
         stage.prepare(take(data.train.x, slice(0, 2)))
         trainable = [p for p in distiller.student.parameters() if p.requires_grad]
-        modes = {module: module.training for module in distiller.student.modules()}
-        distiller.student.eval()  # the probe must not move batch-norm statistics
-        probe = stage(
-            take(data.train.x, slice(0, 8)), labels=data.train.y[:8], index=torch.arange(min(8, len(data.train)))
-        )
-        gradients = torch.autograd.grad(probe.loss, trainable, allow_unused=True)
-        for module, training in modes.items():
-            module.training = training
+        with probing(distiller.student):  # the probe must not move batch-norm statistics
+            probe = stage(
+                take(data.train.x, slice(0, 8)), labels=data.train.y[:8], index=torch.arange(min(8, len(data.train)))
+            )
+            gradients = torch.autograd.grad(probe.loss, trainable, allow_unused=True)
         frozen = [p for p, g in zip(trainable, gradients, strict=True) if g is None]  # not below the tap
         for parameter in frozen:
             parameter.requires_grad_(False)

@@ -3,12 +3,15 @@
 Neither model's ``forward`` changes: a tap names a module by its path in
 ``model.named_modules()`` (``features.1``, ``encoder.layer.2``) and records its output while
 the Distiller runs the model (never during evaluation elsewhere). Modules returning tuples
-(Hugging Face layers) are tapped at element 0.
+(Hugging Face layers) are tapped at element 0, or at the element a name asks for:
+``encoder.layer.2.attention.self[1]`` is element 1 of that module's output (its attention
+probabilities, when the model runs with ``output_attentions=True``).
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -17,7 +20,20 @@ from torch import Tensor, nn
 from .errors import DistillError
 
 
-def tapped_tensor(output: object) -> Tensor:
+def split_name(name: str) -> tuple[str, int | None]:
+    """``"block[1]"`` -> ``("block", 1)``; ``"block"`` -> ``("block", None)``."""
+    match = re.fullmatch(r"(.*)\[(\d+)\]", name)
+    return (match.group(1), int(match.group(2))) if match else (name, None)
+
+
+def tapped_tensor(output: object, element: int | None = None) -> Tensor:
+    if element is not None:
+        if not isinstance(output, (tuple, list)) or element >= len(output) or not isinstance(output[element], Tensor):
+            size = len(output) if isinstance(output, (tuple, list)) else "no"
+            raise DistillError(
+                f"cannot tap element {element} of a module output of type {type(output).__name__} ({size} elements)"
+            )
+        return output[element]
     if isinstance(output, Tensor):
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
@@ -39,17 +55,18 @@ class FeatureTaps:
         self._handles = []
         modules = dict(model.named_modules())
         for name in self.names:
-            if name not in modules or name == "":
-                close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
+            path, element = split_name(name)
+            if path not in modules or path == "":
+                close = difflib.get_close_matches(path, [n for n in modules if n], n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 listing = ", ".join(n for n in list(modules)[1:13] if n)
-                raise DistillError(f"{role} has no module named {name!r}{hint} (modules: {listing}, ...)")
-            self._handles.append(modules[name].register_forward_hook(self._recorder(name)))
+                raise DistillError(f"{role} has no module named {path!r}{hint} (modules: {listing}, ...)")
+            self._handles.append(modules[path].register_forward_hook(self._recorder(name, element)))
 
-    def _recorder(self, name: str):
+    def _recorder(self, name: str, element: int | None):
         def record(module: nn.Module, inputs: object, output: object) -> None:
             if self._recording:
-                tensor = tapped_tensor(output)
+                tensor = tapped_tensor(output, element)
                 self._features[name] = (tensor, tensor._version)
 
         return record

@@ -88,13 +88,9 @@ def teacher_model(config: ExperimentConfig) -> Any:
     spec = getattr(config.teacher, "model", None)
     if spec is not None:
         return spec
-    from pydantic import TypeAdapter
-
     from .cache import CachedTeacher
-    from .models import ModelSpec
 
-    recorded = CachedTeacher(config.teacher.path, verify=False).teacher.get("model")
-    return None if recorded is None else TypeAdapter(ModelSpec).validate_python(recorded)
+    return CachedTeacher(config.teacher.path, verify=False).model_spec()
 
 
 # ---------------------------------------------------------------------------- run directories

@@ -35,8 +35,11 @@ class ModelOutputs:
     teacher's logits are sparse (:class:`~distill.signals.TopKLogits`); terms that need dense
     ones call :func:`~distill.signals.dense_logits`."""
 
-    logits: Tensor | TopKLogits
+    logits: Tensor | TopKLogits | None = None  # None: a model with no head (an embedding model)
     features: dict[str, Tensor] = field(default_factory=dict)
+    embedding: Tensor | None = None  # [batch, dim]: a sentence or image embedding
+    hidden_states: tuple[Tensor, ...] | None = None  # per layer, [batch, seq, hidden]
+    attentions: tuple[Tensor, ...] | None = None  # per layer, [batch, heads, seq, seq]
 
 
 @runtime_checkable
