@@ -219,3 +219,25 @@ def test_a_tap_can_pick_an_element_of_a_tuple_output():
             model(x)
     with pytest.raises(DistillError, match="student has no module named 'atention'; did you mean attention"):
         FeatureTaps(model, ["atention[1]"], "student")
+
+
+def test_the_cache_stores_and_serves_a_token_model(tmp_path):
+    """The cache writer runs a keyword-input model over [N, S] token splits; looked up by index, its
+    signals give the live teacher's masked loss (k = vocabulary: exact)."""
+    from distill.cache import CachedTeacher, write_cache
+    from distill.data import DataBundle
+    from distill.inputs import take
+
+    torch.manual_seed(0)
+    data = DataBundle(
+        "tokens", token_split(20), token_split(8, seed=1), token_split(8, seed=2), 11, list("abcdefghijk")
+    )
+    teacher, student = TinyLM(width=16), TinyLM()
+    path = write_cache(teacher, data, tmp_path / "cache", identity={"data": data.fingerprint}, k=11, dtype="float32")
+    cache = CachedTeacher(path)
+    index = torch.tensor([3, 1, 7])
+    x, mask = take(data.train.x, index), data.train.mask[index]
+    assert cache.lookup(index).logits.values.shape == (3, 6, 11)
+    live = Distiller(student, teacher, {"kd": SoftTargetKD(2.0)})(x, mask=mask, index=index)
+    cached = Distiller(student, cache, {"kd": SoftTargetKD(2.0)})(x, mask=mask, index=index)
+    assert torch.allclose(live.loss, cached.loss, atol=1e-6) and live.loss > 0

@@ -214,3 +214,28 @@ def test_a_failing_process_ends_the_launch_with_one_line_errors(tmp_path):
     assert "Traceback" not in second.stderr
     assert any(line.startswith("distill: error: an unfinished run exists") for line in lines)
     assert all(line.startswith("distill: error:") for line in lines)
+
+
+def test_two_processes_weight_tokens_like_one_process(tmp_path):
+    """A keyword-input token model with padding: each process's share holds a different number of
+    tokens; weighted by the tokens each term averages over (Batch.mask), 2 processes follow 1."""
+    driver = Path(__file__).with_name("token_driver.py")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    done = subprocess.run([sys.executable, str(driver), str(one)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(driver),
+        str(two),
+    ]
+    done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = load_file(str(one)), load_file(str(two))
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a)

@@ -14,7 +14,7 @@ import os
 import struct
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -110,6 +110,11 @@ class Split:
     def labeled(self) -> int:
         return int((self.y >= 0).sum())
 
+    def tensors(self) -> list[Tensor]:
+        """Every tensor of the split, in a fixed order (inputs by key, labels, mask), for hashing."""
+        inputs = [self.x[key] for key in sorted(self.x)] if isinstance(self.x, Mapping) else [self.x]
+        return [*inputs, self.y] + ([] if self.mask is None else [self.mask])
+
     def subset(self, index: Tensor) -> Split:
         return Split(take(self.x, index), self.y[index], None if self.mask is None else self.mask[index])
 
@@ -133,7 +138,7 @@ class DataBundle:
     @cached_property
     def fingerprint(self) -> str:
         """Content hash of all three splits: a cached teacher is reused only on identical data."""
-        return hash_tensors(self.train.x, self.train.y, self.val.x, self.val.y, self.test.x, self.test.y)
+        return hash_tensors(*(t for split in (self.train, self.val, self.test) for t in split.tensors()))
 
     def with_label_budget(self, labeled: int | None, seed: int = 0) -> DataBundle:
         """A copy whose training split keeps labels on only ``labeled`` samples (chosen by
