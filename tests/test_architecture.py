@@ -241,3 +241,26 @@ def test_the_cache_stores_and_serves_a_token_model(tmp_path):
     live = Distiller(student, teacher, {"kd": SoftTargetKD(2.0)})(x, mask=mask, index=index)
     cached = Distiller(student, cache, {"kd": SoftTargetKD(2.0)})(x, mask=mask, index=index)
     assert torch.allclose(live.loss, cached.loss, atol=1e-6) and live.loss > 0
+
+
+def test_the_image_task_is_the_default_and_configs_name_tasks(tmp_path):
+    from distill.config import parse_config
+    from distill.data import DataSpec
+    from distill.tasks import ImageClassification, get_task
+
+    from conftest import tiny_config
+
+    task = get_task()
+    assert isinstance(task, ImageClassification) and (task.primary_metric, task.higher_is_better) == ("accuracy", True)
+    assert parse_config(tiny_config(tmp_path)).task == "image_classification"
+    with pytest.raises(DistillError, match=r"^config: task: unknown task 'poetry'; available: image_classification$"):
+        parse_config(tiny_config(tmp_path, task="poetry"))
+    data = task.load_data(DataSpec(source="digits"))
+    model = task.build_model(__import__("distill.models").models.MLPSpec(hidden=[8]), data, "student")
+    assert task.example_inputs(data).shape == (2, 1, 8, 8) and task.latency_inputs(data, 5).shape == (5, 1, 8, 8)
+    logits = torch.zeros(len(data.test), 10)
+    logits[:, 3] = 1
+    assert task.metrics(logits, data.test) == {"accuracy": pytest.approx(float((data.test.y == 3).float().mean()))}
+    task.check_outputs(model, data, "student")
+    with pytest.raises(DistillError, match="student: the model outputs 3 classes but the data has 10"):
+        task.check_outputs(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), data, "student")

@@ -239,3 +239,11 @@ def test_a_failing_user_factory_is_one_line(tmp_path, capsys, monkeypatch):
     path = write_config(tmp_path, student={"arch": "factory", "factory": "badfactory:make"})
     code, _, err = run_cli(capsys, "run", str(path))
     assert code == 2 and "student.factory: calling badfactory:make failed: RuntimeError: out of ideas" in err
+
+
+def test_metrics_name_the_task_and_its_primary_metric(finished_run):
+    metrics = finished_run[0].metrics
+    assert metrics["task"] == "image_classification"
+    assert metrics["primary_metric"] == {"name": "accuracy", "higher_is_better": True}
+    for model in metrics["models"].values():
+        assert model["metrics"] == {"accuracy": model["test_acc"]}

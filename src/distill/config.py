@@ -185,6 +185,7 @@ class OutputSpec(Strict):
 class ExperimentConfig(Strict):
     """A whole experiment: teacher, scratch student and distilled student on one dataset."""
 
+    task: str = Field("image_classification", description="what the models do; see distill.tasks")
     seed: int = Field(0, ge=0, lt=2**31)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     data: DataSpec
@@ -202,6 +203,15 @@ class ExperimentConfig(Strict):
         description="memory budget, e.g. 8GB or 6GiB (also --max-memory); models and batches that would not fit are "
         "refused before anything is built. Default: the memory available when the run starts",
     )
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from .tasks import TASKS
+
+        if value not in TASKS:
+            raise ValueError(f"unknown task {value!r}; available: {', '.join(sorted(TASKS))}")
+        return value
 
     def cache_path(self) -> Path:
         return self.cache.path or self.output.dir / f"{self.output.name or 'run'}-teacher-cache"

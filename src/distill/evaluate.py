@@ -96,6 +96,7 @@ def measure_latencies(
     threads: int | None = None,
     min_sample_ms: float = 5.0,
     max_seconds: float | None = None,
+    inputs: Inputs | None = None,
 ) -> dict[str, float]:
     """Median wall-clock milliseconds of one CPU forward pass of each model at ``batch_size``.
 
@@ -105,7 +106,7 @@ def measure_latencies(
     fewer than ``repeats`` rounds are timed (never fewer than :data:`MIN_ROUNDS`) when all of
     them would take longer: a big teacher at a big batch need not cost seconds of every run.
     """
-    x = torch.randn(batch_size, *input_shape)
+    x = inputs if inputs is not None else torch.randn(batch_size, *input_shape)  # a task's own inputs, if given
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -115,7 +116,7 @@ def measure_latencies(
             model.to("cpu").eval()
             start, warm = time.perf_counter(), 0
             while warm < 3 or (time.perf_counter() - start) * 1000 < 4 * min_sample_ms:  # warm-up
-                model(x)
+                call_model(model, x)
                 warm += 1
             per_pass = (time.perf_counter() - start) * 1000 / warm
             inner[name] = max(1, math.ceil(min_sample_ms / max(per_pass, 1e-6)))
@@ -127,7 +128,7 @@ def measure_latencies(
             for name, model in models.items():
                 start = time.perf_counter()
                 for _ in range(inner[name]):
-                    model(x)
+                    call_model(model, x)
                 samples[name].append((time.perf_counter() - start) * 1000 / inner[name])
     finally:
         torch.set_num_threads(previous)

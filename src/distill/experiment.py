@@ -35,8 +35,8 @@ from .config import (
     config_to_dict,
     run_identity,
 )
-from .data import DataBundle, load_data
-from .distiller import Distiller, LinearWarmup, logits_of, probing
+from .data import DataBundle
+from .distiller import Distiller, LinearWarmup, probing
 from .distributed import parallel_from_environment
 from .errors import DistillError
 from .evaluate import (
@@ -49,7 +49,7 @@ from .evaluate import (
     predict,
 )
 from .html_report import write_html_report
-from .inputs import call_model, take
+from .inputs import take
 from .io import (
     file_sha256,
     hash_json,
@@ -63,8 +63,9 @@ from .io import (
     write_text,
 )
 from .losses import HardLabelCE, LossTerm, build_term
-from .models import build_model, count_parameters
+from .models import count_parameters
 from .report import ROLES, print_summary, write_markdown, write_plots
+from .tasks import Task, get_task
 from .tracking import RunTracker, check_tracker
 from .trainer import EpochLog, TrainResult, pick_device, rng_states, set_rng_states, train
 
@@ -81,29 +82,13 @@ class RunResult:
     metrics: dict[str, Any]
 
 
-def check_outputs(model: nn.Module, data: DataBundle, field: str) -> None:
-    """Run one tiny batch through ``model`` and check it gives one logit per class."""
-    model.eval()
-    try:
-        with torch.inference_mode():
-            logits = logits_of(call_model(model, take(data.train.x, slice(0, 2))))
-    except Exception as err:  # noqa: BLE001 - any failure here is a model/data mismatch
-        raise DistillError(
-            f"{field}: forward pass on inputs of shape {list(data.input_shape)} failed: {str(err).splitlines()[0]}"
-        ) from None
-    if logits.shape[-1] != data.num_classes:
-        raise DistillError(
-            f"{field}: the model outputs {logits.shape[-1]} classes but the data has {data.num_classes}; "
-            f"teacher, student and data must share the class set"
-        )
-
-
-def seeded_model(spec, data: DataBundle, seed: int, field: str) -> nn.Module:
+def seeded_model(spec, data: DataBundle, seed: int, field: str, task: Task | None = None) -> nn.Module:
     """Build a model whose initial weights depend only on ``seed`` (scratch and distilled
-    students therefore start from the same weights)."""
+    students therefore start from the same weights), and check it fits the data."""
+    task = task or get_task()
     torch.manual_seed(seed)
-    model = build_model(spec, data.input_shape, data.num_classes, field)
-    check_outputs(model, data, field)
+    model = task.build_model(spec, data, field)
+    task.check_outputs(model, data, field)
     return model
 
 
@@ -176,10 +161,10 @@ def obtain_teacher(
         console.print(f"teacher: signals from the cache {spec.path} (no teacher model is loaded)")
         return open_cached_teacher(config, data, verify=False), spec.path, None  # verified by _check_inputs
     data = data.labeled_only()
-    model = seeded_model(spec.model, data, config.seed, "teacher.model")
+    model = seeded_model(spec.model, data, config.seed, "teacher.model", get_task(config.task))
     if isinstance(spec, CheckpointTeacher):
         load_weights(model, spec.path, "teacher.path")
-        check_outputs(model, data, "teacher.path")
+        get_task(config.task).check_outputs(model, data, "teacher.path")
         return model, spec.path, None
     assert isinstance(spec, TrainedTeacher)
     key = hash_json({
@@ -231,7 +216,7 @@ def _cached_teacher_architecture(cache: CachedTeacher, data: DataBundle, config:
     spec = cache.model_spec()
     if spec is None:
         raise DistillError(f"teacher.path: the cache {cache.path} does not record the teacher's architecture")
-    return seeded_model(spec, data, config.seed, "teacher (cached) model")
+    return seeded_model(spec, data, config.seed, "teacher (cached) model", get_task(config.task))
 
 
 def cache_teacher(
@@ -250,14 +235,14 @@ def cache_teacher(
             "teacher.kind: 'cache' reads a cache; to make one, give the teacher as kind train or checkpoint"
         )
     device = pick_device(config.device)
-    data = load_data(config.data)
+    data = get_task(config.task).load_data(config.data)
     console.print(
         f"data: {data.name}, {len(data.train)} train ({data.train.labeled} labeled) / {len(data.val)} val / "
         f"{len(data.test)} test, {data.num_classes} classes"
     )
     memory = RunMemory(config, data.input_shape, data.num_classes, len(data.train), caching=True)
     memory.check_models()  # before the teacher is built
-    probe = seeded_model(config.teacher.model, data, config.seed, "teacher.model")
+    probe = seeded_model(config.teacher.model, data, config.seed, "teacher.model", get_task(config.task))
     memory.check_batches({"teacher.model": probe}, take(data.train.x, slice(0, 1)))  # before it trains or runs a batch
     teacher, weights, _ = obtain_teacher(config, data, device, console, cache_dir or default_cache_dir())
     spec = config.cache
@@ -294,7 +279,7 @@ def build_distiller(config: ExperimentConfig, student: nn.Module, teacher: nn.Mo
     for spec in config.distill.resolved_terms():
         terms[spec.key] = build_term(spec.type, spec.params)
         weights[spec.key] = LinearWarmup(spec.weight, spec.warmup_epochs) if spec.warmup_epochs else spec.weight
-    return Distiller(student, teacher, terms, weights, example_inputs=take(data.train.x, slice(0, 2)))
+    return Distiller(student, teacher, terms, weights, example_inputs=get_task(config.task).example_inputs(data))
 
 
 def hint_stages(distiller: Distiller) -> list[tuple[str, LossTerm]]:
@@ -394,7 +379,7 @@ def run_experiment(
         device = parallel.device
         if not parallel.is_main:
             console = Console(quiet=True)  # one process speaks
-    data = load_data(config.data)
+    data = get_task(config.task).load_data(config.data)
     _check_inputs(config, data, console)  # everything that can be wrong is found before the run directory exists
     final, partial = _run_dir_paths(config)
     main_process = parallel is None or parallel.is_main
@@ -497,7 +482,7 @@ class _StudentTraining:
         config, data = self.config, self.data
         if config.baseline:
             scratch_data, passes = scratch_setup(self.student_data, config)
-            scratch = seeded_model(config.student, data, config.seed, "student")
+            scratch = seeded_model(config.student, data, config.seed, "student", get_task(config.task))
             more = (
                 f", {passes} passes over them per epoch (as many steps as the distilled student)" if passes > 1 else ""
             )
@@ -506,7 +491,9 @@ class _StudentTraining:
             )
             self._train_student("scratch", Distiller(scratch, None, {"ce": HardLabelCE()}), scratch_data, passes)
 
-        distiller = build_distiller(config, seeded_model(config.student, data, config.seed, "student"), teacher, data)
+        distiller = build_distiller(
+            config, seeded_model(config.student, data, config.seed, "student", get_task(config.task)), teacher, data
+        )
         objective = " + ".join(
             f"{w:g}·{k}" if isinstance(w, float) else f"{w}·{k}" for k, w in distiller.weights.items()
         )
@@ -538,12 +525,12 @@ def _check_inputs(config: ExperimentConfig, data: DataBundle, console: Console) 
     )
     memory = RunMemory(config, data.input_shape, data.num_classes, len(data.train))
     memory.check_models()  # before any model is built
-    student = seeded_model(config.student, data, config.seed, "student")
+    student = seeded_model(config.student, data, config.seed, "student", get_task(config.task))
     if isinstance(config.teacher, CachedTeacherSpec):
         teacher = open_cached_teacher(config, data)
         memory.check_batches({"student": student}, take(data.train.x, slice(0, 1)))
     else:
-        teacher = seeded_model(config.teacher.model, data, config.seed, "teacher.model")
+        teacher = seeded_model(config.teacher.model, data, config.seed, "teacher.model", get_task(config.task))
         memory.check_batches(
             {"student": student, "teacher.model": teacher}, take(data.train.x, slice(0, 1))
         )  # before any batch
@@ -597,7 +584,7 @@ def evaluate_models(
     the teacher's predictions come from the cache and ``models["teacher"]`` is only its
     architecture, used to time it and count its parameters (latency does not need its weights).
     """
-    spec = config.eval
+    spec, task = config.eval, get_task(config.task)
     logits = {role: predict(model, data.test.x) for role, model in models.items()}
     if cached_teacher is not None:
         logits["teacher"] = cached_teacher["test_logits"]
@@ -609,6 +596,7 @@ def evaluate_models(
             spec.latency_repeats,
             threads=spec.latency_threads,
             max_seconds=spec.latency_seconds,
+            inputs=get_task(config.task).latency_inputs(data, b),
         )
         for b in spec.latency_batch_sizes
     }
@@ -616,6 +604,7 @@ def evaluate_models(
     for role, model in models.items():
         out[role] = {
             "test_acc": accuracy(logits[role], data.test.y),
+            "metrics": task.metrics(logits[role], data.test),  # the task's scores, its primary metric among them
             "agreement": agreement(logits[role], logits["teacher"]),
             "params": count_parameters(model),
             "size_bytes": weights[role].stat().st_size if weights[role] else cached_teacher["size_bytes"],
@@ -636,6 +625,8 @@ def evaluate_models(
             (out["distilled"]["test_acc"] - out["scratch"]["test_acc"]) / gap if gap > 0 else float("nan")
         )
     return {
+        "task": task.name,
+        "primary_metric": {"name": task.primary_metric, "higher_is_better": task.higher_is_better},
         "models": out,
         "data": data.summary(),
         "class_names": data.class_names,

@@ -1,0 +1,11 @@
+"""Tasks: everything that depends on the modality (images today; text and language models next).
+
+The core (Distiller, terms, trainer, cache) runs on tensors or mappings of tensors and knows no
+modality; a :class:`Task` turns a config's data and model settings into those, and scores the
+results. ``task:`` in a config picks one (``image_classification`` by default).
+"""
+
+from .base import TASKS, Task, get_task, register_task
+from .image import ImageClassification
+
+__all__ = ["TASKS", "ImageClassification", "Task", "get_task", "register_task"]

@@ -1,0 +1,94 @@
+"""The seam between the modality-free core and a modality: what a task must say."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..data import DataBundle, Split
+from ..errors import DistillError
+from ..inputs import Inputs, call_model, take
+from ..io import save_weights
+from ..losses import Batch
+from ..losses.base import logits_of
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(name: str):
+    """Class decorator: make a task available as ``task: name`` in configs."""
+
+    def decorate(cls: type[Task]) -> type[Task]:
+        cls.name = name
+        TASKS[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_task(name: str = "image_classification") -> Task:
+    if name not in TASKS:
+        raise DistillError(f"task: unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
+    return TASKS[name]()
+
+
+class Task(ABC):
+    """Reads and splits the data, builds models, gives example inputs, scores predictions.
+
+    Everything else (the Distiller, loss terms, the training loop, the teacher cache, run
+    directories) is shared by every task. ``primary_metric`` (with ``higher_is_better``) is the
+    one that picks the best epoch and that reports lead with.
+    """
+
+    name: ClassVar[str] = ""
+    primary_metric: ClassVar[str] = "accuracy"
+    higher_is_better: ClassVar[bool] = True
+
+    @abstractmethod
+    def load_data(self, spec: Any) -> DataBundle:
+        """The task's data, split into train / validation / test, with a content fingerprint."""
+
+    @abstractmethod
+    def build_model(self, spec: Any, data: DataBundle, field: str) -> nn.Module:
+        """A model from its config spec, for this data (sized before it is allocated)."""
+
+    def example_inputs(self, data: DataBundle, n: int = 2) -> Inputs:
+        """A few real training inputs: for probes (adapters, taps, activation sizes)."""
+        return take(data.train.x, slice(0, n))
+
+    @abstractmethod
+    def latency_inputs(self, data: DataBundle, batch_size: int) -> Inputs:
+        """Inputs of ``batch_size`` samples to time models on."""
+
+    def check_outputs(self, model: nn.Module, data: DataBundle, field: str) -> None:
+        """Run a tiny batch through ``model``; its last dimension must be the number of classes."""
+        model.eval()
+        try:
+            with torch.inference_mode():
+                logits = logits_of(call_model(model, self.example_inputs(data)))
+        except Exception as err:  # noqa: BLE001 - any failure here is a model/data mismatch
+            raise DistillError(
+                f"{field}: forward pass on inputs of shape {list(data.input_shape)} failed: {str(err).splitlines()[0]}"
+            ) from None
+        if logits.shape[-1] != data.num_classes:
+            raise DistillError(
+                f"{field}: the model outputs {logits.shape[-1]} classes but the data has {data.num_classes}; "
+                f"teacher, student and data must share the class set"
+            )
+
+    @abstractmethod
+    def metrics(self, logits: Tensor, split: Split) -> dict[str, float]:
+        """Scores of predictions ``logits`` on ``split``; holds :attr:`primary_metric`."""
+
+    def rewrite_batch(self, batch: Batch, student: nn.Module) -> Batch:
+        """A hook to change a training batch before the step (sequence-level and on-policy
+        distillation will replace inputs with generated ones); the identity by default."""
+        return batch
+
+    def export(self, model: nn.Module, path: Path) -> None:
+        """Write a trained student where ``path`` says (safetensors weights by default)."""
+        save_weights(model, path)

@@ -1,0 +1,34 @@
+"""Image (and feature-vector) classification: the first task."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..data import DataBundle, Split, load_data
+from ..evaluate import accuracy
+from ..models import build_model
+from .base import Task, register_task
+
+
+@register_task("image_classification")
+class ImageClassification(Task):
+    """Fashion-MNIST, digits, ``.npz`` arrays and image folders; the built-in CNN and MLP or a
+    factory; top-1 accuracy."""
+
+    primary_metric = "accuracy"
+    higher_is_better = True
+
+    def load_data(self, spec: Any) -> DataBundle:
+        return load_data(spec)
+
+    def build_model(self, spec: Any, data: DataBundle, field: str) -> nn.Module:
+        return build_model(spec, data.input_shape, data.num_classes, field)
+
+    def latency_inputs(self, data: DataBundle, batch_size: int) -> Tensor:
+        return torch.randn(batch_size, *data.input_shape)
+
+    def metrics(self, logits: Tensor, split: Split) -> dict[str, float]:
+        return {"accuracy": accuracy(logits, split.y)}
