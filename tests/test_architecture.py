@@ -264,3 +264,34 @@ def test_the_image_task_is_the_default_and_configs_name_tasks(tmp_path):
     task.check_outputs(model, data, "student")
     with pytest.raises(DistillError, match="student: the model outputs 3 classes but the data has 10"):
         task.check_outputs(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), data, "student")
+
+
+def test_the_task_primary_metric_and_its_direction_pick_the_best_epoch_and_batches_pass_its_rewrite():
+    from distill import HardLabelCE
+    from distill.config import TrainSpec
+    from distill.tasks import ImageClassification
+    from distill.trainer import train
+
+    class Unsure(ImageClassification):
+        """Prefers the least confident epoch: a metric where lower is better."""
+
+        primary_metric, higher_is_better, rewrites = "confidence", False, 0
+
+        def metrics(self, logits, split):
+            return {"confidence": float(logits.softmax(-1).max(-1).values.mean())}
+
+        def rewrite_batch(self, batch, student):
+            Unsure.rewrites += 1
+            return batch
+
+    task = Unsure()
+    data = task.load_data(__import__("distill.data").data.DataSpec(source="digits"))
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    result = train(
+        Distiller(student, None, {"ce": HardLabelCE()}), data, TrainSpec(epochs=4, batch_size=128), task=task
+    )
+    scores = [log.val_metrics["confidence"] for log in result.history]
+    assert result.best_epoch == 1 + scores.index(min(scores)) and result.best_val_score == min(scores)
+    assert scores[-1] > scores[0]  # training made it more confident: the lowest is not the last epoch
+    assert Unsure.rewrites == 4 * -(-len(data.train) // 128)

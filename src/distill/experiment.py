@@ -192,6 +192,7 @@ def obtain_teacher(
         label="teacher",
         console=console,
         on_epoch_end=None,
+        task=get_task(config.task),
     )
     write_json(
         work / "meta.json",
@@ -461,7 +462,8 @@ class _StudentTraining:
     def _phase(self, name: str, distiller: Distiller, data: DataBundle, spec: TrainSpec, **options: Any) -> TrainResult:
         return _train_phase(
             self.partial / name, distiller, data, spec, resume=self.resume, console=self.console,
-            seed=self.config.seed, device=self.device, parallel=self.parallel, **options,
+            seed=self.config.seed, device=self.device, parallel=self.parallel, task=get_task(self.config.task),
+            **options,
         )  # fmt: skip
 
     def _train_student(self, role: str, distiller: Distiller, data: DataBundle, passes_per_epoch: int = 1) -> None:

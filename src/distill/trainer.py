@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
@@ -31,6 +31,9 @@ from .inputs import take, to_device
 from .io import load_checkpoint, save_checkpoint
 from .losses import Batch
 from .losses.response import hard_label_ce
+
+if TYPE_CHECKING:
+    from .tasks import Task
 from .memory import available_memory
 
 
@@ -44,6 +47,7 @@ class EpochLog:
     val_loss: float
     lr: float
     seconds: float
+    val_metrics: dict[str, float] = field(default_factory=dict)  # the task's scores on validation
 
 
 @dataclass
@@ -52,6 +56,7 @@ class TrainResult:
     best_epoch: int = 0
     best_val_acc: float = -1.0  # NaN without a validation split (the last epoch is kept)
     warnings: list[str] = field(default_factory=list)  # e.g. a model that learns nothing
+    best_val_score: float | None = None  # the task's primary metric at the best epoch
 
     @property
     def seconds(self) -> float:
@@ -65,6 +70,7 @@ class TrainResult:
             saved["best_epoch"],
             _nan(best),
             list(saved.get("warnings", [])),
+            saved.get("best_val_score"),
         )
 
     def to_dict(self) -> dict:
@@ -74,6 +80,7 @@ class TrainResult:
             "seconds": self.seconds,
             "history": [asdict(e) for e in self.history],
             "warnings": self.warnings,
+            "best_val_score": self.best_val_score,
         }
 
 
@@ -242,6 +249,7 @@ def train(
     passes_per_epoch: int = 1,
     parallel: Parallel | None = None,
     remember_teacher: bool = False,
+    task: Task | None = None,
 ) -> TrainResult:
     """Train ``distiller.student`` (and any learnable term parts); return per-epoch history.
 
@@ -275,6 +283,7 @@ def train(
     is_main = parallel is None or parallel.is_main
     result = TrainResult()
     validating = len(data.val) > 0  # without a validation split the last epoch is kept
+    primary, higher_is_better = (task.primary_metric, task.higher_is_better) if task is not None else ("accuracy", True)
     measured_on = "validation" if validating else "training"
     chance = chance_level(data.val.y if validating else data.train.y)
     best_state = copy.deepcopy(distiller.state_dict_to_keep()) if validating else {}
@@ -317,13 +326,16 @@ def train(
                 transient=True,
                 disable=console.quiet or not console.is_terminal,
             ) as progress:
-                task = progress.add_task("train", total=micro_steps, stats="")
+                bar = progress.add_task("train", total=micro_steps, stats="")
                 generator = epoch_generator(seed, epoch)
                 batches = (
                     b for _ in range(passes_per_epoch) for b in iterate_batches(data.train, spec.batch_size, generator)
                 )
                 for step, (x, y, index) in enumerate(batches):
                     mask = None if data.train.mask is None else data.train.mask[index]
+                    if task is not None:  # e.g. generated continuations instead of the data's (the identity for images)
+                        rewritten = task.rewrite_batch(Batch(x, y, mask), distiller.student)
+                        x, y, mask = rewritten.inputs, rewritten.labels, rewritten.mask
                     global_size, global_y, global_mask = len(y), y, mask
                     if parallel is not None:
                         if global_size < parallel.world:  # a tail too small to give every process a sample
@@ -372,7 +384,7 @@ def train(
                     labeled += int(keep.sum())
                     correct += int((out.student.logits.argmax(-1)[keep] == y[keep]).sum())
                     progress.update(
-                        task, advance=1, stats=f"loss {sums['loss'] / seen:.4f}  acc {correct / max(labeled, 1):.3f}"
+                        bar, advance=1, stats=f"loss {sums['loss'] / seen:.4f}  acc {correct / max(labeled, 1):.3f}"
                     )
 
             if parallel is not None:  # epoch statistics over every process's share
@@ -380,12 +392,15 @@ def train(
                 totals = parallel.sum([sums[key] for key in keys] + [seen, correct, labeled])
                 sums = dict(zip(keys, totals[: len(keys)], strict=True))
                 seen, correct, labeled = (int(v) for v in totals[len(keys) :])
+            val_metrics: dict[str, float] = {}
             if validating:
                 val_logits = predict(distiller.student, data.val.x, device=device)
                 val_acc = accuracy(val_logits, data.val.y)
                 val_loss = float(hard_label_ce(val_logits, data.val.y, data.val.mask))
+                val_metrics = task.metrics(val_logits, data.val) if task is not None else {"accuracy": val_acc}
             else:
                 val_acc = val_loss = float("nan")
+            score = val_metrics.get(primary, float("nan"))
             log = EpochLog(
                 epoch=epoch + 1,
                 loss=sums["loss"] / seen,
@@ -395,12 +410,15 @@ def train(
                 val_loss=val_loss,
                 lr=optimizer.param_groups[0]["lr"],
                 seconds=time.perf_counter() - started,
+                val_metrics=val_metrics,
             )
             result.history.append(log)
             if not validating:  # the last epoch is kept
                 result.best_val_acc, result.best_epoch = float("nan"), epoch + 1
-            elif val_acc > result.best_val_acc:
-                result.best_val_acc, result.best_epoch = val_acc, epoch + 1
+            elif result.best_val_score is None or (
+                score > result.best_val_score if higher_is_better else score < result.best_val_score
+            ):  # the task's primary metric picks the best epoch (accuracy, higher is better, for images)
+                result.best_val_acc, result.best_val_score, result.best_epoch = val_acc, score, epoch + 1
                 best_state = {k: v.detach().cpu().clone() for k, v in distiller.state_dict_to_keep().items()}
             terms = "  ".join(f"{k} {v:.4f}" for k, v in log.terms.items())
             val_text = f"  val acc {val_acc:.4f}" if validating else ""
@@ -425,6 +443,7 @@ def train(
                         "best_state": best_state,
                         "best_epoch": result.best_epoch,
                         "best_val_acc": result.best_val_acc,
+                        "best_val_score": result.best_val_score,
                         "history": [asdict(e) for e in result.history],
                         "warnings": result.warnings,
                     },
