@@ -19,6 +19,13 @@ from .losses import TERMS
 from .models import ModelSpec
 
 
+def registered(value: str, registry: dict, what: str) -> str:
+    """``value`` if ``registry`` holds it; else a ValueError listing what does."""
+    if value not in registry:
+        raise ValueError(f"unknown {what} {value!r}; available: {', '.join(sorted(registry))}")
+    return value
+
+
 class Strict(BaseModel):
     # infinities and NaN are never sensible settings: refused here, not after training has started
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -101,9 +108,7 @@ class TermSpec(BaseModel):
     @field_validator("type")
     @classmethod
     def _known(cls, value: str) -> str:
-        if value not in TERMS:
-            raise ValueError(f"unknown loss term {value!r}; available: {', '.join(sorted(TERMS))}")
-        return value
+        return registered(value, TERMS, "loss term")
 
     @model_validator(mode="after")
     def _params(self) -> TermSpec:
@@ -209,9 +214,7 @@ class ExperimentConfig(Strict):
     def _known_task(cls, value: str) -> str:
         from .tasks import TASKS
 
-        if value not in TASKS:
-            raise ValueError(f"unknown task {value!r}; available: {', '.join(sorted(TASKS))}")
-        return value
+        return registered(value, TASKS, "task")
 
     def cache_path(self) -> Path:
         return self.cache.path or self.output.dir / f"{self.output.name or 'run'}-teacher-cache"
