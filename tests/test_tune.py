@@ -12,6 +12,7 @@ from distill.cli import main
 from distill.config import load_config, parse_config
 from distill.data import load_data
 from distill.errors import DistillError
+from distill.tasks import ImageClassification
 from distill.trainer import EpochLog
 from distill.tune import (
     PruneSpec,
@@ -65,9 +66,9 @@ def tune_run(tmp_path_factory):
         return data
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tune_module, "load_data", load_without_test)
+        patch.setattr(ImageClassification, "load_data", lambda self, data_spec: load_without_test(data_spec))
         result = run_tune(config, spec, console=Console(quiet=True), cache_dir=tmp / "cache")
-    assert touched, "the tuner loads its data through distill.tune.load_data"
+    assert touched, "the tuner loads its data through its task's load_data"
     return result, config, spec
 
 

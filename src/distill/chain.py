@@ -20,13 +20,13 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import ExperimentConfig, Strict, TrainSpec, config_to_dict
-from .data import load_data
 from .errors import DistillError
 from .experiment import RunResult, build_distiller, seeded_model
 from .io import write_json, write_text
 from .models import ModelSpec
 from .report import format_percent, format_size
 from .sizing import assistant_specs, describe
+from .tasks import get_task
 from .workflow import derive, finish_dir, prepare_dir, relocate_text, run_or_reuse, teacher_model
 
 
@@ -89,12 +89,12 @@ def run_chain(
     """Distil through the assistants (and directly, with ``spec.direct``); write the chain's run directory."""
     console = console or Console()
     started = time.perf_counter()
-    data = load_data(config.data)
+    data = get_task(config.task).load_data(config.data)
     teacher_spec = teacher_model(config)
     if spec.assistant_models is not None:
         assistants = list(spec.assistant_models)
         for i, model in enumerate(assistants):  # builds and fits the data, before the run directory exists
-            seeded_model(model, data, config.seed, f"chain.assistant_models.{i}")
+            seeded_model(model, data, config.seed, f"chain.assistant_models.{i}", get_task(config.task))
     elif teacher_spec is None:
         raise DistillError(
             "chain.assistants: the teacher cache does not record the teacher's architecture, so assistants "
@@ -190,8 +190,8 @@ def _check_stages(config: ExperimentConfig, models: list[Any], data: Any) -> Non
         if teacher is not None:
             field = "student" if i == len(models) - 2 else f"chain assistant {i + 1}"
             pair = (
-                seeded_model(student, data, config.seed, field),
-                seeded_model(teacher, data, config.seed, "teacher"),
+                seeded_model(student, data, config.seed, field, get_task(config.task)),
+                seeded_model(teacher, data, config.seed, "teacher", get_task(config.task)),
             )
             build_distiller(config, *pair, data).remove_taps()
 

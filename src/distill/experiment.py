@@ -33,7 +33,6 @@ from .config import (
     TrainedTeacher,
     TrainSpec,
     config_to_dict,
-    run_identity,
 )
 from .data import DataBundle
 from .distiller import Distiller, LinearWarmup, probing
@@ -60,11 +59,11 @@ from .io import (
     save_checkpoint,
     save_weights,
     write_json,
-    write_text,
 )
 from .losses import HardLabelCE, LossTerm, build_term
 from .models import count_parameters
 from .report import ROLES, print_summary, write_markdown, write_plots
+from .rundir import finish_dir, prepare_dir, run_dir_paths
 from .tasks import Task, get_task
 from .tracking import RunTracker, check_tracker
 from .trainer import EpochLog, TrainResult, pick_device, rng_states, set_rng_states, train
@@ -311,51 +310,8 @@ def run_hint_stage(name: str, term: LossTerm, distiller: Distiller, data: DataBu
         stage.remove_taps()
 
 
-def _is_run_dir(path: Path, *markers: str) -> bool:
-    """Only directories distill wrote (a config.yaml and the given markers) may be replaced."""
-    return path.is_dir() and all((path / name).is_file() for name in ("config.yaml", *markers))
-
-
-def _run_dir_paths(config: ExperimentConfig) -> tuple[Path, Path]:
-    """The run directory and the ``.partial`` directory it is built in."""
-    final = config.output.dir / (config.output.name or "run")
-    return final, final.with_name(final.name + ".partial")
-
-
 def _prepare_run_dir(config: ExperimentConfig, resume: bool, overwrite: bool, console: Console) -> tuple[Path, Path]:
-    if config.output.dir.exists() and not config.output.dir.is_dir():
-        raise DistillError(f"output.dir: {config.output.dir} is a file, not a directory")
-    final, partial = _run_dir_paths(config)
-    saved_config = partial / "config.yaml"
-    if final.exists() and not overwrite:
-        raise DistillError(f"run directory {final} already exists; pass --overwrite or choose another output.name")
-    if final.exists() and not _is_run_dir(final, "metrics.json"):
-        raise DistillError(f"{final} exists and is not a distill run directory; choose another output.name")
-    if partial.exists():
-        if not _is_run_dir(partial):
-            raise DistillError(f"{partial} exists and is not a distill run directory; move it away")
-        try:
-            previous = yaml.safe_load(saved_config.read_text())
-        except (OSError, yaml.YAMLError):
-            previous = None
-        same = isinstance(previous, dict) and run_identity(previous) == run_identity(config_to_dict(config))
-        if resume and same:
-            console.print(f"resuming {partial}")
-        elif overwrite:  # with both flags (the demo): resume when possible, else start over
-            shutil.rmtree(partial)
-        elif resume:
-            raise DistillError(
-                f"--resume: the config differs from the one {partial} was started with ({saved_config}); use the same config"
-            )
-        else:
-            raise DistillError(
-                f"an unfinished run exists at {partial}; pass --resume to continue it or --overwrite to start over"
-            )
-    elif resume and not overwrite:
-        console.print(f"[dim]--resume: nothing to resume at {partial}, starting a new run[/]")
-    partial.mkdir(parents=True, exist_ok=True)
-    write_text(saved_config, yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    return final, partial
+    return prepare_dir(config.output, config_to_dict(config), "metrics.json", resume, overwrite, console)
 
 
 def run_experiment(
@@ -382,7 +338,7 @@ def run_experiment(
             console = Console(quiet=True)  # one process speaks
     data = get_task(config.task).load_data(config.data)
     _check_inputs(config, data, console)  # everything that can be wrong is found before the run directory exists
-    final, partial = _run_dir_paths(config)
+    final, partial = run_dir_paths(config.output)
     main_process = parallel is None or parallel.is_main
     if main_process:
         _prepare_run_dir(config, resume, overwrite, console)
@@ -568,9 +524,7 @@ def _write_run(partial: Path, final: Path, config: ExperimentConfig, metrics: di
             shutil.rmtree(phase)
     for leftover in partial.rglob(".*.tmp"):  # a temporary file a crash left behind never ships
         leftover.unlink()
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(partial, final)
+    finish_dir(partial, final)
 
 
 def evaluate_models(

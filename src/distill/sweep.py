@@ -22,7 +22,6 @@ from rich.table import Table
 
 from .compare import pareto_front
 from .config import ExperimentConfig, Strict, config_to_dict
-from .data import load_data
 from .errors import DistillError
 from .evaluate import measure_latencies
 from .experiment import seeded_model
@@ -30,6 +29,7 @@ from .io import load_weights, write_json, write_text
 from .models import ModelSpec
 from .report import format_percent, format_size
 from .sizing import describe, scale_width, slug
+from .tasks import get_task
 from .workflow import derive, finish_dir, prepare_dir, relocate_text, run_or_reuse, teacher_model
 
 ORDER = "sorted by parameter count, smallest first (ties: fastest first)"
@@ -101,10 +101,10 @@ def run_sweep(
 ) -> SweepResult:
     console = console or Console()
     started = time.perf_counter()
-    data = load_data(config.data)
+    data = get_task(config.task).load_data(config.data)
     students = sweep_students(config, spec)
     for student in students:  # every student builds and fits the data before the run directory exists
-        seeded_model(student, data, config.seed, f"sweep student {describe(student)}")
+        seeded_model(student, data, config.seed, f"sweep student {describe(student)}", get_task(config.task))
     saved = {**config_to_dict(config), "sweep": spec.model_dump(mode="json")}
     final, partial = prepare_dir(config.output, saved, "sweep.json", resume, overwrite, console)
     partial = partial.resolve()
@@ -119,11 +119,11 @@ def run_sweep(
     console.print("timing the distilled students together on the CPU ...")
     models = {}
     for student, run in runs:
-        model = seeded_model(student, data, config.seed, "student")
+        model = seeded_model(student, data, config.seed, "student", get_task(config.task))
         models[run.run_dir.name] = load_weights(model, run.run_dir / "student.safetensors")
     teacher_spec = teacher_model(config)
     if teacher_spec is not None:  # latency does not depend on the weights' values: a fresh model times the same
-        models["teacher"] = seeded_model(teacher_spec, data, config.seed, "teacher.model")
+        models["teacher"] = seeded_model(teacher_spec, data, config.seed, "teacher.model", get_task(config.task))
     batches = [str(b) for b in config.eval.latency_batch_sizes]
     latency = {
         b: measure_latencies(

@@ -30,7 +30,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from .config import ExperimentConfig, Strict, config_to_dict
-from .data import DataBundle, load_data
+from .data import DataBundle
 from .distiller import Distiller
 from .errors import DistillError
 from .evaluate import predict
@@ -45,6 +45,7 @@ from .experiment import (
 )
 from .io import write_json, write_text
 from .losses import TERMS, HardLabelCE, ModelOutputs
+from .tasks import get_task
 from .trainer import EpochLog, pick_device, train
 from .workflow import derive, finish_dir, prepare_dir, teacher_model
 
@@ -257,7 +258,10 @@ class _Trials:
         data, quiet = self.student_data, Console(quiet=True)
         options = {"seed": config.seed, "device": self.device, "console": quiet}
         distiller = build_distiller(
-            config, seeded_model(config.student, self.data, config.seed, "student"), self.teacher, data
+            config,
+            seeded_model(config.student, self.data, config.seed, "student", get_task(config.task)),
+            self.teacher,
+            data,
         )
         try:
             for name, term in hint_stages(distiller):
@@ -284,7 +288,7 @@ class _Trials:
         """Best validation accuracy of the student trained from scratch (labeled samples only,
         as many steps as a distilled student), at learning rate ``lr``."""
         scratch_data, passes = scratch_setup(self.student_data, self.config)
-        student = seeded_model(self.config.student, self.data, self.config.seed, "student")
+        student = seeded_model(self.config.student, self.data, self.config.seed, "student", get_task(self.config.task))
         spec = self.config.train.model_copy(update={"epochs": self.epochs, "lr": lr})
         distiller = Distiller(student, None, {"ce": HardLabelCE()})
         return train(
@@ -296,7 +300,9 @@ class _Trials:
 def _shared_teacher(config: ExperimentConfig, teacher: Any, data: DataBundle, device: torch.device) -> Any:
     """The teacher for every trial: its logits on the training split computed once, when the
     objective reads nothing else from it; else the teacher itself."""
-    probe = build_distiller(config, seeded_model(config.student, data, config.seed, "student"), teacher, data)
+    probe = build_distiller(
+        config, seeded_model(config.student, data, config.seed, "student", get_task(config.task)), teacher, data
+    )
     probe.remove_taps()
     if not isinstance(teacher, nn.Module) or any(term.teacher_taps() for term in probe.terms.values()):
         return teacher
@@ -320,14 +326,14 @@ def run_tune(
     if not ranges:
         raise DistillError("tune.space: nothing to search; give at least one range")
     epochs = spec.epochs or config.train.epochs
-    data = load_data(config.data)  # only its train and val splits are used below
+    data = get_task(config.task).load_data(config.data)  # only its train and val splits are used below
     if len(data.val) == 0:
         raise DistillError("data.val_fraction: distill tune chooses settings on validation; set data.val_fraction > 0")
     teacher_spec = teacher_model(config)
     if teacher_spec is not None:  # the objective fits the models, before the run directory exists
         pair = (
-            seeded_model(config.student, data, config.seed, "student"),
-            seeded_model(teacher_spec, data, 0, "teacher"),
+            seeded_model(config.student, data, config.seed, "student", get_task(config.task)),
+            seeded_model(teacher_spec, data, 0, "teacher", get_task(config.task)),
         )
         build_distiller(config, *pair, data).remove_taps()
     saved = {**config_to_dict(config), "tune": spec.model_dump(mode="json")}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,7 +20,6 @@ from rich.console import Console
 from .config import (
     WORKFLOW_SECTIONS,
     ExperimentConfig,
-    OutputSpec,
     apply_override,
     config_to_dict,
     format_validation_error,
@@ -32,6 +30,7 @@ from .config import (
 from .errors import DistillError
 from .experiment import RunResult, run_experiment
 from .io import write_text
+from .rundir import finish_dir, prepare_dir  # noqa: F401 - chain, sweep and tune import them from here
 
 Section = TypeVar("Section", bound=BaseModel)
 
@@ -94,60 +93,6 @@ def teacher_model(config: ExperimentConfig) -> Any:
 
 
 # ---------------------------------------------------------------------------- run directories
-
-
-def prepare_dir(
-    output: OutputSpec,
-    saved: dict[str, Any],
-    marker: str,
-    resume: bool,
-    overwrite: bool,
-    console: Console,
-    resumable: bool = True,
-) -> tuple[Path, Path]:
-    """The final and ``.partial`` directories of a command's run; the partial one exists on
-    return and holds ``config.yaml`` (``saved``). ``marker`` is the file only a finished run has;
-    ``resumable`` says whether the command offers ``--resume``."""
-    if output.dir.exists() and not output.dir.is_dir():
-        raise DistillError(f"output.dir: {output.dir} is a file, not a directory")
-    final = output.dir / (output.name or "run")
-    partial = final.with_name(final.name + ".partial")
-    if final.exists():
-        if not overwrite:
-            raise DistillError(f"run directory {final} already exists; pass --overwrite or choose another output.name")
-        if not (final / "config.yaml").is_file() or not (final / marker).is_file():
-            raise DistillError(
-                f"{final} exists and is not a distill run directory of this kind; choose another output.name"
-            )
-    if partial.exists():
-        if not (partial / "config.yaml").is_file():
-            raise DistillError(f"{partial} exists and is not a distill run directory; move it away")
-        try:
-            previous = yaml.safe_load((partial / "config.yaml").read_text())
-        except (OSError, yaml.YAMLError):
-            previous = None
-        same = isinstance(previous, dict) and run_identity(previous) == run_identity(saved)
-        if resume and same:
-            console.print(f"resuming {partial}")
-        elif overwrite:
-            shutil.rmtree(partial)
-        elif resume:
-            raise DistillError(
-                f"--resume: the config differs from the one {partial} was started with; use the same config"
-            )
-        else:
-            options = "pass --resume to continue it or --overwrite to start over" if resumable else "pass --overwrite"
-            raise DistillError(f"an unfinished run exists at {partial}; {options}")
-    partial.mkdir(parents=True, exist_ok=True)
-    write_text(partial / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
-    return final, partial
-
-
-def finish_dir(partial: Path, final: Path) -> None:
-    """Move a complete run into place (replacing an older one only after it is complete)."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(partial, final)
 
 
 def run_or_reuse(
