@@ -141,7 +141,7 @@ def test_a_remembered_teacher_runs_once_and_trains_bit_for_bit_like_a_live_one()
         teacher.register_forward_hook(count)
         distiller = hinton(student, teacher, alpha=0.9)
         train(distiller, data, spec, remember_teacher=remember)
-        assert distiller._teacher_memo is None  # forgotten after training
+        assert distiller._remembered is None  # forgotten after training
         students[remember] = student.state_dict()
     steps = -(-len(data.train) // 64)
     assert calls[False] == 3 * steps and calls[True] == 1 + steps  # a probe, then one pass over the data

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .config import CachedTeacherSpec, ExperimentConfig, TrainedTeacher, TrainSpec
-from .memory import Budget, ModelSize, input_bytes, measure
-from .models import _construct, size_field
+from .memory import Budget, ModelSize, input_bytes
+from .models import size_field, size_model
 
 PREDICT_BATCH = 1024  # evaluate.predict's largest batch (on an accelerator; 128 on a CPU)
 
@@ -42,8 +42,7 @@ class RunMemory:
             specs["student"] = config.student
         self.specs = specs
         self.sizes: dict[str, ModelSize | None] = {
-            field: measure(lambda spec=spec, field=field: _construct(spec, in_shape, num_classes, field))
-            for field, spec in specs.items()
+            field: size_model(spec, in_shape, num_classes, field) for field, spec in specs.items()
         }
 
     def _model_field(self, field: str) -> str:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .errors import DistillError
 from .inputs import Inputs, batch_len, call_model, take, to_device
 from .losses import Batch, LossTerm, ModelOutputs
-from .losses.base import TeacherSignals, logits_of
+from .losses.base import TeacherLogits, TeacherSignals, logits_of
 from .taps import FeatureTaps
 
 
@@ -141,7 +141,7 @@ class Distiller(nn.Module):
             teacher_taps = []
         self._teacher_taps = FeatureTaps(teacher, teacher_taps, "teacher") if teacher_taps else None
         self._prepared = not (student_taps or teacher_taps or any(_has_setup(term) for term in terms.values()))
-        self._teacher_memo: Tensor | None = None  # see remember_teacher
+        self._remembered: TeacherLogits | None = None  # see remember_teacher
         if example_inputs is not None:
             self.prepare(example_inputs, example_index)
 
@@ -178,12 +178,11 @@ class Distiller(nn.Module):
             student = ModelOutputs(logits=logits_of(call_model(self.student, inputs)))
         student.features = features
         teacher = None
-        if self.uses_teacher and self._teacher_memo is not None and index is not None:
-            teacher = ModelOutputs(logits=self._teacher_memo[index.to(self._teacher_memo.device)])
-        elif self.uses_teacher and self.teacher_is_cached:
+        signals = self._remembered if index is not None and self._remembered is not None else None
+        if self.uses_teacher and (signals is not None or self.teacher_is_cached):
             if index is None:
                 raise ValueError("the teacher is a cache: pass index= (the samples' positions in the cached split)")
-            teacher = self.teacher.lookup(index, device=student.logits.device)
+            teacher = (signals or self.teacher).lookup(index, device=student.logits.device)
         elif self.uses_teacher:
             with torch.no_grad(), _recording(self._teacher_taps) as features:
                 teacher = ModelOutputs(logits=logits_of(call_model(self.teacher, inputs)))
@@ -234,17 +233,19 @@ class Distiller(nn.Module):
             first = logits_of(call_model(self.teacher, to_device(take(inputs, slice(0, 1)), device)))
             if max_bytes is not None and batch_len(inputs) * first.numel() * first.element_size() > max_bytes:
                 return False
-            self._teacher_memo = torch.cat(
-                [
-                    logits_of(call_model(self.teacher, to_device(take(inputs, slice(i, i + batch_size)), device)))
-                    for i in range(0, batch_len(inputs), batch_size)
-                ]
+            self._remembered = TeacherLogits(
+                torch.cat(
+                    [
+                        logits_of(call_model(self.teacher, to_device(take(inputs, slice(i, i + batch_size)), device)))
+                        for i in range(0, batch_len(inputs), batch_size)
+                    ]
+                )
             )
         return True
 
     def forget_teacher(self) -> None:
         """Run the live teacher on every batch again (after :meth:`remember_teacher`)."""
-        self._teacher_memo = None
+        self._remembered = None
 
     def remove_taps(self) -> None:
         """Remove the forward hooks this Distiller put on student and teacher."""

@@ -3,8 +3,8 @@
 A model or batch that cannot fit must fail with one line naming the setting, not take the
 machine down: where the kernel over-commits, a 29 GB weight "allocates" and its initialisation
 then fills the RAM. Models are therefore sized on PyTorch's ``meta`` device (shapes, no
-storage): parameters, and the activations of one sample from a forward pass of a batch of one.
-The estimates are deliberately simple upper-ish bounds, not a profiler: they exist to refuse the
+storage) for their parameters; once a model exists (its weights fit), the activations of one
+real sample give the per-sample cost of every batch. The estimates are deliberately simple upper-ish bounds, not a profiler: they exist to refuse the
 absurd in well under a second, not to predict the peak to the megabyte.
 
 The budget is the memory available now (``/proc/meminfo``'s MemAvailable, the cgroup's limit

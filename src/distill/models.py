@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from .errors import DistillError
-from .memory import available_memory, format_bytes, measure
+from .memory import ModelSize, available_memory, format_bytes, measure
 
 
 class _Spec(BaseModel):
@@ -171,6 +171,14 @@ def _construct(
     return model
 
 
+def size_model(
+    spec: CNNSpec | MLPSpec | FactorySpec, in_shape: Sequence[int], num_classes: int, field: str = "model"
+) -> ModelSize | None:
+    """The model's parameters and weight bytes, from a build on the meta device (nothing allocated);
+    None for a factory that cannot build there."""
+    return measure(lambda: _construct(spec, in_shape, num_classes, field))
+
+
 def size_field(spec: CNNSpec | MLPSpec | FactorySpec, field: str, largest_param: str = "") -> str:
     """The setting that makes a model big, for messages: ``student.hidden``, ``teacher.model.channels``."""
     if isinstance(spec, MLPSpec):
@@ -189,7 +197,7 @@ def build_model(
 
     The model is sized on the meta device first: one whose weights alone exceed the memory this
     machine has available is refused before a byte is allocated."""
-    size = measure(lambda: _construct(spec, in_shape, num_classes, field))
+    size = size_model(spec, in_shape, num_classes, field)
     free = available_memory()
     if size is not None and free is not None and size.weight_bytes > free:
         raise DistillError(

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .io import write_text
+from .memory import format_bytes
 
 ROLES = ("teacher", "scratch", "distilled")
 ROLE_TITLES = {"teacher": "teacher", "scratch": "scratch student", "distilled": "distilled student"}
@@ -23,12 +24,7 @@ def _num(value: float | None, fmt: str, suffix: str = "") -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{fmt}}{suffix}"
 
 
-def format_size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+format_size = format_bytes  # sizes in B / KiB / MiB / GiB, one formatter for the whole package
 
 
 def table_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:

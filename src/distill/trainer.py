@@ -31,10 +31,10 @@ from .inputs import take, to_device
 from .io import load_checkpoint, save_checkpoint
 from .losses import Batch
 from .losses.response import hard_label_ce
+from .memory import available_memory
 
 if TYPE_CHECKING:
     from .tasks import Task
-from .memory import available_memory
 
 
 @dataclass
@@ -300,159 +300,158 @@ def train(
         set_rng_states(state, parallel)
         best_state = state["best_state"]
         result = TrainResult.from_dict(state)
-        result.warnings = list(state.get("warnings", []))
         start_epoch = state["epoch"]
         console.print(f"[dim]{label}: resumed after epoch {start_epoch}/{spec.epochs}[/]")
 
-    remember = remember_teacher and parallel is None and distiller.can_remember_teacher()
-    try:
-        for epoch in range(start_epoch, spec.epochs):
-            started = time.perf_counter()
-            if remember:  # once, inside the first epoch's time
-                free = available_memory()
-                with autocast():
-                    distiller.remember_teacher(data.train.x, spec.batch_size, free // 4 if free else None)
-                remember = False
-            distiller.train()
-            sums: dict[str, float] = {}
-            seen = correct = labeled = 0
-            with Progress(
-                TextColumn(f"{label} {epoch + 1}/{spec.epochs}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[stats]}"),
-                TimeRemainingColumn(),
-                console=console,
-                transient=True,
-                disable=console.quiet or not console.is_terminal,
-            ) as progress:
-                bar = progress.add_task("train", total=micro_steps, stats="")
-                generator = epoch_generator(seed, epoch)
-                batches = (
-                    b for _ in range(passes_per_epoch) for b in iterate_batches(data.train, spec.batch_size, generator)
-                )
-                for step, (x, y, index) in enumerate(batches):
-                    mask = None if data.train.mask is None else data.train.mask[index]
-                    if task is not None:  # e.g. generated continuations instead of the data's (the identity for images)
-                        rewritten = task.rewrite_batch(Batch(x, y, mask), distiller.student)
-                        x, y, mask = rewritten.inputs, rewritten.labels, rewritten.mask
-                    global_size, global_y, global_mask = len(y), y, mask
+    distiller.forget_teacher()  # nothing remembered from an earlier call (or one that failed)
+    remembered = 0.0  # seconds of the teacher's one pass, counted in the first epoch's time
+    if remember_teacher and parallel is None and distiller.can_remember_teacher() and start_epoch < spec.epochs:
+        started = time.perf_counter()
+        free = available_memory()
+        with autocast():
+            distiller.remember_teacher(data.train.x, spec.batch_size, free // 4 if free else None)
+        remembered = time.perf_counter() - started
+    for epoch in range(start_epoch, spec.epochs):
+        started, remembered = time.perf_counter() - remembered, 0.0
+        distiller.train()
+        sums: dict[str, float] = {}
+        seen = correct = labeled = 0
+        with Progress(
+            TextColumn(f"{label} {epoch + 1}/{spec.epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            disable=console.quiet or not console.is_terminal,
+        ) as progress:
+            bar = progress.add_task("train", total=micro_steps, stats="")
+            generator = epoch_generator(seed, epoch)
+            batches = (
+                b for _ in range(passes_per_epoch) for b in iterate_batches(data.train, spec.batch_size, generator)
+            )
+            for step, (x, y, index) in enumerate(batches):
+                mask = None if data.train.mask is None else data.train.mask[index]
+                if task is not None:  # e.g. generated continuations instead of the data's (the identity for images)
+                    rewritten = task.rewrite_batch(Batch(x, y, mask), distiller.student)
+                    x, y, mask = rewritten.inputs, rewritten.labels, rewritten.mask
+                global_size, global_y, global_mask = len(y), y, mask
+                if parallel is not None:
+                    if global_size < parallel.world:  # a tail too small to give every process a sample
+                        continue  # (every process decides alike: the batches are the same everywhere)
+                    x, y, index, mask = parallel.shard(x, y, index, mask)
+                x, y = to_device(x, device, non_blocking=True), y.to(device, non_blocking=True)
+                mask = None if mask is None else mask.to(device, non_blocking=True)
+                distiller.progress = epoch + step / micro_steps
+                last_micro = (step + 1) % spec.grad_accumulation == 0 or step + 1 == micro_steps
+                with _no_sync(model, parallel is not None and not last_micro), autocast():
+                    out = model(x, labels=y, mask=mask, index=index)
+                    if not torch.isfinite(out.loss):
+                        bad = [n for n, v in out.terms.items() if not torch.isfinite(v)] or ["total"]
+                        raise DistillError(
+                            f"{label}: loss term {bad[0]!r} became non-finite at epoch {epoch + 1}, step {step + 1}; "
+                            f"lower train.lr or set train.grad_clip"
+                        )
+                    loss, factors = out.loss, dict.fromkeys(out.terms, 1.0)
                     if parallel is not None:
-                        if global_size < parallel.world:  # a tail too small to give every process a sample
-                            continue  # (every process decides alike: the batches are the same everywhere)
-                        x, y, index, mask = parallel.shard(x, y, index, mask)
-                    x, y = to_device(x, device, non_blocking=True), y.to(device, non_blocking=True)
-                    mask = None if mask is None else mask.to(device, non_blocking=True)
-                    distiller.progress = epoch + step / micro_steps
-                    last_micro = (step + 1) % spec.grad_accumulation == 0 or step + 1 == micro_steps
-                    with _no_sync(model, parallel is not None and not last_micro), autocast():
-                        out = model(x, labels=y, mask=mask, index=index)
-                        if not torch.isfinite(out.loss):
-                            bad = [n for n, v in out.terms.items() if not torch.isfinite(v)] or ["total"]
-                            raise DistillError(
-                                f"{label}: loss term {bad[0]!r} became non-finite at epoch {epoch + 1}, step {step + 1}; "
-                                f"lower train.lr or set train.grad_clip"
-                            )
-                        loss, factors = out.loss, dict.fromkeys(out.terms, 1.0)
-                        if parallel is not None:
-                            share = Batch(None, y.cpu(), None if mask is None else mask.cpu())
-                            whole = Batch(None, global_y, global_mask)
-                            loss, factors = _share_weighted_loss(out, distiller, parallel.world, share, whole)
-                        # this process's part of the global batch's mean loss, times the global batch size
-                        world = parallel.world if parallel is not None else 1
-                        batch_loss = float(loss.detach()) * global_size / world
-                        if spec.grad_accumulation > 1:  # the mean over this step's micro-batches (fewer at the end)
-                            loss = loss / min(
-                                spec.grad_accumulation,
-                                micro_steps - step // spec.grad_accumulation * spec.grad_accumulation,
-                            )
-                        scaler.scale(loss).backward()
-                    if last_micro:
-                        if spec.grad_clip:
-                            scaler.unscale_(optimizer)
-                            torch.nn.utils.clip_grad_norm_(list(distiller.trainable_parameters()), spec.grad_clip)
-                        scaler.step(optimizer)
-                        scaler.update()
-                        optimizer.zero_grad(set_to_none=True)
-                        scheduler.step()
+                        share = Batch(None, y.cpu(), None if mask is None else mask.cpu())
+                        whole = Batch(None, global_y, global_mask)
+                        loss, factors = _share_weighted_loss(out, distiller, parallel.world, share, whole)
+                    # this process's part of the global batch's mean loss, times the global batch size
+                    world = parallel.world if parallel is not None else 1
+                    batch_loss = float(loss.detach()) * global_size / world
+                    if spec.grad_accumulation > 1:  # the mean over this step's micro-batches (fewer at the end)
+                        loss = loss / min(
+                            spec.grad_accumulation,
+                            micro_steps - step // spec.grad_accumulation * spec.grad_accumulation,
+                        )
+                    scaler.scale(loss).backward()
+                if last_micro:
+                    if spec.grad_clip:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(list(distiller.trainable_parameters()), spec.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
 
-                    seen += len(y)
-                    sums["loss"] = sums.get("loss", 0.0) + batch_loss
-                    for name, value in out.terms.items():
-                        sums[name] = sums.get(name, 0.0) + float(value) * factors[name] * global_size / world
-                    keep = y >= 0 if mask is None else (y >= 0) & mask.bool()
-                    labeled += int(keep.sum())
-                    correct += int((out.student.logits.argmax(-1)[keep] == y[keep]).sum())
-                    progress.update(
-                        bar, advance=1, stats=f"loss {sums['loss'] / seen:.4f}  acc {correct / max(labeled, 1):.3f}"
-                    )
-
-            if parallel is not None:  # epoch statistics over every process's share
-                keys = sorted(sums)
-                totals = parallel.sum([sums[key] for key in keys] + [seen, correct, labeled])
-                sums = dict(zip(keys, totals[: len(keys)], strict=True))
-                seen, correct, labeled = (int(v) for v in totals[len(keys) :])
-            val_metrics: dict[str, float] = {}
-            if validating:
-                val_logits = predict(distiller.student, data.val.x, device=device)
-                val_acc = accuracy(val_logits, data.val.y)
-                val_loss = float(hard_label_ce(val_logits, data.val.y, data.val.mask))
-                val_metrics = task.metrics(val_logits, data.val) if task is not None else {"accuracy": val_acc}
-            else:
-                val_acc = val_loss = float("nan")
-            score = val_metrics.get(primary, float("nan"))
-            log = EpochLog(
-                epoch=epoch + 1,
-                loss=sums["loss"] / seen,
-                terms={name: sums[name] / seen for name in out.terms},
-                train_acc=correct / labeled if labeled else float("nan"),
-                val_acc=val_acc,
-                val_loss=val_loss,
-                lr=optimizer.param_groups[0]["lr"],
-                seconds=time.perf_counter() - started,
-                val_metrics=val_metrics,
-            )
-            result.history.append(log)
-            if not validating:  # the last epoch is kept
-                result.best_val_acc, result.best_epoch = float("nan"), epoch + 1
-            elif result.best_val_score is None or (
-                score > result.best_val_score if higher_is_better else score < result.best_val_score
-            ):  # the task's primary metric picks the best epoch (accuracy, higher is better, for images)
-                result.best_val_acc, result.best_val_score, result.best_epoch = val_acc, score, epoch + 1
-                best_state = {k: v.detach().cpu().clone() for k, v in distiller.state_dict_to_keep().items()}
-            terms = "  ".join(f"{k} {v:.4f}" for k, v in log.terms.items())
-            val_text = f"  val acc {val_acc:.4f}" if validating else ""
-            console.print(
-                f"{label} epoch {epoch + 1}/{spec.epochs}  loss {log.loss:.4f} ({terms})  "
-                f"train acc {log.train_acc:.4f}{val_text}  {log.seconds:.1f}s"
-            )
-            if not result.warnings and (warning := learning_warning(label, result.history, chance, measured_on)):
-                result.warnings.append(warning)
-                console.print(f"[yellow]warning: {warning}[/]")
-            rng = rng_states(parallel)  # every process's: dropout draws differ between shares
-            if checkpoint is not None and is_main:
-                save_checkpoint(
-                    {
-                        "epoch": epoch + 1,
-                        "student": distiller.student.state_dict(),
-                        "terms": distiller.terms.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        **rng,
-                        "best_state": best_state,
-                        "best_epoch": result.best_epoch,
-                        "best_val_acc": result.best_val_acc,
-                        "best_val_score": result.best_val_score,
-                        "history": [asdict(e) for e in result.history],
-                        "warnings": result.warnings,
-                    },
-                    checkpoint,
+                seen += len(y)
+                sums["loss"] = sums.get("loss", 0.0) + batch_loss
+                for name, value in out.terms.items():
+                    sums[name] = sums.get(name, 0.0) + float(value) * factors[name] * global_size / world
+                keep = y >= 0 if mask is None else (y >= 0) & mask.bool()
+                labeled += int(keep.sum())
+                correct += int((out.student.logits.argmax(-1)[keep] == y[keep]).sum())
+                progress.update(
+                    bar, advance=1, stats=f"loss {sums['loss'] / seen:.4f}  acc {correct / max(labeled, 1):.3f}"
                 )
-            if on_epoch_end is not None:
-                on_epoch_end(log)
-    finally:
-        distiller.forget_teacher()
+
+        if parallel is not None:  # epoch statistics over every process's share
+            keys = sorted(sums)
+            totals = parallel.sum([sums[key] for key in keys] + [seen, correct, labeled])
+            sums = dict(zip(keys, totals[: len(keys)], strict=True))
+            seen, correct, labeled = (int(v) for v in totals[len(keys) :])
+        val_metrics: dict[str, float] = {}
+        if validating:
+            val_logits = predict(distiller.student, data.val.x, device=device)
+            val_acc = accuracy(val_logits, data.val.y)
+            val_loss = float(hard_label_ce(val_logits, data.val.y, data.val.mask))
+            val_metrics = task.metrics(val_logits, data.val) if task is not None else {"accuracy": val_acc}
+        else:
+            val_acc = val_loss = float("nan")
+        score = val_metrics.get(primary, float("nan"))
+        log = EpochLog(
+            epoch=epoch + 1,
+            loss=sums["loss"] / seen,
+            terms={name: sums[name] / seen for name in out.terms},
+            train_acc=correct / labeled if labeled else float("nan"),
+            val_acc=val_acc,
+            val_loss=val_loss,
+            lr=optimizer.param_groups[0]["lr"],
+            seconds=time.perf_counter() - started,
+            val_metrics=val_metrics,
+        )
+        result.history.append(log)
+        if not validating:  # the last epoch is kept
+            result.best_val_acc, result.best_epoch = float("nan"), epoch + 1
+        elif result.best_val_score is None or (
+            score > result.best_val_score if higher_is_better else score < result.best_val_score
+        ):  # the task's primary metric picks the best epoch (accuracy, higher is better, for images)
+            result.best_val_acc, result.best_val_score, result.best_epoch = val_acc, score, epoch + 1
+            best_state = {k: v.detach().cpu().clone() for k, v in distiller.state_dict_to_keep().items()}
+        terms = "  ".join(f"{k} {v:.4f}" for k, v in log.terms.items())
+        val_text = f"  val acc {val_acc:.4f}" if validating else ""
+        console.print(
+            f"{label} epoch {epoch + 1}/{spec.epochs}  loss {log.loss:.4f} ({terms})  "
+            f"train acc {log.train_acc:.4f}{val_text}  {log.seconds:.1f}s"
+        )
+        if not result.warnings and (warning := learning_warning(label, result.history, chance, measured_on)):
+            result.warnings.append(warning)
+            console.print(f"[yellow]warning: {warning}[/]")
+        rng = rng_states(parallel)  # every process's: dropout draws differ between shares
+        if checkpoint is not None and is_main:
+            save_checkpoint(
+                {
+                    "epoch": epoch + 1,
+                    "student": distiller.student.state_dict(),
+                    "terms": distiller.terms.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    **rng,
+                    "best_state": best_state,
+                    "best_epoch": result.best_epoch,
+                    "best_val_acc": result.best_val_acc,
+                    "best_val_score": result.best_val_score,
+                    "history": [asdict(e) for e in result.history],
+                    "warnings": result.warnings,
+                },
+                checkpoint,
+            )
+        if on_epoch_end is not None:
+            on_epoch_end(log)
+    distiller.forget_teacher()
 
     if select_best and validating:
         distiller.load_state_dict(best_state, strict=False)  # student and adapters of the best epoch

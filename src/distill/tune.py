@@ -27,7 +27,7 @@ import yaml
 from pydantic import Field, model_validator
 from rich.console import Console
 from rich.table import Table
-from torch import Tensor, nn
+from torch import nn
 
 from .config import ExperimentConfig, Strict, config_to_dict
 from .data import DataBundle
@@ -44,7 +44,8 @@ from .experiment import (
     seeded_model,
 )
 from .io import write_json, write_text
-from .losses import TERMS, HardLabelCE, ModelOutputs
+from .losses import TERMS, HardLabelCE
+from .losses.base import TeacherLogits
 from .tasks import get_task
 from .trainer import EpochLog, pick_device, train
 from .workflow import derive, finish_dir, prepare_dir, teacher_model
@@ -206,21 +207,6 @@ def describe_settings(config: ExperimentConfig) -> str:
 
 
 # ---------------------------------------------------------------------------- trials
-
-
-class TeacherLogits:
-    """The teacher's logits on the training split, computed once and looked up by sample index
-    (the Distiller's cached-teacher interface), so that trials do not run the teacher again.
-    Only for objectives that read nothing but the teacher's logits."""
-
-    def __init__(self, logits: Tensor) -> None:
-        self.logits = logits
-
-    def lookup(self, index: Tensor, *, device: torch.device | str | None = None) -> ModelOutputs:
-        return ModelOutputs(logits=self.logits[index].to(device or "cpu"))
-
-    def check_features(self, names: list[str]) -> None:
-        raise DistillError(f"the teacher's logits were computed once for tuning; they hold no features ({names[0]})")
 
 
 def pruning_hook(trial: Any) -> Callable[[EpochLog], None]:

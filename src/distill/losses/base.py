@@ -13,6 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from ..errors import DistillError
 from ..signals import TopKLogits, dense_logits
 
 
@@ -55,6 +56,22 @@ class TeacherSignals(Protocol):
     def check_features(self, names: list[str]) -> None:
         """Raise a DistillError unless the named teacher features are held."""
         ...
+
+
+class TeacherLogits:
+    """A teacher's logits on the training split, computed once and looked up by sample index
+    (:class:`TeacherSignals`): the remembered teacher of a run and the teacher of tuning trials,
+    which then never run it again. Only for objectives that read nothing but the logits."""
+
+    def __init__(self, logits: Tensor) -> None:
+        self.logits = logits
+
+    def lookup(self, index: Tensor, *, device: torch.device | str | None = None) -> ModelOutputs:
+        rows = self.logits[index.to(self.logits.device)]
+        return ModelOutputs(logits=rows if device is None else rows.to(device))
+
+    def check_features(self, names: list[str]) -> None:
+        raise DistillError(f"the teacher's logits were computed once; they hold no features ({names[0]})")
 
 
 @dataclass
