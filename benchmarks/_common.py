@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from distill.distiller import Distiller
-from distill.trainer import make_optimizer
+from distill.core.distiller import Distiller
+from distill.train.loop import make_optimizer
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -40,10 +40,12 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.cache import CachedTeacher
-from distill.config import load_config, parse_config
-from distill.data import iterate_batches, load_data
-from distill.distiller import Distiller
-from distill.experiment import (
+from distill.core.data import iterate_batches
+from distill.core.distiller import Distiller
+from distill.core.losses import HardLabelCE
+from distill.core.signals import QuantizedValues, TopKLogits
+from distill.pipeline.config import load_config, parse_config
+from distill.pipeline.experiment import (
     build_distiller,
     cache_teacher,
     default_cache_dir,
@@ -51,9 +53,8 @@ from distill.experiment import (
     run_experiment,
     seeded_model,
 )
-from distill.losses import HardLabelCE
-from distill.signals import QuantizedValues, TopKLogits
-from distill.trainer import epoch_generator, make_optimizer
+from distill.tasks.image_data import load_data
+from distill.train.loop import epoch_generator, make_optimizer
 
 from _common import fmt, summary, write_results
 
@@ -229,7 +230,7 @@ def lm(console: Console, rows: int, vocab: int = 49152) -> dict:
 
 def batch_sizes(console: Console, overrides: list[str], sizes=(64, 128, 256, 512, 1024), images: int = 20_000) -> dict:
     """Images per second of the cache writer's teacher pass at each batch size."""
-    from distill.cache import _teacher_rows
+    from distill.cache.writer import _teacher_rows
 
     config = demo_config(overrides)
     data = load_data(config.data)

@@ -27,8 +27,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from distill.chain import ChainSpec, run_chain
-from distill.config import load_config
+from distill.pipeline.config import load_config
+from distill.workflows.chain import ChainSpec, run_chain
 
 from _common import fmt, machine, summary, write_results
 

@@ -26,11 +26,11 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.cli import DEMO_QUICK_OVERRIDES
-from distill.config import load_config
-from distill.data import load_data
-from distill.distiller import Distiller
-from distill.experiment import build_distiller, default_cache_dir, obtain_teacher, run_experiment, seeded_model
-from distill.losses import HardLabelCE
+from distill.core.distiller import Distiller
+from distill.core.losses import HardLabelCE
+from distill.pipeline.config import load_config
+from distill.pipeline.experiment import build_distiller, default_cache_dir, obtain_teacher, run_experiment, seeded_model
+from distill.tasks.image_data import load_data
 
 from _common import fmt, step_times, summary, write_results
 

@@ -24,12 +24,12 @@ from pydantic import TypeAdapter
 from rich.console import Console
 from rich.table import Table
 
-from distill.config import DistillSpec, load_config
-from distill.data import load_data
-from distill.distiller import Distiller
-from distill.errors import DistillError
-from distill.evaluate import accuracy, predict
-from distill.experiment import (
+from distill.core.distiller import Distiller
+from distill.core.errors import DistillError
+from distill.core.evaluate import accuracy, predict
+from distill.core.losses import HardLabelCE
+from distill.pipeline.config import DistillSpec, load_config
+from distill.pipeline.experiment import (
     build_distiller,
     default_cache_dir,
     hint_stages,
@@ -38,9 +38,9 @@ from distill.experiment import (
     scratch_setup,
     seeded_model,
 )
-from distill.losses import HardLabelCE
-from distill.models import ModelSpec, count_parameters
-from distill.trainer import train
+from distill.tasks.image_data import load_data
+from distill.tasks.models import ModelSpec, count_parameters
+from distill.train.loop import train
 
 from _common import fmt, step_times, summary, write_results
 

@@ -30,13 +30,13 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.cache import CachedTeacher
-from distill.config import load_config
-from distill.data import load_data
-from distill.distiller import Distiller
-from distill.distributed import parallel_from_environment
-from distill.experiment import build_distiller, cache_teacher, default_cache_dir, obtain_teacher, seeded_model
-from distill.losses import HardLabelCE
-from distill.trainer import pick_device, train
+from distill.core.distiller import Distiller
+from distill.core.losses import HardLabelCE
+from distill.pipeline.config import load_config
+from distill.pipeline.experiment import build_distiller, cache_teacher, default_cache_dir, obtain_teacher, seeded_model
+from distill.tasks.image_data import load_data
+from distill.train.distributed import parallel_from_environment
+from distill.train.loop import pick_device, train
 
 from _common import write_results
 

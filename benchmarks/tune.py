@@ -28,9 +28,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from distill.config import ExperimentConfig, load_config
-from distill.experiment import run_experiment
-from distill.tune import PruneSpec, TuneSpec, apply_settings, describe_settings, run_tune
+from distill.pipeline.config import ExperimentConfig, load_config
+from distill.pipeline.experiment import run_experiment
+from distill.workflows.tune import PruneSpec, TuneSpec, apply_settings, describe_settings, run_tune
 
 from _common import fmt, machine, summary, write_results
 

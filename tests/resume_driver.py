@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from distill.cli import main
-from distill.distiller import Distiller
+from distill.core.distiller import Distiller
 
 
 def die(**note) -> None:
@@ -64,8 +64,8 @@ def kill_at_step(limit: int) -> None:
 
 
 def light_reports() -> None:
-    import distill.experiment as experiment
-    from distill.io import write_text
+    import distill.pipeline.experiment as experiment
+    from distill.core.io import write_text
 
     def plots(run_dir, metrics, histories) -> None:
         for name in ("curves.png", "tradeoff.png"):
@@ -76,7 +76,9 @@ def light_reports() -> None:
 
     for name, stub in (("write_plots", plots), ("write_html_report", html)):
         if not hasattr(experiment, name):  # renamed: patching nothing would make the tests slow, silently
-            raise AttributeError(f"distill.experiment has no {name} to replace; update resume_driver.light_reports")
+            raise AttributeError(
+                f"distill.pipeline.experiment has no {name} to replace; update resume_driver.light_reports"
+            )
         setattr(experiment, name, stub)
 
 
@@ -129,7 +131,7 @@ def child(job: dict) -> None:
 
 
 def serve() -> None:
-    import distill.experiment  # noqa: F401 - the heavy imports, once, before any fork (and before torch runs)
+    import distill.pipeline.experiment  # noqa: F401 - the heavy imports, once, before any fork (and before torch runs)
 
     for line in sys.stdin:
         sys.stdout.flush()

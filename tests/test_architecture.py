@@ -1,4 +1,4 @@
-"""The package's shape: no import cycles, one teacher-signals protocol for every precomputed teacher."""
+"""The package's shape: layers that import only downwards, no import cycles, one teacher-signals protocol for every precomputed teacher."""
 
 import ast
 from pathlib import Path
@@ -9,9 +9,9 @@ from torch import nn
 
 import distill
 from distill import Distiller, SoftTargetKD
-from distill.errors import DistillError
-from distill.losses import LossTerm
-from distill.losses.base import ModelOutputs, TeacherSignals
+from distill.core.errors import DistillError
+from distill.core.losses import LossTerm
+from distill.core.losses.base import ModelOutputs, TeacherSignals
 
 PACKAGE = Path(distill.__file__).parent
 
@@ -75,12 +75,52 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_package_has_no_import_cycles():
     graph = import_graph()
-    assert "distill.distiller" in graph and "distill.losses.base" in graph["distill.distiller"]  # the graph is real
+    assert (
+        "distill.core.distiller" in graph and "distill.core.losses.base" in graph["distill.core.distiller"]
+    )  # the graph is real
     assert cycles(graph) == []
 
 
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# Each subpackage is a layer; a module may import its own layer and the layers below it, never
+# one above or beside it. The top level (cli, __init__, _version) may import anything.
+LAYERS = {"core": 0, "tasks": 1, "report": 1, "cache": 2, "train": 2, "pipeline": 3, "workflows": 4}
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    def layer(module: str) -> str | None:
+        parts = module.split(".")
+        return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+    found = []
+    for module, imports in sorted(graph.items()):
+        own = layer(module)
+        for target in sorted(imports):
+            other = layer(target)
+            if own is None or other is None or other == own:
+                continue
+            if LAYERS[other] >= LAYERS[own]:
+                found.append(f"{module} -> {target}")
+    return found
+
+
+def test_every_module_belongs_to_a_layer_and_imports_only_downwards():
+    graph = import_graph()
+    top_level = {"distill", "distill.cli", "distill.__main__", "distill._version"}
+    assert {m for m in graph if m.split(".")[1:2] and m.split(".")[1] not in LAYERS} - top_level == set()
+    assert "distill.core.distiller" in graph and "distill.tasks.image" in graph
+    assert layer_violations(graph) == []
+    core_imports = {t for m, ts in graph.items() if m.startswith("distill.core") for t in ts}
+    assert all(t.startswith("distill.core") for t in core_imports), "the core imports only the core"
+
+
+def test_the_layer_check_finds_an_upward_import():
+    graph = {"distill.core.a": {"distill.pipeline.b"}, "distill.tasks.c": {"distill.report.d"}}
+    graph |= {"distill.pipeline.b": set(), "distill.report.d": set()}
+    assert layer_violations(graph) == ["distill.core.a -> distill.pipeline.b", "distill.tasks.c -> distill.report.d"]
 
 
 class Logits:
@@ -98,7 +138,7 @@ class Logits:
 
 def test_precomputed_teachers_share_one_protocol_and_train_like_the_live_one():
     from distill.cache import CachedTeacher
-    from distill.tune import TeacherLogits
+    from distill.workflows.tune import TeacherLogits
 
     for cls in (CachedTeacher, TeacherLogits):
         assert all(callable(getattr(cls, name, None)) for name in ("lookup", "check_features")), cls
@@ -139,7 +179,7 @@ class TinyLM(nn.Module):
 
 
 def token_split(n: int, seq: int = 6, vocab: int = 11, seed: int = 0):
-    from distill.data import Split
+    from distill.core.data import Split
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (n, seq), generator=g)
@@ -151,8 +191,8 @@ def token_split(n: int, seq: int = 6, vocab: int = 11, seed: int = 0):
 
 def test_token_models_take_keyword_inputs_and_padding_gets_no_gradient():
     from distill import HardLabelCE
-    from distill.evaluate import predict
-    from distill.losses import Batch
+    from distill.core.evaluate import predict
+    from distill.core.losses import Batch
 
     torch.manual_seed(0)
     split = token_split(4)
@@ -169,9 +209,9 @@ def test_token_models_take_keyword_inputs_and_padding_gets_no_gradient():
 
 def test_the_trainer_trains_a_token_model_on_keyword_inputs_with_a_mask():
     from distill import HardLabelCE
-    from distill.config import TrainSpec
-    from distill.data import DataBundle
-    from distill.trainer import train
+    from distill.core.data import DataBundle
+    from distill.pipeline.config import TrainSpec
+    from distill.train.loop import train
 
     torch.manual_seed(0)
     data = DataBundle(
@@ -190,7 +230,7 @@ def test_the_trainer_trains_a_token_model_on_keyword_inputs_with_a_mask():
 
 def test_a_tap_can_pick_an_element_of_a_tuple_output():
     """Hugging Face attention modules return (context, probabilities): ``name[1]`` taps the second."""
-    from distill.taps import FeatureTaps
+    from distill.core.taps import FeatureTaps
 
     class Attention(nn.Module):
         def forward(self, x):
@@ -225,8 +265,8 @@ def test_the_cache_stores_and_serves_a_token_model(tmp_path):
     """The cache writer runs a keyword-input model over [N, S] token splits; looked up by index, its
     signals give the live teacher's masked loss (k = vocabulary: exact)."""
     from distill.cache import CachedTeacher, write_cache
-    from distill.data import DataBundle
-    from distill.inputs import take
+    from distill.core.data import DataBundle
+    from distill.core.inputs import take
 
     torch.manual_seed(0)
     data = DataBundle(
@@ -244,9 +284,10 @@ def test_the_cache_stores_and_serves_a_token_model(tmp_path):
 
 
 def test_the_image_task_is_the_default_and_configs_name_tasks(tmp_path):
-    from distill.config import parse_config
-    from distill.data import DataSpec
+    from distill.pipeline.config import parse_config
     from distill.tasks import ImageClassification, get_task
+    from distill.tasks.image_data import DataSpec
+    from distill.tasks.models import MLPSpec
 
     from conftest import tiny_config
 
@@ -256,7 +297,7 @@ def test_the_image_task_is_the_default_and_configs_name_tasks(tmp_path):
     with pytest.raises(DistillError, match=r"^config: task: unknown task 'poetry'; available: image_classification$"):
         parse_config(tiny_config(tmp_path, task="poetry"))
     data = task.load_data(DataSpec(source="digits"))
-    model = task.build_model(__import__("distill.models").models.MLPSpec(hidden=[8]), data, "student")
+    model = task.build_model(MLPSpec(hidden=[8]), data, "student")
     assert task.example_inputs(data).shape == (2, 1, 8, 8) and task.latency_inputs(data, 5).shape == (5, 1, 8, 8)
     logits = torch.zeros(len(data.test), 10)
     logits[:, 3] = 1
@@ -268,9 +309,10 @@ def test_the_image_task_is_the_default_and_configs_name_tasks(tmp_path):
 
 def test_the_task_primary_metric_and_its_direction_pick_the_best_epoch_and_batches_pass_its_rewrite():
     from distill import HardLabelCE
-    from distill.config import TrainSpec
+    from distill.pipeline.config import TrainSpec
     from distill.tasks import ImageClassification
-    from distill.trainer import train
+    from distill.tasks.image_data import DataSpec
+    from distill.train.loop import train
 
     class Unsure(ImageClassification):
         """Prefers the least confident epoch: a metric where lower is better."""
@@ -285,7 +327,7 @@ def test_the_task_primary_metric_and_its_direction_pick_the_best_epoch_and_batch
             return batch
 
     task = Unsure()
-    data = task.load_data(__import__("distill.data").data.DataSpec(source="digits"))
+    data = task.load_data(DataSpec(source="digits"))
     torch.manual_seed(0)
     student = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     result = train(

@@ -13,13 +13,14 @@ from torch import nn
 
 from distill.cache import CachedTeacher, write_cache
 from distill.cli import main
-from distill.config import parse_config
-from distill.data import DataBundle, Split, load_data
-from distill.distiller import Distiller
-from distill.errors import DistillError
-from distill.experiment import cache_teacher, run_experiment
-from distill.losses import SoftTargetKD, soft_target_kl
-from distill.signals import TopKLogits
+from distill.core.data import DataBundle, Split
+from distill.core.distiller import Distiller
+from distill.core.errors import DistillError
+from distill.core.losses import SoftTargetKD, soft_target_kl
+from distill.core.signals import TopKLogits
+from distill.pipeline.config import parse_config
+from distill.pipeline.experiment import cache_teacher, run_experiment
+from distill.tasks.image_data import load_data
 
 from conftest import tiny_config
 
@@ -387,9 +388,9 @@ def test_distiller_with_a_cache_needs_indices(tmp_path):
 
 
 def test_only_a_bounded_number_of_shards_stay_mapped(tmp_path, monkeypatch):
-    import distill.cache
+    import distill.cache.reader
 
-    monkeypatch.setattr(distill.cache, "MAX_OPEN_SHARDS", 3)
+    monkeypatch.setattr(distill.cache.reader, "MAX_OPEN_SHARDS", 3)
     data, teacher = _bundle(n=50), _teacher()
     cache = CachedTeacher(_write(tmp_path, teacher, data, shard_rows=5))  # 10 shards per split
     got = cache.lookup(torch.arange(50).flip(0)).logits

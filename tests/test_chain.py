@@ -7,13 +7,13 @@ import pytest
 import yaml
 from rich.console import Console
 
-from distill.chain import ChainSpec, chain_verdict, run_chain
 from distill.cli import main
-from distill.errors import DistillError
-from distill.io import file_sha256
-from distill.models import CNNSpec, MLPSpec
-from distill.sizing import assistant_specs, param_count
-from distill.workflow import load_with_section
+from distill.core.errors import DistillError
+from distill.core.io import file_sha256
+from distill.tasks.models import CNNSpec, MLPSpec
+from distill.workflows.chain import ChainSpec, chain_verdict, run_chain
+from distill.workflows.common import load_with_section
+from distill.workflows.sizing import assistant_specs, param_count
 
 from conftest import tiny_config
 

@@ -3,8 +3,8 @@
 import pytest
 import yaml
 
-from distill.config import config_to_dict, load_config, parse_config
-from distill.errors import DistillError
+from distill.core.errors import DistillError
+from distill.pipeline.config import config_to_dict, load_config, parse_config
 
 from conftest import tiny_config
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.data import DataSpec, iterate_batches, load_data, read_idx
-from distill.errors import DistillError
+from distill.core.data import iterate_batches
+from distill.core.errors import DistillError
+from distill.tasks.image_data import DataSpec, load_data, read_idx
 
 from conftest import write_idx
 

@@ -121,9 +121,9 @@ def test_hugging_face_style_outputs_are_understood(batch):
 def test_a_remembered_teacher_runs_once_and_trains_bit_for_bit_like_a_live_one():
     """distill.remember_teacher: the teacher's logits are computed once over the training split
     and looked up by sample index; training ends with the same weights, with far fewer passes."""
-    from distill.config import TrainSpec
-    from distill.data import DataSpec, load_data
-    from distill.trainer import train
+    from distill.pipeline.config import TrainSpec
+    from distill.tasks.image_data import DataSpec, load_data
+    from distill.train.loop import train
 
     data = load_data(DataSpec(source="digits"))
     spec = TrainSpec(epochs=3, batch_size=64, lr=0.05)

@@ -12,9 +12,9 @@ import yaml
 from safetensors.torch import load_file
 
 from distill.cli import _without_processes, main
-from distill.config import parse_config
-from distill.errors import DistillError
-from distill.experiment import cache_teacher, run_experiment
+from distill.core.errors import DistillError
+from distill.pipeline.config import parse_config
+from distill.pipeline.experiment import cache_teacher, run_experiment
 
 from conftest import tiny_config
 

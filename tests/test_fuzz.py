@@ -34,9 +34,10 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save_file
 
-import distill.experiment as experiment
+import distill.pipeline.experiment as experiment
 from distill.cli import main
-from distill.config import (
+from distill.core.errors import DistillError
+from distill.pipeline.config import (
     DistillSpec,
     EvalSpec,
     ExperimentConfig,
@@ -46,9 +47,8 @@ from distill.config import (
     load_config,
     parse_config,
 )
-from distill.data import DataSpec, load_data, read_idx
-from distill.errors import DistillError
-from distill.models import MLP, CNNSpec, MLPSpec
+from distill.tasks.image_data import DataSpec, load_data, read_idx
+from distill.tasks.models import MLP, CNNSpec, MLPSpec
 
 from conftest import decode, recorded, recorded_regressions, tiny_config, write_idx
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.losses import build_term, hard_label_ce, soft_target_kl
+from distill.core.losses import build_term, hard_label_ce, soft_target_kl
 
 
 def kl(p, q):

@@ -8,11 +8,11 @@ import torch
 import yaml
 
 from distill.cli import main
-from distill.config import parse_config
-from distill.data import DataSpec, load_data
-from distill.errors import DistillError
-from distill.memory import Budget, _cgroup_available, _meminfo_available, available_memory, measure
-from distill.models import MLP, CNNSpec, MLPSpec, SmallCNN, build_model
+from distill.core.errors import DistillError
+from distill.core.memory import Budget, _cgroup_available, _meminfo_available, available_memory, measure
+from distill.pipeline.config import parse_config
+from distill.tasks.image_data import DataSpec, load_data
+from distill.tasks.models import MLP, CNNSpec, MLPSpec, SmallCNN, build_model
 
 from conftest import tiny_config
 
@@ -39,7 +39,7 @@ def test_measure_sizes_a_model_on_the_meta_device_exactly():
 
 
 def test_a_huge_model_is_refused_before_a_byte_is_allocated(monkeypatch):
-    monkeypatch.setattr("distill.models.available_memory", lambda: 16 * 2**30)  # the same on every machine
+    monkeypatch.setattr("distill.tasks.models.available_memory", lambda: 16 * 2**30)  # the same on every machine
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(DistillError, match=r"^student.hidden: the model has 8,534,444,935 parameters, 31.8 GiB"):
         build_model(MLPSpec(hidden=[113792599]), (1, 8, 8), 10, "student")
@@ -117,7 +117,7 @@ def test_absurd_sizes_end_in_one_line_within_a_second(tmp_path, capsys, case):
 
 def test_the_same_settings_pass_under_a_budget_that_fits(tmp_path, capsys, monkeypatch):
     """The cache-batch case above with a small cache batch passes every check (and then starts)."""
-    import distill.experiment as experiment
+    import distill.pipeline.experiment as experiment
 
     def started(*args, **kwargs):
         raise KeyboardInterrupt
@@ -136,7 +136,7 @@ def test_max_memory_is_a_config_setting_and_bad_values_are_one_line(tmp_path, ca
 
 
 def test_a_run_resumes_under_another_budget(tmp_path):
-    from distill.config import config_to_dict, run_identity
+    from distill.pipeline.config import config_to_dict, run_identity
 
     a = config_to_dict(parse_config(tiny_config(tmp_path, max_memory="8GB")))
     b = config_to_dict(parse_config(tiny_config(tmp_path, max_memory="16GB")))
@@ -156,7 +156,7 @@ def test_an_absurd_image_size_is_refused_before_resizing(tmp_path, monkeypatch):
         (tmp_path / "imgs" / label).mkdir(parents=True)
         for i in range(10):
             Image.new("L", (4, 4), color=i).save(tmp_path / "imgs" / label / f"{i}.png")
-    monkeypatch.setattr("distill.data.available_memory", lambda: 2**30)
+    monkeypatch.setattr("distill.tasks.image_data.available_memory", lambda: 2**30)
     with pytest.raises(DistillError, match=r"^data.image_size: 20 images of 100000×100000 pixels need about 1.5 TiB"):
         load_data(DataSpec(source="folder", path=tmp_path / "imgs", image_size=(100_000, 100_000)))
     assert load_data(DataSpec(source="folder", path=tmp_path / "imgs", image_size=(6, 6))).input_shape == (1, 6, 6)

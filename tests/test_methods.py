@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill import Distiller, DistillError
-from distill.adapters import ConvAdapter, FlatAdapter, make_adapter
-from distill.distiller import LinearWarmup
-from distill.losses import (
+from distill.core.adapters import ConvAdapter, FlatAdapter, make_adapter
+from distill.core.distiller import LinearWarmup
+from distill.core.losses import (
     AttentionTransfer,
     FitNetsHint,
     ModelOutputs,
@@ -172,7 +172,7 @@ def test_dkd_against_hand_computed_parts_and_the_kd_decomposition():
 
 
 def test_dkd_uses_the_teachers_class_for_unlabeled_samples():
-    from distill.losses import Batch, DecoupledKD
+    from distill.core.losses import Batch, DecoupledKD
 
     torch.manual_seed(6)
     s, t = torch.randn(4, 5), torch.randn(4, 5)
@@ -288,8 +288,8 @@ def test_linear_warmup_weights_follow_progress():
 def test_a_run_combines_methods_with_adapters_and_a_hint_stage(tmp_path):
     from safetensors.torch import load_file
 
-    from distill.config import parse_config
-    from distill.experiment import run_experiment
+    from distill.pipeline.config import parse_config
+    from distill.pipeline.experiment import run_experiment
 
     from conftest import tiny_config
 
@@ -346,11 +346,11 @@ def test_methods_lists_every_term_with_its_parameters(capsys):
 
 
 def test_the_hint_stage_trains_only_the_layers_below_the_tap():
-    from distill.config import TrainSpec
-    from distill.data import DataSpec, load_data
-    from distill.experiment import run_hint_stage
-    from distill.models import CNNSpec, SmallCNN
-    from distill.trainer import train
+    from distill.pipeline.config import TrainSpec
+    from distill.pipeline.experiment import run_hint_stage
+    from distill.tasks.image_data import DataSpec, load_data
+    from distill.tasks.models import CNNSpec, SmallCNN
+    from distill.train.loop import train
 
     data = load_data(DataSpec(source="digits"))
     torch.manual_seed(0)
@@ -374,7 +374,7 @@ def test_the_hint_stage_trains_only_the_layers_below_the_tap():
 
 
 def test_taps_record_only_inside_the_distiller_and_catch_in_place_changes():
-    from distill.models import CNNSpec, SmallCNN
+    from distill.tasks.models import CNNSpec, SmallCNN
 
     torch.manual_seed(0)
     student, teacher = SmallCNN((1, 8, 8), 10, CNNSpec(channels=[4])), SmallCNN((1, 8, 8), 10, CNNSpec(channels=[8]))
@@ -388,7 +388,7 @@ def test_taps_record_only_inside_the_distiller_and_catch_in_place_changes():
 
 
 def test_a_tap_on_a_module_that_never_runs_is_caught_before_training():
-    from distill.losses import SimilarityPreserving
+    from distill.core.losses import SimilarityPreserving
 
     class WithSpare(nn.Module):
         def __init__(self):
@@ -406,10 +406,10 @@ def test_a_tap_on_a_module_that_never_runs_is_caught_before_training():
 
 
 def test_the_hint_stage_leaves_the_users_frozen_layers_frozen():
-    from distill.data import DataSpec, load_data
-    from distill.experiment import run_hint_stage
-    from distill.models import CNNSpec, SmallCNN
-    from distill.trainer import TrainSpec, train
+    from distill.pipeline.experiment import run_hint_stage
+    from distill.tasks.image_data import DataSpec, load_data
+    from distill.tasks.models import CNNSpec, SmallCNN
+    from distill.train.loop import TrainSpec, train
 
     data = load_data(DataSpec(source="digits", limit_train=128))
     student, teacher = SmallCNN((1, 8, 8), 10, CNNSpec(channels=[4, 8])), SmallCNN((1, 8, 8), 10, CNNSpec(channels=[8]))

@@ -9,9 +9,9 @@ import yaml
 from safetensors.torch import save_file
 
 from distill.cli import main
-from distill.data import DataSpec, Normalization, load_data
-from distill.errors import DistillError
-from distill.report import verdict
+from distill.core.errors import DistillError
+from distill.report.markdown import verdict
+from distill.tasks.image_data import DataSpec, Normalization, load_data
 
 from conftest import tiny_config
 

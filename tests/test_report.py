@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from distill.cli import main
-from distill.compare import comparison, pareto_front
-from distill.config import parse_config
-from distill.experiment import run_experiment
+from distill.pipeline.config import parse_config
+from distill.pipeline.experiment import run_experiment
+from distill.report.compare import comparison, pareto_front
 
 from conftest import tiny_config
 
@@ -127,7 +127,7 @@ def test_tensorboard_tracking(tmp_path):
 def test_a_missing_tracker_package_is_reported_before_the_run(tmp_path, monkeypatch):
     import importlib.util
 
-    from distill.errors import DistillError
+    from distill.core.errors import DistillError
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
@@ -150,7 +150,7 @@ def test_compare_refuses_incomplete_metrics_and_counts_a_run_once(runs, tmp_path
 
 
 def test_user_text_is_shown_literally_in_figures(runs):
-    from distill.plots import per_class_figure
+    from distill.report.plots import per_class_figure
 
     metrics = json.loads((runs[0].run_dir / "metrics.json").read_text())
     metrics["class_names"] = [f"$cost_{i}" for i in range(10)]  # would be maths to matplotlib
@@ -174,7 +174,7 @@ def test_latency_timing_keeps_to_its_time_budget():
 
     from torch import nn
 
-    from distill.evaluate import MIN_ROUNDS, measure_latencies
+    from distill.core.evaluate import MIN_ROUNDS, measure_latencies
 
     class Slow(nn.Module):
         calls = 0

@@ -26,10 +26,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 from sklearn.datasets import load_digits
 
-from distill.models import CNNSpec, SmallCNN
+from distill.tasks.models import CNNSpec, SmallCNN
 
 DRIVER = Path(__file__).with_name("resume_driver.py")
-TEMP_FILE = re.compile(r"^\..+\.[^.]+\.tmp$")  # distill.io.atomic_path's temporary files: .<name>.<random>.tmp
+TEMP_FILE = re.compile(r"^\..+\.[^.]+\.tmp$")  # distill.core.io.atomic_path's temporary files: .<name>.<random>.tmp
 
 # 256 training samples in batches of 32: 8 steps an epoch, 3 epochs a phase. With a label budget of 128 the
 # scratch student makes 2 passes over its 128 labeled samples an epoch (8 steps too). Steps of one process:

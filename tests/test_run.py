@@ -10,10 +10,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from distill.cli import main
-from distill.config import parse_config
-from distill.data import load_data
-from distill.experiment import run_experiment, scratch_setup
-from distill.models import MLP, MLPSpec
+from distill.pipeline.config import parse_config
+from distill.pipeline.experiment import run_experiment, scratch_setup
+from distill.tasks.image_data import load_data
+from distill.tasks.models import MLP, MLPSpec
 
 from conftest import tiny_config
 
@@ -222,7 +222,7 @@ def test_overwrite_only_ever_replaces_run_directories(tmp_path, capsys):
 
 
 def test_metrics_json_is_strict_json(tmp_path):
-    from distill.io import write_json
+    from distill.core.io import write_json
 
     write_json(tmp_path / "m.json", {"gap": float("nan"), "nested": [1.0, float("inf")]})
     assert json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == {

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from distill import Distiller, DistillError, HardLabelCE
-from distill.config import TrainSpec
-from distill.data import DataSpec, load_data
-from distill.io import load_checkpoint, load_weights
-from distill.models import MLP, MLPSpec
-from distill.trainer import train
+from distill.core.io import load_checkpoint, load_weights
+from distill.pipeline.config import TrainSpec
+from distill.tasks.image_data import DataSpec, load_data
+from distill.tasks.models import MLP, MLPSpec
+from distill.train.loop import train
 
 
 class Payload:

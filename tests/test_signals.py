@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from distill.losses import soft_target_kl
-from distill.signals import QuantizedValues, TopKLogits
+from distill.core.losses import soft_target_kl
+from distill.core.signals import QuantizedValues, TopKLogits
 
 
 @pytest.fixture

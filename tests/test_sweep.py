@@ -7,10 +7,10 @@ import yaml
 from rich.console import Console
 
 from distill.cli import main
-from distill.config import parse_config
-from distill.models import MLPSpec
-from distill.sweep import SweepSpec, budget_guide, mark_fronts, ordered, run_sweep, sweep_students
-from distill.workflow import load_with_section, parse_section
+from distill.pipeline.config import parse_config
+from distill.tasks.models import MLPSpec
+from distill.workflows.common import load_with_section, parse_section
+from distill.workflows.sweep import SweepSpec, budget_guide, mark_fronts, ordered, run_sweep, sweep_students
 
 from conftest import tiny_config
 

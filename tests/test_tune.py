@@ -7,14 +7,15 @@ import pytest
 import yaml
 from rich.console import Console
 
-import distill.tune as tune_module
+import distill.workflows.tune as tune_module
 from distill.cli import main
-from distill.config import load_config, parse_config
-from distill.data import load_data
-from distill.errors import DistillError
+from distill.core.errors import DistillError
+from distill.pipeline.config import load_config, parse_config
 from distill.tasks import ImageClassification
-from distill.trainer import EpochLog
-from distill.tune import (
+from distill.tasks.image_data import load_data
+from distill.train.loop import EpochLog
+from distill.workflows.common import load_with_section, parse_section
+from distill.workflows.tune import (
     PruneSpec,
     SpaceSpec,
     TuneSpec,
@@ -26,7 +27,6 @@ from distill.tune import (
     search_space,
     tune_verdict,
 )
-from distill.workflow import load_with_section, parse_section
 
 from conftest import tiny_config
 

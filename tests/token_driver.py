@@ -12,10 +12,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_architecture import TinyLM, token_split  # noqa: E402
 
 from distill import Distiller, HardLabelCE, SoftTargetKD  # noqa: E402
-from distill.config import TrainSpec  # noqa: E402
-from distill.data import DataBundle  # noqa: E402
-from distill.distributed import parallel_from_environment  # noqa: E402
-from distill.trainer import train  # noqa: E402
+from distill.core.data import DataBundle  # noqa: E402
+from distill.pipeline.config import TrainSpec  # noqa: E402
+from distill.train.distributed import parallel_from_environment  # noqa: E402
+from distill.train.loop import train  # noqa: E402
 
 
 def main(out: str) -> None:

@@ -8,10 +8,10 @@ Train a small student to imitate a large teacher, and measure what it kept::
                           weights={"kd": 0.9, "ce": 0.1})
 """
 
-from ._version import __version__
-from .distiller import Distiller, DistillOutput, LinearWarmup  # noqa: E402
-from .errors import DistillError  # noqa: E402
-from .losses import (  # noqa: E402
+from distill._version import __version__
+from distill.core.distiller import Distiller, DistillOutput, LinearWarmup  # noqa: E402
+from distill.core.errors import DistillError  # noqa: E402
+from distill.core.losses import (  # noqa: E402
     TERMS,
     AttentionTransfer,
     Batch,

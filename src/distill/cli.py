@@ -9,8 +9,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ._version import __version__
-from .errors import DistillError
+from distill._version import __version__
+from distill.core.errors import DistillError
 
 DEMO_QUICK_OVERRIDES = [
     # the demo's story in miniature (about a minute): the same label budget and unlabeled images, a smaller
@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _methods(console: Console) -> None:
-    from .losses import TERMS
+    from distill.core.losses import TERMS
 
     for name, cls in sorted(TERMS.items()):
         params = ", ".join(_describe_parameter(field, info) for field, info in cls.Params.model_fields.items())
@@ -136,23 +136,23 @@ def _run_workflow(
     summary_console: Console | None = None,
 ) -> Path:
     """``distill chain|sweep|tune CONFIG``: load, run, print the summary; returns the run directory."""
-    from .workflow import load_with_section
+    from distill.workflows.common import load_with_section
 
     summary_console = summary_console or console
     if command == "chain":
-        from .chain import ChainSpec, print_chain, run_chain
+        from distill.workflows.chain import ChainSpec, print_chain, run_chain
 
         config, spec = load_with_section(config_path, overrides, "chain", ChainSpec)
         result = run_chain(config, spec, resume=resume, overwrite=overwrite, console=console)
         print_chain(summary_console, result)
     elif command == "sweep":
-        from .sweep import SweepSpec, print_sweep, run_sweep
+        from distill.workflows.sweep import SweepSpec, print_sweep, run_sweep
 
         config, spec = load_with_section(config_path, overrides, "sweep", SweepSpec)
         result = run_sweep(config, spec, resume=resume, overwrite=overwrite, console=console)
         print_sweep(summary_console, result)
     elif command == "tune":
-        from .tune import TuneSpec, print_tune, run_tune
+        from distill.workflows.tune import TuneSpec, print_tune, run_tune
 
         config, spec = load_with_section(config_path, overrides, "tune", TuneSpec)
         result = run_tune(config, spec, overwrite=overwrite, console=console)
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(quiet=getattr(args, "quiet", False), width=None if sys.stdout.isatty() else 160)
     try:
         if args.command in ("cache", "chain", "sweep", "tune"):
-            from .distributed import launched_distributed
+            from distill.train.distributed import launched_distributed
 
             if launched_distributed():
                 raise DistillError(
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             _methods(console)
             return 0
         if args.command == "compare":
-            from .compare import compare
+            from distill.report.compare import compare
 
             compare(args.runs, args.out, console)
             return 0
@@ -210,11 +210,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"distill: interrupted; {again}", file=sys.stderr)
                 return 130
             return 0
-        from .config import load_config
-        from .experiment import run_experiment
+        from distill.pipeline.config import load_config
+        from distill.pipeline.experiment import run_experiment
 
         if args.command == "cache":
-            from .experiment import cache_teacher
+            from distill.pipeline.experiment import cache_teacher
 
             config = load_config(args.config, args.overrides)
             path = cache_teacher(config, overwrite=args.overwrite, console=console)
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             config = load_config(args.config, args.overrides)  # a bad config fails here, before any launch
             if args.processes is not None and args.processes > 1:
-                from .distributed import launch
+                from distill.train.distributed import launch
 
                 return launch(args.processes, _without_processes(argv if argv is not None else sys.argv[1:]))
             result = run_experiment(config, resume=args.resume, overwrite=args.overwrite, console=console)
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             # the demo resumes an interrupted demo by itself and replaces an earlier one
             result = run_experiment(config, resume=True, overwrite=True, console=console)
         if args.quiet and result.metrics:  # empty in the non-main processes of a distributed run
-            from .report import print_summary
+            from distill.report.markdown import print_summary
 
             print_summary(Console(width=None if sys.stdout.isatty() else 160), result.metrics, result.run_dir)
         return 0

@@ -5,7 +5,7 @@ modality; a :class:`Task` turns a config's data and model settings into those, a
 results. ``task:`` in a config picks one (``image_classification`` by default).
 """
 
-from .base import TASKS, Task, get_task, register_task
-from .image import ImageClassification
+from distill.tasks.base import TASKS, Task, get_task, register_task
+from distill.tasks.image import ImageClassification
 
 __all__ = ["TASKS", "ImageClassification", "Task", "get_task", "register_task"]

@@ -9,12 +9,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..data import DataBundle, Split
-from ..errors import DistillError
-from ..inputs import Inputs, call_model, take
-from ..io import save_weights
-from ..losses import Batch
-from ..losses.base import logits_of
+from distill.core.data import DataBundle, Split
+from distill.core.errors import DistillError
+from distill.core.inputs import Inputs, call_model, take
+from distill.core.io import save_weights
+from distill.core.losses import Batch
+from distill.core.losses.base import logits_of
 
 TASKS: dict[str, type[Task]] = {}
 

@@ -7,10 +7,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data import DataBundle, Split, load_data
-from ..evaluate import accuracy
-from ..models import build_model
-from .base import Task, register_task
+from distill.core.data import DataBundle, Split
+from distill.core.evaluate import accuracy
+from distill.tasks.base import Task, register_task
+from distill.tasks.image_data import load_data
+from distill.tasks.models import build_model
 
 
 @register_task("image_classification")

@@ -1,0 +1,221 @@
+"""Writing a cache: the teacher runs once over every split; shards are finished one at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from torch import Tensor, nn
+
+from distill._version import __version__
+from distill.cache.format import (
+    FORMAT,
+    FORMAT_VERSION,
+    LOGITS_FORMAT,
+    SPLITS,
+    mismatch,
+    read_json,
+    verify_shard,
+    write_shard,
+)
+from distill.core.data import DataBundle
+from distill.core.errors import DistillError
+from distill.core.inputs import Inputs, call_model, take, to_device
+from distill.core.io import json_safe, write_json
+from distill.core.losses.base import logits_of
+from distill.core.signals import QuantizedValues, TopKLogits, ValueDtype, index_dtype
+from distill.core.taps import FeatureTaps
+
+
+def _split(data: DataBundle, name: str):
+    return getattr(data, name)
+
+
+def _teacher_rows(
+    teacher: nn.Module, taps: FeatureTaps | None, x: Tensor, k: int, device: torch.device
+) -> tuple[TopKLogits, dict[str, Tensor]]:
+    with torch.no_grad():  # not inference_mode: feature taps read tensors' version counters
+        if taps is None:
+            logits, features = logits_of(call_model(teacher, to_device(x, device))), {}
+        else:
+            with taps.recording() as recorded:
+                logits = logits_of(call_model(teacher, to_device(x, device)))
+            features = {name: value.half().cpu() for name, value in recorded.items()}
+    return TopKLogits.from_dense(logits.float(), k).to("cpu"), features  # only the top-k leave the device
+
+
+def _shard_arrays(signals: TopKLogits, features: dict[str, Tensor], dtype: ValueDtype) -> dict[str, np.ndarray]:
+    quantized = QuantizedValues.encode(signals.values, dtype)
+    values = quantized.data
+    if dtype == "bfloat16":  # numpy has no bfloat16: store the bits
+        values = values.view(torch.int16)
+    arrays = {
+        "values": values.numpy(),
+        "indices": signals.indices.numpy().astype(index_dtype(signals.vocab_size)),
+        "logsumexp": signals.logsumexp.numpy().astype(np.float32),
+        "tail": signals.tail.numpy().astype(np.float32),
+    }
+    if dtype == "int8":
+        arrays["offset"] = quantized.offset.squeeze(-1).numpy().astype(np.float32)
+        arrays["scale"] = quantized.scale.squeeze(-1).numpy().astype(np.float32)
+    for name, value in features.items():
+        arrays[f"feature-{name}"] = value.numpy().astype(np.float16)
+    return arrays
+
+
+def write_cache(
+    teacher: nn.Module,
+    data: DataBundle,
+    path: Path,
+    *,
+    identity: dict[str, Any],
+    k: int,
+    dtype: ValueDtype,
+    features: list[str] | None = None,
+    shard_rows: int = 1_000_000,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    console: Console | None = None,
+    on_shard: Callable[[str, int], None] | None = None,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Run ``teacher`` over every split of ``data`` once and store its top-k signals at ``path``.
+
+    ``identity`` (teacher weights hash, data fingerprint, ...) goes into the manifest: an
+    existing cache with the same identity and settings is reused, a different one is refused
+    unless ``overwrite``. An interrupted run resumes from ``<path>.partial``; ``on_shard(split,
+    shard)`` is called after each finished shard (raising there interrupts like a crash).
+    ``info`` is recorded in the manifest without being part of the identity (e.g. where the
+    teacher's weights were read from).
+    """
+    console = console or Console(quiet=True)
+    device = torch.device(device)
+    path = Path(path)
+    features = list(features or [])
+    probe = logits_of(_eval(teacher, take(data.train.x, slice(0, 1)), device))
+    vocab, row_shape = probe.shape[-1], list(probe.shape[1:-1])
+    rows_per_sample = int(np.prod(row_shape)) if row_shape else 1
+    samples_per_shard = max(1, shard_rows // rows_per_sample)
+    settings = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, **identity, "k": min(k, vocab), "dtype": dtype,
+        "features": features, "samples_per_shard": samples_per_shard, "batch_size": batch_size,
+    }  # fmt: skip
+    settings = json.loads(json.dumps(json_safe(settings)))  # compared with what JSON files give back
+
+    if path.exists():
+        if not path.is_dir():
+            raise DistillError(f"cache.path: {path} is a file, not a cache directory")
+        previous = read_json(path / "manifest.json")
+        differs = mismatch(settings, previous)
+        if differs is None and not overwrite:
+            damaged = next(
+                (bad for split in previous["splits"].values() for record in split["shards"]
+                 if (bad := verify_shard(path / "shards" / record["name"], record["files"])) is not None),
+                None,
+            )  # fmt: skip
+            if damaged is not None:
+                raise DistillError(
+                    f"cache {path}: file {damaged} is damaged (checksum mismatch); pass --overwrite to rebuild it"
+                )
+            console.print(f"cache: {path} is up to date (same teacher, data and settings)")
+            return path
+        if differs is not None and not overwrite:
+            raise DistillError(
+                f"cache {path} was made with a different {differs}; pass --overwrite to rebuild it or choose another cache.path"
+            )
+        if previous is None and any(path.iterdir()):
+            raise DistillError(f"{path} exists and is not a distill cache; choose another cache.path")
+
+    partial = path.with_name(path.name + ".partial")
+    progress_file = partial / "progress.json"
+    progress = read_json(progress_file) if partial.exists() else None
+    if partial.exists() and (progress is None or mismatch(settings, progress.get("settings")) is not None):
+        if progress is None and any(p.name != "shards" for p in partial.iterdir()):
+            raise DistillError(f"{partial} exists and is not an unfinished distill cache; move it away")
+        console.print(f"cache: discarding {partial} (made with other settings)")
+        shutil.rmtree(partial)
+        progress = None
+    if progress is None:
+        progress = {"settings": settings, "shards": {}}
+    elif progress["shards"]:
+        console.print(f"cache: resuming {partial} ({len(progress['shards'])} shard(s) done)")
+
+    taps = FeatureTaps(teacher, features, "teacher") if features else None
+    teacher.to(device).eval()
+    started = time.perf_counter()
+    splits: dict[str, Any] = {}
+    try:
+        for split_name in SPLITS:
+            split = _split(data, split_name)
+            n = len(split)
+            shards = []
+            for shard, start in enumerate(range(0, n, samples_per_shard)):
+                key = f"{split_name}-{shard:05d}"
+                end = min(n, start + samples_per_shard)
+                record = progress["shards"].get(key)
+                if record is not None and verify_shard(partial / "shards" / key, record["files"]) is None:
+                    shards.append(record)
+                    continue
+                parts = [
+                    _teacher_rows(teacher, taps, take(split.x, slice(i, min(end, i + batch_size))), k, device)
+                    for i in range(start, end, batch_size)
+                ]
+                signals = TopKLogits(
+                    torch.cat([p[0].values for p in parts]), torch.cat([p[0].indices for p in parts]),
+                    torch.cat([p[0].logsumexp for p in parts]), torch.cat([p[0].tail for p in parts]), vocab,
+                )  # fmt: skip
+                missing = [name for name in features if name not in parts[0][1]]
+                if missing:
+                    raise DistillError(f"cache.features: teacher module {missing[0]!r} did not run in the forward pass")
+                feats = {name: torch.cat([p[1][name] for p in parts]) for name in features}
+                files = write_shard(partial / "shards" / key, _shard_arrays(signals, feats, dtype))
+                record = {"name": key, "start": start, "samples": end - start, "files": files}
+                progress["shards"][key] = record
+                write_json(progress_file, progress)
+                shards.append(record)
+                console.print(f"cache: {key}: {end - start} samples")
+                if on_shard is not None:
+                    on_shard(split_name, shard)
+            splits[split_name] = {"samples": n, "shards": shards}
+    finally:
+        if taps is not None:
+            taps.remove()
+
+    feature_shapes = {
+        name: list(np.load(partial / "shards" / "train-00000" / f"feature-{name}.npy", mmap_mode="r").shape[1:])
+        for name in features
+    }
+    manifest = {
+        **settings,
+        **(info or {}),
+        "vocab_size": vocab,
+        "row_shape": row_shape,
+        "index_dtype": str(index_dtype(vocab)),
+        "logits": LOGITS_FORMAT,
+        "feature_shapes": feature_shapes,
+        "splits": splits,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "distill_version": __version__,
+        "seconds": time.perf_counter() - started,
+    }
+    write_json(partial / "manifest.json", manifest)
+    progress_file.unlink()
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(partial, path)
+    return path
+
+
+def _eval(model: nn.Module, x: Inputs, device: torch.device) -> object:
+    model.to(device).eval()
+    with torch.inference_mode():
+        return call_model(model, to_device(x, device))

@@ -1,0 +1,284 @@
+"""The Distiller: a student, a frozen teacher and weighted loss terms, usable in any loop.
+
+    distiller = Distiller(student, teacher,
+                          terms={"kd": SoftTargetKD(temperature=4.0), "ce": HardLabelCE()},
+                          weights={"kd": 0.9, "ce": 0.1})
+    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.05)
+    for x, y in loader:
+        out = distiller(x, labels=y)      # out.loss, out.terms["kd"], out.terms["ce"]
+        optimizer.zero_grad(); out.loss.backward(); optimizer.step()
+
+The teacher is frozen (no gradients) and stays in eval mode across ``train()`` calls, so
+batch-norm statistics and dropout of the teacher never drift. The teacher may also be
+:class:`~distill.core.losses.base.TeacherSignals`, e.g. a :class:`~distill.cache.CachedTeacher` (signals
+precomputed by ``distill cache``): then
+``forward`` needs ``index=`` (the samples' positions in the cached split) and no teacher runs. With no teacher (or only
+terms that need none) the same wrapper trains a student from scratch, which is how the
+baseline gets exactly the same loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from distill.core.errors import DistillError
+from distill.core.inputs import Inputs, batch_len, call_model, take, to_device
+from distill.core.losses import Batch, LossTerm, ModelOutputs
+from distill.core.losses.base import TeacherLogits, TeacherSignals, logits_of
+from distill.core.taps import FeatureTaps
+
+
+@dataclass
+class DistillOutput:
+    """The weighted total ``loss`` to back-propagate, each term's unweighted value
+    (detached, for logging; ``values`` keeps their gradients), and the outputs of both models."""
+
+    loss: Tensor
+    terms: dict[str, Tensor]
+    student: ModelOutputs
+    teacher: ModelOutputs | None
+    values: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LinearWarmup:
+    """A term weight that grows linearly from 0 to ``weight`` over the first ``epochs`` epochs."""
+
+    weight: float
+    epochs: float
+
+    def __call__(self, progress: float) -> float:
+        return self.weight * min(1.0, progress / self.epochs) if self.epochs > 0 else self.weight
+
+    def __str__(self) -> str:
+        return f"{self.weight:g} (warm-up {self.epochs:g} ep)"
+
+
+Weight = float | LinearWarmup
+
+
+@contextmanager
+def _recording(taps: FeatureTaps | None) -> Iterator[dict[str, Tensor]]:
+    if taps is None:
+        yield {}
+    else:
+        with taps.recording() as features:
+            yield features
+
+
+@contextmanager
+def probing(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for a probe pass, each module's own mode restored afterwards (also
+    on errors): a probe must not move batch-norm statistics, nor switch a user-frozen part to train."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _has_setup(term: LossTerm) -> bool:
+    return type(term).setup is not LossTerm.setup
+
+
+class Distiller(nn.Module):
+    """Wraps ``student`` and a frozen ``teacher`` (a model, or cached signals) and returns the weighted sum of ``terms``.
+
+    Terms that read intermediate features get them through forward hooks on the modules they
+    name. Terms with shape-dependent parts (adapters) are built by ``prepare(example_inputs)``,
+    which must run before the optimiser is created (pass ``example_inputs`` here to do it now).
+    ``progress`` (epochs done, fractional) drives weight schedules; the trainer sets it.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | TeacherSignals | None = None,
+        terms: Mapping[str, LossTerm] | None = None,
+        weights: Mapping[str, Weight] | None = None,
+        example_inputs: object | None = None,
+        example_index: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        terms = dict(terms or {})
+        if not terms:
+            raise ValueError("Distiller needs at least one loss term")
+        weights = {name: 1.0 for name in terms} | dict(weights or {})
+        unknown = set(weights) - set(terms)
+        if unknown:
+            raise ValueError(f"weights given for unknown terms: {sorted(unknown)}")
+        needs_teacher = [name for name, term in terms.items() if term.needs_teacher]
+        if needs_teacher and teacher is None:
+            raise ValueError(f"terms {needs_teacher} need a teacher, but none was given")
+        if teacher is not None and not isinstance(teacher, (nn.Module, TeacherSignals)):
+            raise TypeError(f"the teacher must be a torch.nn.Module or TeacherSignals, not {type(teacher).__name__}")
+        live_only = [name for name, term in terms.items() if term.needs_live_teacher]
+        if live_only and teacher is not None and not isinstance(teacher, nn.Module):
+            raise DistillError(
+                f"the {live_only[0]} term needs a live teacher model (it scores inputs no cache holds); "
+                f"give the teacher as a model (kind train or checkpoint), not a cache"
+            )
+        self.student = student
+        self.terms = nn.ModuleDict(terms)
+        self.weights = {name: w if isinstance(w, LinearWarmup) else float(w) for name, w in weights.items()}
+        self.teacher = teacher
+        self.progress = 0.0
+        if isinstance(teacher, nn.Module):
+            teacher.requires_grad_(False)
+            teacher.eval()
+        student_taps = [name for term in terms.values() for name in term.student_taps()]
+        teacher_taps = [name for term in terms.values() for name in term.teacher_taps()] if self.uses_teacher else []
+        self._student_taps = FeatureTaps(student, student_taps, "student") if student_taps else None
+        if teacher_taps and self.teacher_is_cached:
+            teacher.check_features(teacher_taps)  # a cache holds the tapped features it was made with
+            teacher_taps = []
+        self._teacher_taps = FeatureTaps(teacher, teacher_taps, "teacher") if teacher_taps else None
+        self._prepared = not (student_taps or teacher_taps or any(_has_setup(term) for term in terms.values()))
+        self._remembered: TeacherLogits | None = None  # see remember_teacher
+        if example_inputs is not None:
+            self.prepare(example_inputs, example_index)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.teacher is not None and any(term.needs_teacher for term in self.terms.values())
+
+    def weight(self, name: str) -> float:
+        """The current weight of term ``name`` (after any schedule)."""
+        weight = self.weights[name]
+        return weight(self.progress) if isinstance(weight, LinearWarmup) else weight
+
+    @property
+    def teacher_is_cached(self) -> bool:
+        return self.teacher is not None and not isinstance(self.teacher, nn.Module)
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        if isinstance(self.teacher, nn.Module):
+            self.teacher.eval()
+        return self
+
+    def state_dict_to_keep(self) -> dict[str, Tensor]:
+        """The student's and the terms' state (adapters), without the frozen teacher's."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Student parameters plus any learnable parts of the terms (e.g. adapters)."""
+        yield from self.student.parameters()
+        yield from self.terms.parameters()
+
+    def _outputs(self, inputs: object, index: Tensor | None) -> tuple[ModelOutputs, ModelOutputs | None]:
+        with _recording(self._student_taps) as features:
+            student = ModelOutputs(logits=logits_of(call_model(self.student, inputs)))
+        student.features = features
+        teacher = None
+        signals = self._remembered if index is not None and self._remembered is not None else None
+        if self.uses_teacher and (signals is not None or self.teacher_is_cached):
+            if index is None:
+                raise ValueError("the teacher is a cache: pass index= (the samples' positions in the cached split)")
+            teacher = (signals or self.teacher).lookup(index, device=student.logits.device)
+        elif self.uses_teacher:
+            with torch.no_grad(), _recording(self._teacher_taps) as features:
+                teacher = ModelOutputs(logits=logits_of(call_model(self.teacher, inputs)))
+            teacher.features = features
+        return student, teacher
+
+    def prepare(self, example_inputs: object, example_index: Tensor | None = None) -> None:
+        """Build the terms' shape-dependent parts (adapters) from one example batch; checks
+        every tap and shape before training starts. Idempotent. With a cached teacher,
+        ``example_index`` gives the example batch's positions (default: the first samples)."""
+        if self._prepared:
+            return
+        if example_index is None and self.teacher_is_cached:
+            example_index = torch.arange(batch_len(example_inputs))
+        with probing(self.student), torch.no_grad():  # no batch-norm statistics are updated by the probe
+            student, teacher = self._outputs(example_inputs, example_index)
+        for role, taps, outputs in (("student", self._student_taps, student), ("teacher", self._teacher_taps, teacher)):
+            missing = [name for name in (taps.names if taps else []) if outputs is None or name not in outputs.features]
+            if missing:
+                raise DistillError(
+                    f"{role} module {missing[0]!r} did not run in the forward pass; tap a module that does"
+                )
+        for term in self.terms.values():
+            term.setup(student, teacher)
+        device = next(self.student.parameters(), torch.empty(0)).device
+        self.terms.to(device)
+        self._prepared = True
+
+    def can_remember_teacher(self) -> bool:
+        """A live teacher whose logits are all the terms read (no feature taps)."""
+        return self.uses_teacher and not self.teacher_is_cached and self._teacher_taps is None
+
+    def remember_teacher(self, inputs: Inputs, batch_size: int, max_bytes: int | None = None) -> bool:
+        """Run the live teacher once over ``inputs`` (the training split, in order) and answer every
+        later batch from memory by the samples' positions (``forward(..., index=)``).
+
+        Why: the teacher is frozen and in eval mode, so while a sample's input is the same every
+        epoch (no augmentation), so are its outputs; every epoch after the first then skips the
+        teacher's forward pass, which is most of a distillation step. The outputs are those of the
+        same forward passes (on this machine's CPU, bit for bit: a sample's logits do not depend on
+        the batch it runs in). Not done with teacher feature taps (features are not kept), nor when
+        the logits would take more than ``max_bytes``. Returns whether the teacher is remembered.
+        """
+        if not self.can_remember_teacher():
+            return False
+        device = next(self.student.parameters(), torch.empty(0)).device
+        with torch.no_grad():
+            first = logits_of(call_model(self.teacher, to_device(take(inputs, slice(0, 1)), device)))
+            if max_bytes is not None and batch_len(inputs) * first.numel() * first.element_size() > max_bytes:
+                return False
+            self._remembered = TeacherLogits(
+                torch.cat(
+                    [
+                        logits_of(call_model(self.teacher, to_device(take(inputs, slice(i, i + batch_size)), device)))
+                        for i in range(0, batch_len(inputs), batch_size)
+                    ]
+                )
+            )
+        return True
+
+    def forget_teacher(self) -> None:
+        """Run the live teacher on every batch again (after :meth:`remember_teacher`)."""
+        self._remembered = None
+
+    def remove_taps(self) -> None:
+        """Remove the forward hooks this Distiller put on student and teacher."""
+        for taps in (self._student_taps, self._teacher_taps):
+            if taps is not None:
+                taps.remove()
+
+    def weighted_sum(self, values: Mapping[str, Tensor], factors: Mapping[str, float] | None = None) -> Tensor:
+        """The loss: the terms' values times their weights (and times ``factors``, which a
+        distributed run uses to weight each process's share; see :mod:`distill.train.loop`)."""
+        return sum(  # type: ignore[return-value]
+            self.weight(name) * value * (factors[name] if factors is not None else 1.0)
+            for name, value in values.items()
+        )
+
+    def forward(
+        self, inputs: object, labels: Tensor | None = None, mask: Tensor | None = None, index: Tensor | None = None
+    ) -> DistillOutput:
+        """The weighted loss of one batch. ``index`` (positions of the samples in the training
+        split) is needed only when the teacher is a cache."""
+        if not self._prepared:
+            raise RuntimeError(
+                "some terms build adapters from example shapes: call distiller.prepare(example_inputs) "
+                "(or pass example_inputs=...) before creating the optimiser"
+            )
+        batch = Batch(inputs=inputs, labels=labels, mask=mask)
+        student, teacher = self._outputs(inputs, index)
+        values = {name: term(student, teacher, batch) for name, term in self.terms.items()}
+        loss = self.weighted_sum(values)
+        return DistillOutput(
+            loss=loss,
+            terms={name: value.detach() for name, value in values.items()},
+            student=student,
+            teacher=teacher,
+            values=values,
+        )

@@ -1,0 +1,59 @@
+"""Loss terms. Each module registers its terms; importing them here makes them available
+to configs by name (``distill methods`` lists them)."""
+
+from distill.core.losses import decoupled, features, relations, response  # noqa: F401  (registration)
+from distill.core.losses.base import (
+    TERMS,
+    Batch,
+    LossTerm,
+    ModelOutputs,
+    TappedPairParams,
+    TappedPairTerm,
+    TermParams,
+    build_term,
+    masked_mean,
+    register_term,
+)
+from distill.core.losses.decoupled import DecoupledKD, decoupled_kd
+from distill.core.losses.features import AttentionTransfer, FitNetsHint, attention_map
+from distill.core.losses.relations import (
+    ProbabilisticTransfer,
+    RKDAngle,
+    RKDDistance,
+    SimilarityPreserving,
+    probabilistic_transfer,
+    rkd_angle,
+    rkd_distance,
+    similarity_preserving,
+)
+from distill.core.losses.response import HardLabelCE, SoftTargetKD, hard_label_ce, soft_target_kl
+
+__all__ = [
+    "TERMS",
+    "AttentionTransfer",
+    "Batch",
+    "DecoupledKD",
+    "FitNetsHint",
+    "HardLabelCE",
+    "LossTerm",
+    "ModelOutputs",
+    "ProbabilisticTransfer",
+    "RKDAngle",
+    "RKDDistance",
+    "SimilarityPreserving",
+    "SoftTargetKD",
+    "TappedPairParams",
+    "TappedPairTerm",
+    "TermParams",
+    "attention_map",
+    "build_term",
+    "decoupled_kd",
+    "hard_label_ce",
+    "masked_mean",
+    "probabilistic_transfer",
+    "register_term",
+    "rkd_angle",
+    "rkd_distance",
+    "similarity_preserving",
+    "soft_target_kl",
+]

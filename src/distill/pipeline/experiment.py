@@ -1,0 +1,594 @@
+"""One experiment end to end: teacher, scratch student, distilled student, evaluation, report.
+
+The run is built in ``<dir>/<name>.partial`` and renamed to ``<dir>/<name>`` only when
+everything is written, so a failed or interrupted run never looks complete; ``resume=True``
+continues a ``.partial`` run from its last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from torch import nn
+
+from distill._version import __version__
+from distill.cache import CachedTeacher, write_cache
+from distill.core.data import DataBundle
+from distill.core.distiller import Distiller, LinearWarmup, probing
+from distill.core.errors import DistillError
+from distill.core.evaluate import (
+    accuracy,
+    agreement,
+    calibration,
+    measure_latencies,
+    per_class_accuracy,
+    per_class_agreement,
+    predict,
+)
+from distill.core.inputs import take
+from distill.core.io import (
+    file_sha256,
+    hash_json,
+    hash_tensors,
+    json_safe,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    save_weights,
+    write_json,
+)
+from distill.core.losses import HardLabelCE, LossTerm, build_term
+from distill.pipeline.budget import RunMemory
+from distill.pipeline.config import (
+    CachedTeacherSpec,
+    CheckpointTeacher,
+    ExperimentConfig,
+    TrainedTeacher,
+    TrainSpec,
+    config_to_dict,
+)
+from distill.pipeline.rundir import finish_dir, prepare_dir, run_dir_paths
+from distill.report.html import write_html_report
+from distill.report.markdown import ROLES, print_summary, write_markdown, write_plots
+from distill.tasks import Task, get_task
+from distill.tasks.models import count_parameters
+from distill.train.distributed import parallel_from_environment
+from distill.train.loop import EpochLog, TrainResult, pick_device, rng_states, set_rng_states, train
+from distill.train.tracking import RunTracker, check_tracker
+
+
+def default_cache_dir() -> Path:
+    """Where trained teachers are kept between runs ($DISTILL_CACHE_DIR or ~/.cache/distill)."""
+    env = os.environ.get("DISTILL_CACHE_DIR")
+    return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distill"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+
+
+def seeded_model(spec, data: DataBundle, seed: int, field: str, task: Task | None = None) -> nn.Module:
+    """Build a model whose initial weights depend only on ``seed`` (scratch and distilled
+    students therefore start from the same weights), and check it fits the data."""
+    task = task or get_task()
+    torch.manual_seed(seed)
+    model = task.build_model(spec, data, field)
+    task.check_outputs(model, data, field)
+    return model
+
+
+def _train_phase(
+    phase_dir: Path,
+    distiller: Distiller,
+    data: DataBundle,
+    spec: TrainSpec,
+    *,
+    resume: bool,
+    label: str,
+    console: Console,
+    **train_options: Any,
+) -> TrainResult:
+    """Train one model inside ``phase_dir``; a finished phase is loaded, not retrained.
+    ``train_options`` go to :func:`distill.train.loop.train` (seed, device, ...).
+
+    The student's weights and the terms' learnable parts (adapters) are kept separately, so
+    the exported student never carries distillation machinery.
+    """
+    weights, adapters, history_file, rng_file = (
+        phase_dir / n for n in ("model.safetensors", "adapters.safetensors", "history.json", "rng.pt")
+    )
+    if resume and weights.exists() and history_file.exists():
+        distiller.prepare(take(data.train.x, slice(0, 2)))
+        load_weights(distiller.student, weights)
+        if adapters.exists():
+            load_weights(distiller.terms, adapters)
+        if rng_file.exists():  # the next phase draws the random numbers it would have drawn
+            set_rng_states(load_checkpoint(rng_file), train_options.get("parallel"))
+        console.print(f"[dim]{label}: already trained, reusing {weights}[/]")
+        return TrainResult.from_dict(json.loads(history_file.read_text()))
+    phase_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = phase_dir / "checkpoint.pt"
+    result = train(
+        distiller, data, spec, checkpoint=checkpoint, resume=resume, label=label, console=console, **train_options
+    )
+    distiller.to("cpu")
+    parallel = train_options.get("parallel")
+    rng = rng_states(parallel)
+    if parallel is not None and not parallel.is_main:
+        return result  # process 0 writes the files
+    save_weights(distiller.student, weights)
+    if any(True for _ in distiller.terms.state_dict()):
+        save_weights(distiller.terms, adapters)
+    save_checkpoint(rng, rng_file)  # before history.json marks the phase done
+    write_json(history_file, result.to_dict())
+    (phase_dir / "checkpoint.pt").unlink(missing_ok=True)
+    return result
+
+
+def open_cached_teacher(config: ExperimentConfig, data: DataBundle, verify: bool = True) -> CachedTeacher:
+    """The teacher signals of a ``teacher: {kind: cache}`` config, checked against the data."""
+    assert isinstance(config.teacher, CachedTeacherSpec)
+    cache = CachedTeacher(config.teacher.path, verify=verify and config.teacher.verify)
+    cache.check_data(data)
+    return cache
+
+
+def obtain_teacher(
+    config: ExperimentConfig, data: DataBundle, device, console: Console, cache_dir: Path
+) -> tuple[nn.Module | CachedTeacher, Path, TrainResult | None]:
+    """The teacher model (or its cached signals), the path of its weights (or cache), and its
+    training history if distill trained it.
+
+    A teacher trained by distill trains on the labeled training samples only (all of them: it
+    stands for a model trained elsewhere; the students' label budget does not apply to it)."""
+    spec = config.teacher
+    if isinstance(spec, CachedTeacherSpec):
+        console.print(f"teacher: signals from the cache {spec.path} (no teacher model is loaded)")
+        return open_cached_teacher(config, data, verify=False), spec.path, None  # verified by _check_inputs
+    data = data.labeled_only()
+    model = seeded_model(spec.model, data, config.seed, "teacher.model", get_task(config.task))
+    if isinstance(spec, CheckpointTeacher):
+        load_weights(model, spec.path, "teacher.path")
+        get_task(config.task).check_outputs(model, data, "teacher.path")
+        return model, spec.path, None
+    assert isinstance(spec, TrainedTeacher)
+    key = hash_json({
+        "teacher": spec.model_dump(mode="json"), "seed": config.seed, "data": data.fingerprint,
+        "initial_weights": hash_tensors(*model.state_dict().values()),  # a changed factory gives a new key
+        "distill": __version__,
+    })  # fmt: skip
+    final = cache_dir / "teachers" / key[:20]
+    if (final / "model.safetensors").exists():
+        console.print(f"teacher: reusing cached teacher {final}")
+        load_weights(model, final / "model.safetensors", f"cached teacher {final} (delete it to retrain)")
+        saved = json.loads((final / "history.json").read_text())
+        return model, final / "model.safetensors", TrainResult.from_dict(saved)
+    console.print(f"teacher: training {count_parameters(model):,} parameters (cached for later runs)")
+    work = final.with_name(final.name + ".partial")
+    distiller = Distiller(model, None, {"ce": HardLabelCE()})
+    result = _train_phase(
+        work,
+        distiller,
+        data,
+        spec.train,
+        seed=config.seed,
+        device=device,
+        resume=True,
+        label="teacher",
+        console=console,
+        on_epoch_end=None,
+        task=get_task(config.task),
+    )
+    write_json(
+        work / "meta.json",
+        {
+            "key": key,
+            "teacher": spec.model_dump(mode="json"),
+            "data": data.summary(),
+            "seed": config.seed,
+            "distill_version": __version__,
+        },
+    )
+    if final.exists():  # a concurrent run finished first
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        os.replace(work, final)
+    return model.to("cpu"), final / "model.safetensors", result
+
+
+def _cached_teacher_architecture(cache: CachedTeacher, data: DataBundle, config: ExperimentConfig) -> nn.Module:
+    """The cached teacher's architecture with fresh weights, to time it (the weights do not
+    change latency); a cache of a teacher distill cannot rebuild gets the same error as a bad spec."""
+    spec = cache.model_spec()
+    if spec is None:
+        raise DistillError(f"teacher.path: the cache {cache.path} does not record the teacher's architecture")
+    return seeded_model(spec, data, config.seed, "teacher (cached) model", get_task(config.task))
+
+
+def cache_teacher(
+    config: ExperimentConfig,
+    *,
+    overwrite: bool = False,
+    console: Console | None = None,
+    cache_dir: Path | None = None,
+    on_shard: Callable[[str, int], None] | None = None,
+) -> Path:
+    """``distill cache``: obtain the configured teacher (training it if needed) and store its
+    top-k signals on every split at ``config.cache_path()``. Resumable; see :mod:`distill.cache`."""
+    console = console or Console()
+    if isinstance(config.teacher, CachedTeacherSpec):
+        raise DistillError(
+            "teacher.kind: 'cache' reads a cache; to make one, give the teacher as kind train or checkpoint"
+        )
+    device = pick_device(config.device)
+    data = get_task(config.task).load_data(config.data)
+    console.print(
+        f"data: {data.name}, {len(data.train)} train ({data.train.labeled} labeled) / {len(data.val)} val / "
+        f"{len(data.test)} test, {data.num_classes} classes"
+    )
+    memory = RunMemory(config, data.input_shape, data.num_classes, len(data.train), caching=True)
+    memory.check_models()  # before the teacher is built
+    probe = seeded_model(config.teacher.model, data, config.seed, "teacher.model", get_task(config.task))
+    memory.check_batches({"teacher.model": probe}, take(data.train.x, slice(0, 1)))  # before it trains or runs a batch
+    teacher, weights, _ = obtain_teacher(config, data, device, console, cache_dir or default_cache_dir())
+    spec = config.cache
+    path = config.cache_path()
+    identity = {
+        "teacher": {"weights_sha256": file_sha256(weights), "model": config.teacher.model.model_dump(mode="json")},
+        "data": data.fingerprint,
+    }
+    console.print(f"cache: top-{spec.k} logits as {spec.dtype} -> {path}")
+    write_cache(
+        teacher, data, path, identity=identity, k=spec.k, dtype=spec.dtype, features=spec.features,
+        shard_rows=spec.shard_rows, batch_size=spec.batch_size, device=device, overwrite=overwrite,
+        console=console, on_shard=on_shard,
+        info={"teacher_facts": {"params": count_parameters(teacher), "weights_bytes": Path(weights).stat().st_size,
+                                "source": str(weights)}, "data_summary": data.summary()},
+    )  # fmt: skip
+    return path
+
+
+def scratch_setup(student_data: DataBundle, config: ExperimentConfig) -> tuple[DataBundle, int]:
+    """The scratch baseline trains on the labeled samples only, for as many optimisation steps
+    as the distilled student takes: a fair baseline. With a label budget one of its epochs is
+    several passes over the labeled samples; returns the data and the passes per epoch."""
+    labeled = student_data.labeled_only()
+    if len(labeled.train) == len(student_data.train):
+        return student_data, 1
+    batch = config.train.batch_size
+    return labeled, max(1, round(math.ceil(len(student_data.train) / batch) / math.ceil(len(labeled.train) / batch)))
+
+
+def build_distiller(config: ExperimentConfig, student: nn.Module, teacher: nn.Module, data: DataBundle) -> Distiller:
+    """The configured objective around ``student``; taps and adapter shapes are checked here."""
+    terms, weights = {}, {}
+    for spec in config.distill.resolved_terms():
+        terms[spec.key] = build_term(spec.type, spec.params)
+        weights[spec.key] = LinearWarmup(spec.weight, spec.warmup_epochs) if spec.warmup_epochs else spec.weight
+    return Distiller(student, teacher, terms, weights, example_inputs=get_task(config.task).example_inputs(data))
+
+
+def hint_stages(distiller: Distiller) -> list[tuple[str, LossTerm]]:
+    """Terms that ask for a stage of their own before full training (FitNets' first stage)."""
+    return [(name, term) for name, term in distiller.terms.items() if getattr(term, "stage_epochs", 0) > 0]
+
+
+def run_hint_stage(name: str, term: LossTerm, distiller: Distiller, data: DataBundle, train_phase) -> TrainResult:
+    """Train only the student parameters that feed term ``name`` (and its adapter) on that term
+    alone, as FitNets' first stage; the rest of the student is frozen meanwhile."""
+    stage = Distiller(distiller.student, distiller.teacher, {name: term})
+    frozen: list[torch.nn.Parameter] = []
+    try:
+        stage.prepare(take(data.train.x, slice(0, 2)))
+        trainable = [p for p in distiller.student.parameters() if p.requires_grad]
+        with probing(distiller.student):  # the probe must not move batch-norm statistics
+            probe = stage(
+                take(data.train.x, slice(0, 8)), labels=data.train.y[:8], index=torch.arange(min(8, len(data.train)))
+            )
+            gradients = torch.autograd.grad(probe.loss, trainable, allow_unused=True)
+        frozen = [p for p, g in zip(trainable, gradients, strict=True) if g is None]  # not below the tap
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+        return train_phase(stage, epochs=term.stage_epochs)
+    finally:
+        for parameter in frozen:  # only what this stage froze: the user's frozen layers stay frozen
+            parameter.requires_grad_(True)
+        stage.remove_taps()
+
+
+def _prepare_run_dir(config: ExperimentConfig, resume: bool, overwrite: bool, console: Console) -> tuple[Path, Path]:
+    return prepare_dir(config.output, config_to_dict(config), "metrics.json", resume, overwrite, console)
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Console | None = None,
+    cache_dir: Path | None = None,
+    on_epoch_end: Callable[[str, int], None] | None = None,
+) -> RunResult:
+    """Train teacher (or load it), scratch and distilled students; evaluate; write the run directory.
+
+    ``on_epoch_end(role, epoch)`` is called after each student epoch (``role`` is "scratch" or
+    "distilled"); raising there interrupts the run as a crash would.
+    """
+    console = console or Console()
+    started = time.perf_counter()
+    device = pick_device(config.device)
+    parallel = parallel_from_environment(device)
+    if parallel is not None:
+        device = parallel.device
+        if not parallel.is_main:
+            console = Console(quiet=True)  # one process speaks
+    data = get_task(config.task).load_data(config.data)
+    _check_inputs(config, data, console)  # everything that can be wrong is found before the run directory exists
+    final, partial = run_dir_paths(config.output)
+    main_process = parallel is None or parallel.is_main
+    if main_process:
+        _prepare_run_dir(config, resume, overwrite, console)
+        teacher, teacher_weights, teacher_result = obtain_teacher(
+            config, data, device, console, cache_dir or default_cache_dir()
+        )
+    if parallel is not None:
+        parallel.barrier()  # process 0 has made the run directory and trained (or loaded) the teacher
+        if not main_process:  # a cache hit now
+            teacher, teacher_weights, teacher_result = obtain_teacher(
+                config, data, device, console, cache_dir or default_cache_dir()
+            )
+        console.print(f"distributed: {parallel.world} processes ({parallel.accelerator.distributed_type.value})")
+    tracker = RunTracker(
+        config.output.tracker if main_process else "none", partial / "tracking", final.name, config_to_dict(config)
+    )
+    try:
+        session = _StudentTraining(config, data, partial, device, resume, console, tracker, on_epoch_end, parallel)
+        objective = session.run(teacher)
+        if not main_process:
+            tracker.finish()
+            parallel.finish()  # process 0 evaluates and writes the run
+            return RunResult(final, {})
+        console.print("evaluating on the test split and timing CPU latency ...")
+        weights_paths: dict[str, Path | None] = {"teacher": Path(teacher_weights)}
+        for role, model in session.students.items():
+            weights_paths[role] = partial / ("student.safetensors" if role == "distilled" else f"{role}.safetensors")
+            save_weights(model, weights_paths[role])
+        if isinstance(teacher, CachedTeacher):
+            models = {"teacher": _cached_teacher_architecture(teacher, data, config), **session.students}
+            weights_paths["teacher"] = None
+            cached = {
+                "test_logits": teacher.split_logits("test").to_dense(),
+                "size_bytes": teacher.teacher.get("weights_bytes"),
+                "weights_sha256": teacher.teacher.get("weights_sha256"),
+            }
+            metrics = evaluate_models(models, weights_paths, session.student_data, config, cached_teacher=cached)
+            metrics["teacher_cache"] = {"path": str(teacher.path), "k": teacher.k, "dtype": teacher.dtype}
+        else:
+            models = {"teacher": teacher.to("cpu"), **session.students}
+            metrics = evaluate_models(models, weights_paths, session.student_data, config)
+        results = {"teacher": teacher_result, **session.results}
+        metrics.update(
+            name=final.name,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            distill_version=__version__,
+            device=str(device),
+            seconds=time.perf_counter() - started,
+            objective=objective,
+            training={role: (r.to_dict() if r else None) for role, r in results.items()},
+        )
+        metrics = json_safe(metrics)  # what is returned is exactly what metrics.json holds
+        tracker.log(
+            {f"test/{role}/{k}": m[k] for role, m in metrics["models"].items() for k in ("test_acc", "agreement")}
+        )
+        tracker.finish()  # before the run directory moves into place
+        _write_run(partial, final, config, metrics)
+        if parallel is not None:
+            parallel.finish()
+    finally:
+        tracker.finish()  # flush what was logged, also when the run fails
+    print_summary(console, metrics, final)
+    return RunResult(final, metrics)
+
+
+class _StudentTraining:
+    """The scratch baseline, any hint stages and the distilled student of one run, each a
+    resumable phase in its own directory under the run's ``.partial`` directory."""
+
+    def __init__(self, config, data, partial, device, resume, console, tracker, on_epoch_end, parallel=None) -> None:
+        self.config, self.data, self.partial, self.device, self.parallel = config, data, partial, device, parallel
+        self.resume, self.console, self.tracker, self.on_epoch_end = resume, console, tracker, on_epoch_end
+        self.student_data = data.with_label_budget(config.data.labeled, config.data.split_seed)
+        self.students: dict[str, nn.Module] = {}
+        self.results: dict[str, TrainResult] = {}
+
+    def _phase(self, name: str, distiller: Distiller, data: DataBundle, spec: TrainSpec, **options: Any) -> TrainResult:
+        return _train_phase(
+            self.partial / name, distiller, data, spec, resume=self.resume, console=self.console,
+            seed=self.config.seed, device=self.device, parallel=self.parallel, task=get_task(self.config.task),
+            **options,
+        )  # fmt: skip
+
+    def _train_student(self, role: str, distiller: Distiller, data: DataBundle, passes_per_epoch: int = 1) -> None:
+        def hook(log: EpochLog) -> None:
+            values = {"loss": log.loss, "train_acc": log.train_acc, "val_acc": log.val_acc, **log.terms}
+            self.tracker.log({f"{role}/{key}": value for key, value in values.items()}, step=log.epoch)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(role, log.epoch)
+
+        self.results[role] = self._phase(
+            role, distiller, data, self.config.train, label=role, on_epoch_end=hook, passes_per_epoch=passes_per_epoch,
+            remember_teacher=self.config.distill.remember_teacher,
+        )  # fmt: skip
+        self.students[role] = distiller.student.to("cpu")
+
+    def run(self, teacher: nn.Module) -> str:
+        """Train both students; return the distillation objective as text."""
+        config, data = self.config, self.data
+        if config.baseline:
+            scratch_data, passes = scratch_setup(self.student_data, config)
+            scratch = seeded_model(config.student, data, config.seed, "student", get_task(config.task))
+            more = (
+                f", {passes} passes over them per epoch (as many steps as the distilled student)" if passes > 1 else ""
+            )
+            self.console.print(
+                f"scratch student: {count_parameters(scratch):,} parameters, {len(scratch_data.train)} labeled samples{more}"
+            )
+            self._train_student("scratch", Distiller(scratch, None, {"ce": HardLabelCE()}), scratch_data, passes)
+
+        distiller = build_distiller(
+            config, seeded_model(config.student, data, config.seed, "student", get_task(config.task)), teacher, data
+        )
+        objective = " + ".join(
+            f"{w:g}·{k}" if isinstance(w, float) else f"{w}·{k}" for k, w in distiller.weights.items()
+        )
+        self.console.print(f"distilled student: {count_parameters(distiller.student):,} parameters, loss = {objective}")
+        for name, term in hint_stages(distiller):
+            self.console.print(
+                f"{name} stage: {term.stage_epochs} epoch(s) on the {name} term alone, lower layers only"
+            )
+
+            def stage_phase(stage: Distiller, epochs: int, name: str = name) -> TrainResult:
+                spec = config.train.model_copy(update={"epochs": epochs})
+                return self._phase(
+                    f"stage-{name}", stage, self.student_data, spec, label=f"{name} stage", select_best=False
+                )
+
+            self.results[f"stage-{name}"] = run_hint_stage(name, term, distiller, self.student_data, stage_phase)
+        self._train_student("distilled", distiller, self.student_data)
+        distiller.remove_taps()  # the exported student and the teacher are timed without hooks
+        if any(True for _ in distiller.terms.state_dict()) and (self.parallel is None or self.parallel.is_main):
+            save_weights(distiller.terms, self.partial / "adapters.safetensors")
+        return objective
+
+
+def _check_inputs(config: ExperimentConfig, data: DataBundle, console: Console) -> None:
+    """Models build, weights fit and class counts agree; notes on unusual objectives."""
+    console.print(
+        f"data: {data.name}, {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
+        f"{data.num_classes} classes, input {list(data.input_shape)}"
+    )
+    memory = RunMemory(config, data.input_shape, data.num_classes, len(data.train))
+    memory.check_models()  # before any model is built
+    student = seeded_model(config.student, data, config.seed, "student", get_task(config.task))
+    if isinstance(config.teacher, CachedTeacherSpec):
+        teacher = open_cached_teacher(config, data)
+        memory.check_batches({"student": student}, take(data.train.x, slice(0, 1)))
+    else:
+        teacher = seeded_model(config.teacher.model, data, config.seed, "teacher.model", get_task(config.task))
+        memory.check_batches(
+            {"student": student, "teacher.model": teacher}, take(data.train.x, slice(0, 1))
+        )  # before any batch
+    if isinstance(config.teacher, CheckpointTeacher):
+        load_weights(teacher, config.teacher.path, "teacher.path")
+    build_distiller(config, student, teacher, data).remove_taps()  # the taps exist and adapters fit
+    check_tracker(config.output.tracker)
+    if len(data.val) == 0:
+        console.print("no validation split (data.val_fraction: 0): every model keeps the weights of its last epoch")
+    terms = config.distill.resolved_terms()
+    if all(term.type == "ce" for term in terms):
+        console.print(
+            "[yellow]note: the objective has no teacher term (alpha=0): the distilled student trains like the scratch one[/]"
+        )
+    if config.data.labeled is not None and config.data.labeled < len(data.train):
+        console.print(
+            f"label budget: the students see labels on {config.data.labeled} of {len(data.train)} training samples"
+            + ("; the ce term skips the rest" if any(t.type == "ce" for t in terms) else "")
+        )
+
+
+def _write_run(partial: Path, final: Path, config: ExperimentConfig, metrics: dict[str, Any]) -> None:
+    """Write metrics, plots and report into the partial directory, then move it into place."""
+    write_json(partial / "metrics.json", metrics)
+    histories = {role: (r["history"] if r else []) for role, r in metrics["training"].items() if role in ROLES}
+    write_plots(partial, metrics, histories)
+    config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    write_markdown(partial / "report.md", metrics, config_yaml)
+    pngs = {name: (partial / f"{name}.png").read_bytes() for name in ("curves", "tradeoff")}  # drawn once
+    write_html_report(partial / "report.html", metrics, histories, config_yaml, pngs)
+    for phase in partial.iterdir():  # phase checkpoints are no longer needed; tracker logs stay
+        if phase.is_dir() and phase.name != "tracking":
+            shutil.rmtree(phase)
+    for leftover in partial.rglob(".*.tmp"):  # a temporary file a crash left behind never ships
+        leftover.unlink()
+    finish_dir(partial, final)
+
+
+def evaluate_models(
+    models: dict[str, nn.Module],
+    weights: dict[str, Path | None],
+    data: DataBundle,
+    config: ExperimentConfig,
+    cached_teacher: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Test accuracy, agreement, retention, gap closed, size and latency for each model.
+
+    With ``cached_teacher`` (``test_logits``, ``size_bytes``, ``weights_sha256`` from a cache),
+    the teacher's predictions come from the cache and ``models["teacher"]`` is only its
+    architecture, used to time it and count its parameters (latency does not need its weights).
+    """
+    spec, task = config.eval, get_task(config.task)
+    logits = {role: predict(model, data.test.x) for role, model in models.items()}
+    if cached_teacher is not None:
+        logits["teacher"] = cached_teacher["test_logits"]
+    latencies = {
+        b: measure_latencies(
+            models,
+            data.input_shape,
+            b,
+            spec.latency_repeats,
+            threads=spec.latency_threads,
+            max_seconds=spec.latency_seconds,
+            inputs=get_task(config.task).latency_inputs(data, b),
+        )
+        for b in spec.latency_batch_sizes
+    }
+    out: dict[str, Any] = {}
+    for role, model in models.items():
+        out[role] = {
+            "test_acc": accuracy(logits[role], data.test.y),
+            "metrics": task.metrics(logits[role], data.test),  # the task's scores, its primary metric among them
+            "agreement": agreement(logits[role], logits["teacher"]),
+            "params": count_parameters(model),
+            "size_bytes": weights[role].stat().st_size if weights[role] else cached_teacher["size_bytes"],
+            "weights_sha256": file_sha256(weights[role]) if weights[role] else cached_teacher["weights_sha256"],
+            "latency_ms": {str(b): latencies[b][role] for b in spec.latency_batch_sizes},
+            "per_class_acc": per_class_accuracy(logits[role], data.test.y, data.num_classes),
+            "per_class_agreement": per_class_agreement(logits[role], logits["teacher"], data.test.y, data.num_classes),
+            "calibration": calibration(logits[role], data.test.y),
+        }
+    teacher = out["teacher"]
+    for m in out.values():
+        m["retention"] = m["test_acc"] / teacher["test_acc"] if teacher["test_acc"] > 0 else float("nan")
+        m["speedup"] = {b: teacher["latency_ms"][b] / m["latency_ms"][b] for b in m["latency_ms"]}
+        m["compression"] = teacher["params"] / m["params"]
+    if "scratch" in out:
+        gap = teacher["test_acc"] - out["scratch"]["test_acc"]
+        out["distilled"]["gap_closed"] = (
+            (out["distilled"]["test_acc"] - out["scratch"]["test_acc"]) / gap if gap > 0 else float("nan")
+        )
+    return {
+        "task": task.name,
+        "primary_metric": {"name": task.primary_metric, "higher_is_better": task.higher_is_better},
+        "models": out,
+        "data": data.summary(),
+        "class_names": data.class_names,
+        "seed": config.seed,
+        "latency_batch_sizes": spec.latency_batch_sizes,
+        "latency_repeats": spec.latency_repeats,
+        "latency_seconds": spec.latency_seconds,
+        "latency_threads": spec.latency_threads or torch.get_num_threads(),
+    }

@@ -1,0 +1,166 @@
+"""What a run tells the user: the comparison table (console and markdown), metrics.json and plots."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from distill.core.io import write_text
+from distill.core.memory import format_bytes
+
+ROLES = ("teacher", "scratch", "distilled")
+ROLE_TITLES = {"teacher": "teacher", "scratch": "scratch student", "distilled": "distilled student"}
+
+
+def format_percent(value: float | None) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}%"
+
+
+def _num(value: float | None, fmt: str, suffix: str = "") -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{fmt}}{suffix}"
+
+
+format_size = format_bytes  # sizes in B / KiB / MiB / GiB, one formatter for the whole package
+
+
+def table_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the comparison table, shared by the console and report.md."""
+    batch_sizes = metrics["latency_batch_sizes"]
+    header = ["model", "test acc", "agreement", "retention", "gap closed", "params", "size"]
+    header += [f"ms @{b}" for b in batch_sizes] + [f"speed-up @{b}" for b in batch_sizes]
+    rows = []
+    for role in ROLES:
+        m = metrics["models"].get(role)
+        if m is None:
+            continue
+        row = [
+            ROLE_TITLES[role],
+            format_percent(m["test_acc"]),
+            format_percent(m.get("agreement")),
+            format_percent(m.get("retention")),
+            format_percent(m.get("gap_closed")),
+            f"{m['params']:,}",
+            format_size(m["size_bytes"]),
+        ]
+        row += [_num(m["latency_ms"].get(str(b)), ".2f") for b in batch_sizes]
+        row += [_num(m["speedup"].get(str(b)), ".1f", "×") for b in batch_sizes]
+        rows.append(row)
+    return header, rows
+
+
+def console_table(metrics: dict[str, Any], title: str) -> Table:
+    header, rows = table_rows(metrics)
+    table = Table(title=title, title_justify="left")
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def markdown_table(metrics: dict[str, Any]) -> str:
+    header, rows = table_rows(metrics)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def latency_samples_text(metrics: dict[str, Any]) -> str:
+    """How many latency samples: ``30``, or ``7 to 30`` under a time budget."""
+    budget = metrics.get("latency_seconds")
+    repeats = metrics["latency_repeats"]
+    return f"{min(7, repeats)} to {repeats} (within {budget:g} s per batch size)" if budget else str(repeats)
+
+
+def verdict(metrics: dict[str, Any]) -> str:
+    """One honest sentence: did distillation beat training the student alone?"""
+    models = metrics["models"]
+    if "scratch" not in models:
+        return "No scratch baseline was trained (baseline: false), so the gain from distillation is unknown."
+    delta = 100 * (models["distilled"]["test_acc"] - models["scratch"]["test_acc"])
+    if delta > 0:
+        return f"Distillation helped: the distilled student beats the same student trained from scratch by {delta:.2f} points."
+    text = (
+        f"Distillation did not help here: the distilled student is {abs(delta):.2f} points "
+        f"{'below' if delta < 0 else 'level with'} the same student trained from scratch."
+    )
+    teacher, scratch = 100 * models["teacher"]["test_acc"], 100 * models["scratch"]["test_acc"]
+    if teacher < scratch + WEAK_TEACHER_POINTS:
+        text += (
+            f" The teacher is weak: at {teacher:.2f}% it is {'below' if teacher < scratch else 'barely above'} the "
+            f"student trained from scratch ({scratch:.2f}%), and a student cannot learn from a teacher what it does not "
+            f"know; train the teacher longer or use a larger one."
+        )
+    return text
+
+
+WEAK_TEACHER_POINTS = 1.0
+"""A teacher less than this many points above the scratch student has little to teach."""
+
+
+def training_warnings(metrics: dict[str, Any]) -> list[str]:
+    """The warnings training raised (a model at chance, a loss that did not fall), in role order."""
+    training = metrics.get("training") or {}
+    return [w for r in training.values() if r for w in r.get("warnings", [])]
+
+
+def validation_note(data: dict[str, Any]) -> str:
+    if data.get("val", 1) == 0:
+        return "No validation split (data.val_fraction: 0): each model is the one of its last epoch."
+    return "Best epochs chosen on validation."
+
+
+def write_markdown(path: Path, metrics: dict[str, Any], config_yaml: str) -> None:
+    data = metrics["data"]
+    lines = [
+        f"# distill run: {metrics['name']}",
+        "",
+        verdict(metrics),
+        "",
+        markdown_table(metrics),
+        "",
+        f"Test split: {data['test']} samples of {data['name']}; training on {data['train']} samples "
+        f"({data['train_labeled']} labeled), validation {data['val']}. Accuracy is top-1 on test; agreement is "
+        f"top-1 agreement with the teacher; retention = student / teacher accuracy; gap closed = "
+        f"(distilled − scratch) / (teacher − scratch). Latency: median of {latency_samples_text(metrics)} timed samples of CPU "
+        f"forward passes with {metrics['latency_threads']} thread(s); speed-up is relative to the teacher. "
+        f"{validation_note(data)}",
+        "",
+        *[f"**Warning:** {w}\n" for w in training_warnings(metrics)],
+        f"Trained on {metrics['device']} in {metrics['seconds']:.0f} s.",
+        "",
+        "![training curves](curves.png)",
+        "",
+        "![accuracy against size and latency](tradeoff.png)",
+        "",
+        "## Config",
+        "",
+        "```yaml",
+        config_yaml.rstrip(),
+        "```",
+        "",
+    ]
+    write_text(path, "\n".join(lines))
+
+
+def write_plots(run_dir: Path, metrics: dict[str, Any], histories: dict[str, list[dict]]) -> None:
+    """curves.png (training loss and validation accuracy) and tradeoff.png, for report.md."""
+    from distill.report.plots import curves_figure, save_png, tradeoff_figure
+
+    save_png(curves_figure(histories), run_dir / "curves.png")
+    save_png(tradeoff_figure(metrics), run_dir / "tradeoff.png")
+
+
+def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> None:
+    console.print()
+    console.print(console_table(metrics, f"distill: {metrics['name']} ({metrics['data']['name']}, test split)"))
+    console.print(verdict(metrics))
+    for warning in training_warnings(metrics):
+        console.print(f"[yellow]warning: {warning}[/]")
+    if metrics["data"].get("val", 1) == 0:
+        console.print(validation_note(metrics["data"]))
+    console.print(f"[dim]run directory: {run_dir}[/]")

@@ -1,0 +1,225 @@
+"""Matplotlib figures of a run: training curves, trade-offs, per-class accuracy, calibration.
+
+Each function returns a figure; ``save_png`` writes one atomically and ``png_data_uri`` embeds
+one in a self-contained HTML page.
+"""
+
+from __future__ import annotations
+
+import base64
+import io as _io
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
+
+from distill.core.io import atomic_path  # noqa: E402
+
+COLORS = {"teacher": "tab:gray", "scratch": "tab:blue", "distilled": "tab:orange"}
+TITLES = {"teacher": "teacher", "scratch": "scratch student", "distilled": "distilled student"}
+
+
+def _text(label: str) -> str:
+    """User text (class and run names) shown literally: matplotlib would parse $...$ as maths."""
+    return str(label).replace("$", r"\$")
+
+
+def _num(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
+def _color(role: str) -> str:
+    return COLORS.get(role, "tab:green")
+
+
+def _title(role: str) -> str:
+    return TITLES.get(role, role)
+
+
+def save_png(fig: Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def png_data_uri(fig: Figure) -> str:
+    buffer = _io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def curves_figure(histories: dict[str, list[dict]]) -> Figure:
+    """Training loss and validation accuracy against the fraction of each model's schedule
+    (so a scratch student with many short passes and a distilled one line up)."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for role, history in histories.items():
+        if not history:
+            continue
+        x = [e["epoch"] / len(history) for e in history]
+        ax_loss.plot(x, [_num(e["loss"]) for e in history], marker="o", color=_color(role), label=_text(_title(role)))
+        ax_acc.plot(
+            x, [100 * _num(e["val_acc"]) for e in history], marker="o", color=_color(role), label=_text(_title(role))
+        )
+    ax_loss.set(xlabel="fraction of training", ylabel="training loss (weighted sum of terms)", title="training loss")
+    ax_acc.set(xlabel="fraction of training", ylabel="validation accuracy (%)", title="validation accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def term_curves_figure(histories: dict[str, list[dict]]) -> Figure:
+    """Every loss term of every trained model, per epoch (unweighted values)."""
+    roles = [role for role, history in histories.items() if history]
+    fig, axes = plt.subplots(1, max(1, len(roles)), figsize=(4.2 * max(1, len(roles)), 3.6), squeeze=False)
+    for ax, role in zip(axes[0], roles, strict=False):
+        history = histories[role]
+        epochs = [e["epoch"] for e in history]
+        for term in history[0]["terms"]:
+            ax.plot(epochs, [_num(e["terms"][term]) for e in history], marker=".", label=_text(term))
+        ax.set(title=_text(_title(role)), xlabel="epoch", ylabel="loss term (unweighted)", yscale="log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def tradeoff_figure(metrics: dict[str, Any]) -> Figure:
+    batch = str(metrics["latency_batch_sizes"][0])
+    fig, (ax_params, ax_latency) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for role, m in metrics["models"].items():
+        for ax, x in ((ax_params, m["params"]), (ax_latency, m["latency_ms"][batch])):
+            ax.scatter([x], [100 * m["test_acc"]], s=60, color=_color(role), label=_title(role), zorder=3)
+    ax_params.set(xscale="log", xlabel="parameters", ylabel="test accuracy (%)", title="accuracy vs size")
+    ax_latency.set(
+        xscale="log",
+        xlabel=f"CPU latency at batch {batch} (ms)",
+        ylabel="test accuracy (%)",
+        title="accuracy vs latency",
+    )
+    for ax in (ax_params, ax_latency):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def per_class_figure(metrics: dict[str, Any]) -> Figure:
+    """Per-class test accuracy of every model, and each student's agreement with the teacher."""
+    names = metrics["class_names"]
+    models = metrics["models"]
+    width = 0.8 / len(models)
+    fig, (ax_acc, ax_agree) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    for i, (role, m) in enumerate(models.items()):
+        xs = [c + (i - (len(models) - 1) / 2) * width for c in range(len(names))]
+        ax_acc.bar(xs, [100 * (a or 0) for a in m["per_class_acc"]], width, color=_color(role), label=_title(role))
+        if role != "teacher":
+            ax_agree.bar(
+                xs, [100 * (a or 0) for a in m["per_class_agreement"]], width, color=_color(role), label=_title(role)
+            )
+    ax_acc.set(ylabel="test accuracy (%)", title="per-class accuracy")
+    ax_agree.set(ylabel="agreement with teacher (%)", title="per-class top-1 agreement with the teacher")
+    ax_agree.set_xticks(range(len(names)), [_text(n) for n in names], rotation=30, ha="right", fontsize=8)
+    for ax in (ax_acc, ax_agree):
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def reliability_figure(metrics: dict[str, Any]) -> Figure:
+    """Reliability diagrams: accuracy against confidence per bin, with each model's ECE."""
+    models = metrics["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.6), squeeze=False)
+    for ax, (role, m) in zip(axes[0], models.items(), strict=True):
+        bins = m["calibration"]["bins"]
+        edges = [b["lower"] for b in bins] + [bins[-1]["upper"]]
+        centers = [(b["lower"] + b["upper"]) / 2 for b in bins]
+        accs = [_num(b["accuracy"]) if b["count"] else 0.0 for b in bins]
+        ax.bar(
+            centers, accs, width=edges[1] - edges[0], color=_color(role), edgecolor="black", alpha=0.8, label="accuracy"
+        )
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
+        ax.set_title(f"{_text(_title(role))}\nECE {100 * _num(m['calibration']['ece']):.2f}%", fontsize=10)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def front_figure(points: list[dict[str, Any]], batch: str) -> Figure:
+    """Accuracy against latency for models of several runs, the Pareto front highlighted."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for p in points:
+        marker = "*" if p["on_front"] else "o"
+        ax.scatter(p["latency_ms"], 100 * p["test_acc"], s=140 if p["on_front"] else 50, marker=marker,
+                   color=_color(p["role"]), edgecolor="black" if p["on_front"] else None, zorder=3)  # fmt: skip
+        ax.annotate(
+            _text(p["label"]),
+            (p["latency_ms"], 100 * p["test_acc"]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    front = sorted((p for p in points if p["on_front"]), key=lambda p: p["latency_ms"])
+    ax.plot([p["latency_ms"] for p in front], [100 * p["test_acc"] for p in front], "k--", linewidth=1, label="front")
+    ax.set(xscale="log", xlabel=f"CPU latency at batch {batch} (ms)", ylabel="test accuracy (%)",
+           title="accuracy–latency front (★ = on the front)")  # fmt: skip
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+def chain_figure(summary: dict[str, Any]) -> Figure:
+    """Test accuracy against parameters along a teacher-assistant chain, with direct KD and scratch."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    path = [summary["teacher"], *summary["stages"]]
+    ax.plot([e["params"] for e in path], [100 * _num(e["test_acc"]) for e in path], "-o", color="tab:orange",
+            label="chain (each stage distilled from the one before)", zorder=3)  # fmt: skip
+    styles = {"student, direct KD": ("*", "tab:green", 160), "student, scratch": ("X", "tab:blue", 90)}
+    for entry in summary["baselines"]:
+        marker, color, size = styles.get(entry["role"], ("o", "tab:gray", 60))
+        ax.scatter(entry["params"], 100 * _num(entry["test_acc"]), marker=marker, color=color, s=size,
+                   label=_text(entry["role"]), zorder=4)  # fmt: skip
+    for entry in path:
+        ax.annotate(_text(f"{entry['role']}\n{entry['model']}"), (entry["params"], 100 * _num(entry["test_acc"])),
+                    fontsize=7, xytext=(5, -14), textcoords="offset points")  # fmt: skip
+    ax.set(xscale="log", xlabel="parameters", ylabel="test accuracy (%)", title="teacher → assistants → student")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def sweep_figure(points: list[dict[str, Any]], batch: str, teacher: dict[str, Any] | None = None) -> Figure:
+    """Accuracy against latency and against size for a family of students; ★ marks each front."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    panels = (("latency_ms", "front_latency", f"CPU latency at batch {batch} (ms)", "accuracy–latency front"),
+              ("size_kib", "front_size", "size on disk (KiB)", "accuracy–size front"))  # fmt: skip
+    for ax, (key, flag, xlabel, title) in zip(axes, panels, strict=True):
+        for p in points:
+            on = p[flag]
+            ax.scatter(p[key], 100 * _num(p["test_acc"]), marker="*" if on else "o", s=160 if on else 45,
+                       color="tab:orange" if on else "tab:blue", edgecolor="black" if on else None, zorder=3)  # fmt: skip
+            ax.annotate(_text(p["label"]), (p[key], 100 * _num(p["test_acc"])), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")  # fmt: skip
+        front = sorted((p for p in points if p[flag]), key=lambda p: p[key])
+        ax.plot([p[key] for p in front], [100 * _num(p["test_acc"]) for p in front], "k--", linewidth=1, label="front")
+        if teacher is not None and teacher.get(key) is not None:
+            ax.scatter(teacher[key], 100 * _num(teacher["test_acc"]), marker="D", color="tab:gray", s=50,
+                       label="teacher (reference)", zorder=3)  # fmt: skip
+        ax.set(xscale="log", xlabel=xlabel, ylabel="test accuracy (%) of the distilled student", title=f"{title} (★)")
+        ax.xaxis.set_minor_locator(LogLocator(subs=(2, 5)))  # plain numbers, few labels: a sweep spans little
+        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            axis(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig

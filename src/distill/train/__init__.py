@@ -1,0 +1,1 @@
+"""Training: the loop (one process or many, through Accelerate), its settings, and run tracking."""
