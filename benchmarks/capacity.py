@@ -76,18 +76,18 @@ def main() -> int:
                 chains.append({"seed": seed, "assistants": count, "summary": s})
                 arm = f"{count} assistant{'s' if count > 1 else ''}"
                 student = s["stages"][-1]
-                test[arm].append(student["test_acc"])
-                val[arm].append(student["val_acc"])
+                test[arm].append(student["score"])
+                val[arm].append(student["val_score"])
                 seconds[arm].append(sum(stage["seconds"] for stage in s["stages"]))
                 for entry in s["baselines"]:
                     name = "direct KD" if entry["role"] == "student, direct KD" else "scratch"
-                    test[name].append(entry["test_acc"])
-                    val[name].append(entry["val_acc"])
+                    test[name].append(entry["score"])
+                    val[name].append(entry["val_score"])
                     seconds[name].append(entry["seconds"])
                 sizes = " → ".join(f"{e['model']} ({e['params']:,})" for e in [s["teacher"], *s["stages"]])
                 console.print(f"{sizes}: {time.perf_counter() - started:.0f} s")
                 for e in [*s["stages"], *s["baselines"]]:
-                    console.print(f"  {e['role']:<24} val {100 * e['val_acc']:.2f}  test {100 * e['test_acc']:.2f}")
+                    console.print(f"  {e['role']:<24} val {100 * e['val_score']:.2f}  test {100 * e['score']:.2f}")
 
     first = {c["assistants"]: c["summary"] for c in chains if c["seed"] == args.seeds[0]}
     assistants = {

@@ -114,8 +114,8 @@ def main() -> int:
     console.print(f"tuned − textbook KD: {fmt(tuned_vs_textbook)} points on test")
     val = tune_summary
     console.print(
-        f"on validation (seed {base.seed}, {args.trial_epochs} epochs): tuned {100 * val['best']['val_acc']:.2f}, "
-        f"textbook {100 * (val['config_settings']['val_acc'] or float('nan')):.2f}, scratch {100 * val['scratch_val_acc']:.2f}; "
+        f"on validation (seed {base.seed}, {args.trial_epochs} epochs): tuned {100 * val['best']['val_score']:.2f}, "
+        f"textbook {100 * (val['config_settings']['val_score'] or float('nan')):.2f}, scratch {100 * val['scratch_val_score']:.2f}; "
         f"{val['states']['complete']} trials complete, {val['states']['pruned']} pruned, {val['states']['failed']} failed; "
         f"{val['seconds']:.0f} s"
     )

@@ -283,6 +283,45 @@ def test_the_cache_stores_and_serves_a_token_model(tmp_path):
     assert torch.allclose(live.loss, cached.loss, atol=1e-6) and live.loss > 0
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_the_cache_stores_only_the_positions_that_count(tmp_path, dtype):
+    """Padding is never stored: a packed shard holds mask.sum() rows; lookups across shards put
+    every stored position back where it was and fill padding with a finite uniform row."""
+    import numpy as np
+
+    from distill.cache import CachedTeacher, write_cache
+    from distill.core.data import DataBundle
+    from distill.core.signals import TopKLogits
+
+    torch.manual_seed(0)
+    data = DataBundle(
+        "tokens", token_split(20), token_split(8, seed=1), token_split(8, seed=2), 11, list("abcdefghijk")
+    )
+    teacher = TinyLM(width=16)
+    path = write_cache(
+        teacher, data, tmp_path / "cache", identity={"data": data.fingerprint}, k=4, dtype=dtype, shard_rows=6 * 7
+    )  # 7 samples per shard: lookups cross shard boundaries
+    cache = CachedTeacher(path)
+    assert cache.packed and cache.manifest["splits"]["train"]["rows"] == int(data.train.mask.sum())
+    stored = sum(
+        np.load(path / "shards" / r["name"] / "values.npy").shape[0]
+        for r in cache.manifest["splits"]["train"]["shards"]
+    )
+    assert stored == int(data.train.mask.sum()) < data.train.mask.numel()
+    index = torch.tensor([19, 0, 8, 6, 13])
+    got = cache.lookup(index).logits
+    with torch.no_grad():
+        dense = TopKLogits.from_dense(teacher(**{k: v[index] for k, v in data.train.x.items()}), 4)
+    mask = data.train.mask[index]
+    tolerance = 1e-5 if dtype == "float32" else 0.05
+    assert torch.allclose(got.values[mask], dense.values[mask], atol=tolerance)
+    assert torch.equal(got.indices[mask], dense.indices[mask])
+    assert torch.allclose(got.logsumexp[mask], dense.logsumexp[mask], atol=1e-5)
+    padding = got.bucket_log_probs()[~mask]
+    assert torch.isfinite(padding).all() and torch.allclose(padding[:, :4].exp(), torch.full((len(padding), 4), 1 / 11))
+    assert cache.bytes_per_row() > 0
+
+
 def test_the_image_task_is_the_default_and_configs_name_tasks(tmp_path):
     from distill.pipeline.config import parse_config
     from distill.tasks import ImageClassification, get_task

@@ -151,7 +151,7 @@ def test_a_second_chain_needs_overwrite(chain_run, capsys):
 
 
 def _summary(chain: float, direct: float, scratch: float, chain_val: float | None = None) -> dict:
-    entry = lambda role, acc, val=None: {"role": role, "test_acc": acc, "val_acc": acc if val is None else val}  # noqa: E731
+    entry = lambda role, acc, val=None: {"role": role, "score": acc, "val_score": acc if val is None else val}  # noqa: E731
     return {
         "stages": [entry("assistant 1", 0.9), entry("student, via the chain", chain, chain_val)],
         "baselines": [entry("student, direct KD", direct), entry("student, scratch", scratch)],

@@ -160,3 +160,11 @@ def test_an_absurd_image_size_is_refused_before_resizing(tmp_path, monkeypatch):
     with pytest.raises(DistillError, match=r"^data.image_size: 20 images of 100000×100000 pixels need about 1.5 TiB"):
         load_data(DataSpec(source="folder", path=tmp_path / "imgs", image_size=(100_000, 100_000)))
     assert load_data(DataSpec(source="folder", path=tmp_path / "imgs", image_size=(6, 6))).input_shape == (1, 6, 6)
+
+
+def test_input_bytes_count_one_sample_in_the_inputs_own_dtypes():
+    from distill.core.memory import input_bytes
+
+    assert input_bytes(torch.zeros(2, 1, 8, 8)) == 4 * 64  # float32 images
+    tokens = {"input_ids": torch.zeros(2, 16, dtype=torch.long), "attention_mask": torch.ones(2, 16, dtype=torch.bool)}
+    assert input_bytes(tokens) == 8 * 16 + 16  # int64 ids and a bool mask, not float32 pixels

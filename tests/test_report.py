@@ -86,13 +86,25 @@ def test_report_renders_in_headless_chromium(runs, tmp_path):
 
 def test_pareto_front_marks_undominated_models():
     points = [
-        {"test_acc": 0.9, "latency_ms": 10.0},
-        {"test_acc": 0.8, "latency_ms": 1.0},
-        {"test_acc": 0.7, "latency_ms": 2.0},  # slower and worse than the second
-        {"test_acc": 0.9, "latency_ms": 12.0},  # as good as the first, but slower
+        {"ranking": 0.9, "latency_ms": 10.0},
+        {"ranking": 0.8, "latency_ms": 1.0},
+        {"ranking": 0.7, "latency_ms": 2.0},  # slower and worse than the second
+        {"ranking": 0.9, "latency_ms": 12.0},  # as good as the first, but slower
     ]
     pareto_front(points)
     assert [p["on_front"] for p in points] == [True, True, False, False]
+
+
+def test_compare_refuses_runs_scored_on_different_metrics(runs, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(runs[1].run_dir, other)
+    metrics = json.loads((other / "metrics.json").read_text())
+    metrics["primary_metric"] = {"name": "spearman", "higher_is_better": True, "percent": False}
+    (other / "metrics.json").write_text(json.dumps(metrics))
+    from distill.core.errors import DistillError
+
+    with pytest.raises(DistillError, match=r"score different metrics \(accuracy in .*, spearman in other\)"):
+        comparison([runs[0].run_dir, other])
 
 
 def test_compare_prints_one_table_and_writes_a_report(runs, tmp_path, capsys):
@@ -100,7 +112,8 @@ def test_compare_prints_one_table_and_writes_a_report(runs, tmp_path, capsys):
     assert main(["compare", str(runs[0].run_dir), str(runs[1].run_dir), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "tiny" in printed and "wide" in printed and "★" in printed
-    points, batch = comparison([runs[0].run_dir, runs[1].run_dir])
+    points, batch, scoring = comparison([runs[0].run_dir, runs[1].run_dir])
+    assert scoring["primary_metric"] == {"name": "accuracy", "higher_is_better": True, "percent": True}
     assert batch == "1" and sum(p["role"] == "teacher" for p in points) == 1  # the shared teacher appears once
     assert len(points) == 5 and any(p["on_front"] for p in points)
     html = out.read_text()
@@ -145,7 +158,7 @@ def test_compare_refuses_incomplete_metrics_and_counts_a_run_once(runs, tmp_path
     assert main(["compare", str(broken), "--out", str(tmp_path / "c.html")]) == 2
     err = capsys.readouterr().err
     assert "is not a complete distill metrics file" in err and err.count("\n") == 1
-    points, _ = comparison([runs[0].run_dir, runs[0].run_dir])
+    points, _, _ = comparison([runs[0].run_dir, runs[0].run_dir])
     assert len(points) == 3
 
 

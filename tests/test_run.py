@@ -244,6 +244,29 @@ def test_a_failing_user_factory_is_one_line(tmp_path, capsys, monkeypatch):
 def test_metrics_name_the_task_and_its_primary_metric(finished_run):
     metrics = finished_run[0].metrics
     assert metrics["task"] == "image_classification"
-    assert metrics["primary_metric"] == {"name": "accuracy", "higher_is_better": True}
+    assert metrics["primary_metric"] == {"name": "accuracy", "higher_is_better": True, "percent": True}
     for model in metrics["models"].values():
-        assert model["metrics"] == {"accuracy": model["test_acc"]}
+        assert model["metrics"] == {"accuracy": model["test_acc"]} and model["score"] == model["test_acc"]
+
+
+def test_scores_where_lower_is_better_read_the_right_way_round():
+    """Reports follow the primary metric's direction: a perplexity that falls is a gain."""
+    from distill.pipeline.experiment import retention
+    from distill.report.markdown import format_score, score_gain, table_rows, verdict
+
+    assert retention(0.8, 0.9) == pytest.approx(0.8 / 0.9) and retention(0.0, 0.9) == 0.0
+    assert retention(12.0, 10.0, higher_is_better=False) == pytest.approx(10 / 12)
+    metrics = {
+        "primary_metric": {"name": "perplexity", "higher_is_better": False, "percent": False},
+        "latency_batch_sizes": [1],
+        "models": {
+            role: {"score": value, "params": 1, "size_bytes": 1, "latency_ms": {"1": 1.0}, "speedup": {"1": 1.0}}
+            for role, value in (("teacher", 10.0), ("scratch", 20.0), ("distilled", 15.0))
+        },
+    }
+    assert score_gain(15.0, 20.0, metrics) == 5.0 and format_score(15.0, metrics) == "15.0000"
+    assert verdict(metrics) == (
+        "Distillation helped: the distilled student beats the same student trained from scratch by 5.0000."
+    )
+    header, rows = table_rows(metrics)
+    assert header[1] == "test perplexity" and [r[1] for r in rows] == ["10.0000", "20.0000", "15.0000"]

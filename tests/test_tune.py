@@ -96,11 +96,11 @@ def test_tune_writes_a_runnable_best_config_and_a_trials_table(tune_run):
     assert {r["state"] for r in rows} <= {"complete", "pruned", "failed"}
     assert rows[0]["note"] == "the config's own settings" and float(rows[0]["alpha"]) == config.distill.alpha
     complete = [r for r in summary["trials"] if r["state"] == "complete"]
-    assert summary["best"]["val_acc"] == max(r["val_acc"] for r in complete)
+    assert summary["best"]["val_score"] == max(r["val_score"] for r in complete)
     assert all(r["epochs"] == 2 for r in complete)  # tune.epochs per trial
     report = (run / "report.md").read_text()
     assert all(line in report for line in summary["verdict"])
-    assert f"{100 * summary['scratch_val_acc']:.2f}%" in report and "the test split is never read" in report
+    assert f"{100 * summary['scratch_val_score']:.2f}%" in report and "the test split is never read" in report
 
 
 def test_the_search_is_reproducible_with_the_sampler_seed(tune_run):
@@ -181,9 +181,9 @@ def test_settings_reach_every_term_and_the_learning_rate(tmp_path):
 
 def _summary(best: float, scratch: float, own: float | None, best_trial: int = 4, val: int = 6000) -> dict:
     return {
-        "best": {"val_acc": best, "settings": "T=2 alpha=0.5 lr=0.1", "trial": best_trial},
-        "scratch_val_acc": scratch,
-        "config_settings": {"settings": "T=4 alpha=0.9 lr=0.05", "tried": own is not None, "val_acc": own},
+        "best": {"val_score": best, "settings": "T=2 alpha=0.5 lr=0.1", "trial": best_trial},
+        "scratch_val_score": scratch,
+        "config_settings": {"settings": "T=4 alpha=0.9 lr=0.05", "tried": own is not None, "val_score": own},
         "data": {"val": val},
     }
 

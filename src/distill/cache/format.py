@@ -9,9 +9,13 @@ Layout of a cache directory::
                        tail.npy       [n, *row_shape]     log of the probability outside the top-k
                        offset.npy, scale.npy              per-row int8 scale (int8 only)
                        feature-<name>.npy                 tapped teacher features (float16, optional)
+                       positions.npy, mask.npy            packed shards only (see below)
 
 A row is one sample (``[batch, classes]`` logits) or one token position (``[batch, seq, vocab]``);
-``row_shape`` is ``[]`` or ``[seq]``. Signals are temperature-free (raw logits at T = 1), so one
+``row_shape`` is ``[]`` or ``[seq]``. With per-position rows and a mask (token data with padding)
+a shard is *packed*: the signal arrays hold only the positions that count, ``[m, k]``, in sample
+order; ``positions.npy`` says where each sample's rows start and ``mask.npy`` which positions they
+are. Padding is never stored; a lookup fills it with a uniform row that every term masks out. Signals are temperature-free (raw logits at T = 1), so one
 cache serves any temperature. Shards are ``.npy`` files read through ``numpy.memmap``: a cache
 larger than RAM trains at page-cache speed, and ``np.load(allow_pickle=False)`` never unpickles.
 Every file's sha256 is in the manifest; a damaged shard or a cache made for other data is
@@ -27,8 +31,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from distill.core.io import file_sha256
+from distill.core.signals import QuantizedValues, TopKLogits, ValueDtype, index_dtype
 
 FORMAT = "distill-teacher-cache"
 FORMAT_VERSION = 1
@@ -79,3 +86,36 @@ def mismatch(identity: dict, other: dict | None) -> str | None:
         if other.get(key) != value:
             return key
     return None
+
+
+def shard_arrays(signals: TopKLogits, features: dict[str, Tensor], dtype: ValueDtype) -> dict[str, np.ndarray]:
+    quantized = QuantizedValues.encode(signals.values, dtype)
+    values = quantized.data
+    if dtype == "bfloat16":  # numpy has no bfloat16: store the bits
+        values = values.view(torch.int16)
+    arrays = {
+        "values": values.numpy(),
+        "indices": signals.indices.numpy().astype(index_dtype(signals.vocab_size)),
+        "logsumexp": signals.logsumexp.numpy().astype(np.float32),
+        "tail": signals.tail.numpy().astype(np.float32),
+    }
+    if dtype == "int8":
+        arrays["offset"] = quantized.offset.squeeze(-1).numpy().astype(np.float32)
+        arrays["scale"] = quantized.scale.squeeze(-1).numpy().astype(np.float32)
+    for name, value in features.items():
+        arrays[f"feature-{name}"] = value.numpy().astype(np.float16)
+    return arrays
+
+
+def pack_positions(keep: Tensor) -> dict[str, np.ndarray]:
+    """What locates a packed shard's rows: ``positions`` ([samples + 1], where each sample's kept
+    positions start in the packed arrays) and ``mask`` ([samples, seq], which positions they are)."""
+    counts = keep.sum(1).numpy().astype(np.int64)
+    return {"positions": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), "mask": keep.numpy()}
+
+
+def padding_row(vocab: int, k: int, dtype: ValueDtype) -> dict[str, np.ndarray]:
+    """The stored arrays of one row that stands in for a position that was not stored (padding):
+    a uniform distribution, finite everywhere, so that masked-out terms stay exactly zero."""
+    arrays = shard_arrays(TopKLogits.from_dense(torch.zeros(1, vocab), k), {}, dtype)
+    return {name: array[0] for name, array in arrays.items()}

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distill.cache.format import FORMAT, FORMAT_VERSION, read_json, verify_shard
+from distill.cache.format import FORMAT, FORMAT_VERSION, padding_row, read_json, verify_shard
 from distill.core.data import DataBundle
 from distill.core.errors import DistillError
 from distill.core.losses import ModelOutputs
@@ -54,6 +54,7 @@ class CachedTeacher:
         self.dtype: ValueDtype = manifest["dtype"]
         self.features: list[str] = manifest["features"]
         self.samples_per_shard: int = manifest["samples_per_shard"]
+        self.packed: bool = manifest.get("packed", False)
         self._field = field
         self._records: dict[str, list[dict]] = {split: info["shards"] for split, info in manifest["splits"].items()}
         self._open: OrderedDict[tuple[str, int], _Shard] = OrderedDict()  # memory maps, least recently used first
@@ -131,12 +132,12 @@ class CachedTeacher:
     def bytes_per_row(self) -> float:
         """Stored bytes of the logit signals per row (sample or token), features excluded."""
         info = self.manifest["splits"]["train"]
-        rows = info["samples"] * max(1, int(np.prod(self.manifest["row_shape"] or [1])))
+        rows = info.get("rows", info["samples"] * max(1, int(np.prod(self.manifest["row_shape"] or [1]))))
         total = sum(
             (self.path / "shards" / record["name"] / name).stat().st_size
             for record in info["shards"]
             for name in record["files"]
-            if not name.startswith("feature-")
+            if not name.startswith("feature-") and name not in ("positions.npy", "mask.npy")
         )
         return total / rows
 
@@ -156,6 +157,24 @@ class CachedTeacher:
                 out[name][chosen] = arrays[name][local[chosen]]
         return out
 
+    def _gather_packed(self, split: str, index: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+        """Rows ``index`` of a packed cache's signal arrays, ``[len(index), seq, ...]``: each
+        sample's stored positions scattered back by its mask, padding filled with a uniform row."""
+        seq = self.manifest["row_shape"][0]
+        filler = padding_row(self.vocab_size, self.k, self.dtype)
+        out = {name: np.broadcast_to(filler[name], (len(index), seq, *filler[name].shape)).copy() for name in names}
+        shard_of, local = np.divmod(index, self.samples_per_shard)
+        for shard in np.unique(shard_of):
+            chosen = np.nonzero(shard_of == shard)[0]
+            arrays = self._shard(split, int(shard)).arrays
+            positions, mask = arrays["positions"], arrays["mask"][local[chosen]]
+            rows = np.concatenate([np.arange(positions[i], positions[i + 1]) for i in local[chosen]])
+            for name in names:
+                block = out[name][chosen]
+                block[mask] = arrays[name][rows]
+                out[name][chosen] = block
+        return out
+
     def lookup(self, index: Tensor, *, split: str = "train", device: torch.device | str | None = None) -> ModelOutputs:
         """The teacher's outputs for samples ``index`` of ``split`` (:class:`~distill.core.losses.base.TeacherSignals`)."""
         idx = index.detach().cpu().numpy().astype(np.int64)
@@ -163,7 +182,11 @@ class CachedTeacher:
         if len(idx) and (idx.min() < 0 or idx.max() >= n):
             raise IndexError(f"cache {self.path} holds {n} {split} samples; index {int(idx.max())} is out of range")
         names = ["values", "indices", "logsumexp", "tail"] + (["offset", "scale"] if self.dtype == "int8" else [])
-        rows = self._gather(split, idx, names + [f"feature-{name}" for name in self.features])
+        features = [f"feature-{name}" for name in self.features]
+        if self.packed:
+            rows = self._gather_packed(split, idx, names) | self._gather(split, idx, features)
+        else:
+            rows = self._gather(split, idx, names + features)
         raw = torch.from_numpy(rows["values"])
         if self.dtype == "bfloat16":
             values = raw.view(torch.bfloat16).float()

@@ -22,7 +22,9 @@ from distill.cache.format import (
     LOGITS_FORMAT,
     SPLITS,
     mismatch,
+    pack_positions,
     read_json,
+    shard_arrays,
     verify_shard,
     write_shard,
 )
@@ -31,7 +33,7 @@ from distill.core.errors import DistillError
 from distill.core.inputs import Inputs, call_model, take, to_device
 from distill.core.io import json_safe, write_json
 from distill.core.losses.base import logits_of
-from distill.core.signals import QuantizedValues, TopKLogits, ValueDtype, index_dtype
+from distill.core.signals import TopKLogits, ValueDtype, index_dtype
 from distill.core.taps import FeatureTaps
 
 
@@ -50,25 +52,6 @@ def _teacher_rows(
                 logits = logits_of(call_model(teacher, to_device(x, device)))
             features = {name: value.half().cpu() for name, value in recorded.items()}
     return TopKLogits.from_dense(logits.float(), k).to("cpu"), features  # only the top-k leave the device
-
-
-def _shard_arrays(signals: TopKLogits, features: dict[str, Tensor], dtype: ValueDtype) -> dict[str, np.ndarray]:
-    quantized = QuantizedValues.encode(signals.values, dtype)
-    values = quantized.data
-    if dtype == "bfloat16":  # numpy has no bfloat16: store the bits
-        values = values.view(torch.int16)
-    arrays = {
-        "values": values.numpy(),
-        "indices": signals.indices.numpy().astype(index_dtype(signals.vocab_size)),
-        "logsumexp": signals.logsumexp.numpy().astype(np.float32),
-        "tail": signals.tail.numpy().astype(np.float32),
-    }
-    if dtype == "int8":
-        arrays["offset"] = quantized.offset.squeeze(-1).numpy().astype(np.float32)
-        arrays["scale"] = quantized.scale.squeeze(-1).numpy().astype(np.float32)
-    for name, value in features.items():
-        arrays[f"feature-{name}"] = value.numpy().astype(np.float16)
-    return arrays
 
 
 def write_cache(
@@ -104,6 +87,8 @@ def write_cache(
     probe = logits_of(_eval(teacher, take(data.train.x, slice(0, 1)), device))
     vocab, row_shape = probe.shape[-1], list(probe.shape[1:-1])
     rows_per_sample = int(np.prod(row_shape)) if row_shape else 1
+    # per-position rows with a mask: only the positions that count are stored (padding never is)
+    packed = bool(row_shape) and data.train.mask is not None
     samples_per_shard = max(1, shard_rows // rows_per_sample)
     settings = {
         "format": FORMAT, "format_version": FORMAT_VERSION, **identity, "k": min(k, vocab), "dtype": dtype,
@@ -177,7 +162,11 @@ def write_cache(
                 if missing:
                     raise DistillError(f"cache.features: teacher module {missing[0]!r} did not run in the forward pass")
                 feats = {name: torch.cat([p[1][name] for p in parts]) for name in features}
-                files = write_shard(partial / "shards" / key, _shard_arrays(signals, feats, dtype))
+                keep = split.mask[start:end].bool() if packed else None
+                arrays = shard_arrays(signals if keep is None else signals.select(keep), feats, dtype)
+                if keep is not None:
+                    arrays.update(pack_positions(keep))
+                files = write_shard(partial / "shards" / key, arrays)
                 record = {"name": key, "start": start, "samples": end - start, "files": files}
                 progress["shards"][key] = record
                 write_json(progress_file, progress)
@@ -185,7 +174,8 @@ def write_cache(
                 console.print(f"cache: {key}: {end - start} samples")
                 if on_shard is not None:
                     on_shard(split_name, shard)
-            splits[split_name] = {"samples": n, "shards": shards}
+            rows = int(split.mask.sum()) if packed and split.mask is not None else n * rows_per_sample
+            splits[split_name] = {"samples": n, "rows": rows, "shards": shards}
     finally:
         if taps is not None:
             taps.remove()
@@ -199,6 +189,7 @@ def write_cache(
         **(info or {}),
         "vocab_size": vocab,
         "row_shape": row_shape,
+        "packed": packed,
         "index_dtype": str(index_dtype(vocab)),
         "logits": LOGITS_FORMAT,
         "feature_shapes": feature_shapes,

@@ -14,11 +14,10 @@ with ``--max-memory 8GB`` or ``max_memory: 8GB`` in a config.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import resource
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from distill.core.errors import DistillError
-from distill.core.inputs import batch_len, call_model
+from distill.core.inputs import Inputs, batch_len, call_model
 
 HOW_TO_SET = "set another budget with --max-memory (e.g. --max-memory 8GB) or max_memory: in the config"
 
@@ -181,5 +180,9 @@ def measure(build: Callable[[], nn.Module]) -> ModelSize | None:
     return ModelSize(params, weight_bytes, largest)
 
 
-def input_bytes(in_shape: Sequence[int]) -> int:
-    return 4 * math.prod(in_shape)  # float32 inputs
+def input_bytes(example: Inputs) -> int:
+    """Bytes of one sample of ``example`` (a batch: a tensor, or a mapping of token ids, masks, ...),
+    in the inputs' own dtypes."""
+    tensors = example.values() if isinstance(example, Mapping) else (example,)
+    total = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return -(-total // max(batch_len(example), 1))

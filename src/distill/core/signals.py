@@ -47,6 +47,10 @@ class TopKLogits:
             tail = torch.full_like(logsumexp, float("-inf"))
         return cls(values, indices, logsumexp, tail, logits.shape[-1])
 
+    def select(self, keep: Tensor) -> TopKLogits:
+        """The rows where boolean ``keep`` (the leading dimensions) is True, flattened: ``[m, k]``."""
+        return TopKLogits(self.values[keep], self.indices[keep], self.logsumexp[keep], self.tail[keep], self.vocab_size)
+
     @property
     def k(self) -> int:
         return self.values.shape[-1]

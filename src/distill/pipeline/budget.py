@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
+from distill.core.inputs import Inputs
 from distill.core.memory import Budget, ModelSize, input_bytes
 from distill.pipeline.config import CachedTeacherSpec, ExperimentConfig, TrainedTeacher, TrainSpec
 from distill.tasks.models import size_field, size_model
@@ -70,7 +70,7 @@ class RunMemory:
             what = f"{'training' if field in trained else 'loading'} {size.params:,} parameters"
             self.budget.check(size.weight_bytes * copies, self._model_field(field), what)
 
-    def check_batches(self, models: dict[str, nn.Module], example: torch.Tensor) -> None:
+    def check_batches(self, models: dict[str, nn.Module], example: Inputs) -> None:
         """Every batch the command will run, from the activations of ``models`` on ``example``."""
         if self.budget.bytes is None:
             return
@@ -79,7 +79,7 @@ class RunMemory:
             for field, size in self.sizes.items()
             if size is not None and field in models
         }
-        sample = input_bytes(self.in_shape)
+        sample = input_bytes(example)
         check = self.budget.check
         for field, (train, batch_field) in self._trained().items():
             if field not in sizes:

@@ -527,6 +527,14 @@ def _write_run(partial: Path, final: Path, config: ExperimentConfig, metrics: di
     finish_dir(partial, final)
 
 
+def retention(student: float, teacher: float, higher_is_better: bool = True) -> float:
+    """How much of the teacher's quality the student kept: student / teacher (teacher / student when
+    lower is better, e.g. perplexity); NaN when the ratio means nothing (a score of zero or below)."""
+    if higher_is_better:
+        return student / teacher if teacher > 0 else float("nan")
+    return teacher / student if student > 0 and teacher > 0 else float("nan")
+
+
 def evaluate_models(
     models: dict[str, nn.Module],
     weights: dict[str, Path | None],
@@ -534,7 +542,8 @@ def evaluate_models(
     config: ExperimentConfig,
     cached_teacher: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Test accuracy, agreement, retention, gap closed, size and latency for each model.
+    """The task's test metrics (``score``: its primary metric), agreement, retention, gap closed, size
+    and latency for each model.
 
     With ``cached_teacher`` (``test_logits``, ``size_bytes``, ``weights_sha256`` from a cache),
     the teacher's predictions come from the cache and ``models["teacher"]`` is only its
@@ -570,19 +579,26 @@ def evaluate_models(
             "per_class_agreement": per_class_agreement(logits[role], logits["teacher"], data.test.y, data.num_classes),
             "calibration": calibration(logits[role], data.test.y),
         }
+    for m in out.values():
+        m["score"] = m["metrics"][task.primary_metric]
     teacher = out["teacher"]
     for m in out.values():
-        m["retention"] = m["test_acc"] / teacher["test_acc"] if teacher["test_acc"] > 0 else float("nan")
+        m["retention"] = retention(m["score"], teacher["score"], task.higher_is_better)
         m["speedup"] = {b: teacher["latency_ms"][b] / m["latency_ms"][b] for b in m["latency_ms"]}
         m["compression"] = teacher["params"] / m["params"]
     if "scratch" in out:
-        gap = teacher["test_acc"] - out["scratch"]["test_acc"]
+        gap = teacher["score"] - out["scratch"]["score"]
+        ahead = gap > 0 if task.higher_is_better else gap < 0  # the teacher is better than the scratch student
         out["distilled"]["gap_closed"] = (
-            (out["distilled"]["test_acc"] - out["scratch"]["test_acc"]) / gap if gap > 0 else float("nan")
+            (out["distilled"]["score"] - out["scratch"]["score"]) / gap if ahead else float("nan")
         )
     return {
         "task": task.name,
-        "primary_metric": {"name": task.primary_metric, "higher_is_better": task.higher_is_better},
+        "primary_metric": {
+            "name": task.primary_metric,
+            "higher_is_better": task.higher_is_better,
+            "percent": task.primary_percent,
+        },
         "models": out,
         "data": data.summary(),
         "class_names": data.class_names,

@@ -12,6 +12,8 @@ from distill.report.markdown import (
     ROLE_TITLES,
     format_percent,
     latency_samples_text,
+    score,
+    score_gain,
     table_rows,
     training_warnings,
     validation_note,
@@ -65,7 +67,9 @@ def render_html(
 
     models, data = metrics["models"], metrics["data"]
     header, rows = table_rows(metrics)
-    helped = "scratch" in models and (models["distilled"]["test_acc"] or 0) > (models["scratch"]["test_acc"] or 0)
+    helped = (
+        "scratch" in models and score_gain(score(models["distilled"]) or 0, score(models["scratch"]) or 0, metrics) > 0
+    )
     class_rows = [
         [name]
         + [format_percent(m["per_class_acc"][c]) for m in models.values()]
@@ -96,12 +100,15 @@ def render_html(
         _table(header, rows, "summary"),
         f'<p class="muted">Test split: {data["test"]} samples of {escape(data["name"])}; training on {data["train"]} '
         f"samples ({data['train_labeled']} labeled), validation {data['val']}. Retention = student / teacher "
-        f"accuracy; gap closed = (distilled − scratch) / (teacher − scratch); latency = median of "
+        f"score; gap closed = (distilled − scratch) / (teacher − scratch); latency = median of "
         f"{latency_samples_text(metrics)} timed CPU samples with {metrics['latency_threads']} thread(s). "
         f"{escape(validation_note(data))}</p>",
         _image(figure("tradeoff", lambda: tradeoff_figure(metrics)), "accuracy against size and latency"),
         "<h2>Training</h2>",
-        _image(figure("curves", lambda: curves_figure(histories)), "training loss and validation accuracy"),
+        _image(
+            figure("curves", lambda: curves_figure(histories, metrics.get("primary_metric"))),
+            "training loss and validation accuracy",
+        ),
         "<p>Every loss term, unweighted, per epoch:</p>",
         _image(png_data_uri(term_curves_figure(histories)), "loss terms per epoch"),
         "<h2>Per class</h2>",

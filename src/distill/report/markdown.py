@@ -27,10 +27,49 @@ def _num(value: float | None, fmt: str, suffix: str = "") -> str:
 format_size = format_bytes  # sizes in B / KiB / MiB / GiB, one formatter for the whole package
 
 
+def primary_metric(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The task's primary metric: ``name``, ``higher_is_better`` and ``percent`` (a fraction shown as
+    a percentage). Runs written before tasks existed scored accuracy."""
+    found = metrics.get("primary_metric") or {}
+    return {"name": "accuracy", "higher_is_better": True, "percent": True} | found
+
+
+def score(model: dict[str, Any]) -> float | None:
+    """A model's test score on the primary metric (``test_acc`` in runs written before tasks existed)."""
+    return model.get("score", model.get("test_acc"))
+
+
+def val_score(trained: dict[str, Any]) -> float:
+    """A training result's best validation score on the primary metric (``best_val_acc`` before tasks)."""
+    value = trained.get("best_val_score")
+    return trained["best_val_acc"] if value is None else value
+
+
+def score_label(metrics: dict[str, Any]) -> str:
+    """The primary metric's short column name: ``acc`` for accuracy, else its name."""
+    name = primary_metric(metrics)["name"]
+    return "acc" if name == "accuracy" else name.replace("_", " ")
+
+
+def format_score(value: float | None, metrics: dict[str, Any]) -> str:
+    return format_percent(value) if primary_metric(metrics)["percent"] else _num(value, ".4f")
+
+
+def score_gain(better: float, worse: float, metrics: dict[str, Any]) -> float:
+    """How far ``better`` is ahead of ``worse`` in the metric's direction: in points for percentages."""
+    info = primary_metric(metrics)
+    gain = (better - worse) * (1 if info["higher_is_better"] else -1)
+    return 100 * gain if info["percent"] else gain
+
+
+def gain_text(gain: float, metrics: dict[str, Any]) -> str:
+    return f"{gain:.2f} points" if primary_metric(metrics)["percent"] else f"{gain:.4f}"
+
+
 def table_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the comparison table, shared by the console and report.md."""
     batch_sizes = metrics["latency_batch_sizes"]
-    header = ["model", "test acc", "agreement", "retention", "gap closed", "params", "size"]
+    header = ["model", f"test {score_label(metrics)}", "agreement", "retention", "gap closed", "params", "size"]
     header += [f"ms @{b}" for b in batch_sizes] + [f"speed-up @{b}" for b in batch_sizes]
     rows = []
     for role in ROLES:
@@ -39,7 +78,7 @@ def table_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             continue
         row = [
             ROLE_TITLES[role],
-            format_percent(m["test_acc"]),
+            format_score(score(m), metrics),
             format_percent(m.get("agreement")),
             format_percent(m.get("retention")),
             format_percent(m.get("gap_closed")),
@@ -76,24 +115,35 @@ def latency_samples_text(metrics: dict[str, Any]) -> str:
     return f"{min(7, repeats)} to {repeats} (within {budget:g} s per batch size)" if budget else str(repeats)
 
 
+def score_note(metrics: dict[str, Any]) -> str:
+    info = primary_metric(metrics)
+    if info["name"] == "accuracy":
+        return "Accuracy is top-1 on test"
+    return f"Scores are {info['name'].replace('_', ' ')} on test ({'higher' if info['higher_is_better'] else 'lower'} is better)"
+
+
 def verdict(metrics: dict[str, Any]) -> str:
     """One honest sentence: did distillation beat training the student alone?"""
     models = metrics["models"]
     if "scratch" not in models:
         return "No scratch baseline was trained (baseline: false), so the gain from distillation is unknown."
-    delta = 100 * (models["distilled"]["test_acc"] - models["scratch"]["test_acc"])
+    delta = score_gain(score(models["distilled"]), score(models["scratch"]), metrics)
     if delta > 0:
-        return f"Distillation helped: the distilled student beats the same student trained from scratch by {delta:.2f} points."
+        return (
+            f"Distillation helped: the distilled student beats the same student trained from scratch by "
+            f"{gain_text(delta, metrics)}."
+        )
     text = (
-        f"Distillation did not help here: the distilled student is {abs(delta):.2f} points "
+        f"Distillation did not help here: the distilled student is {gain_text(abs(delta), metrics)} "
         f"{'below' if delta < 0 else 'level with'} the same student trained from scratch."
     )
-    teacher, scratch = 100 * models["teacher"]["test_acc"], 100 * models["scratch"]["test_acc"]
-    if teacher < scratch + WEAK_TEACHER_POINTS:
+    teacher, scratch = score(models["teacher"]), score(models["scratch"])
+    ahead = score_gain(teacher, scratch, metrics)
+    if primary_metric(metrics)["percent"] and ahead < WEAK_TEACHER_POINTS:
         text += (
-            f" The teacher is weak: at {teacher:.2f}% it is {'below' if teacher < scratch else 'barely above'} the "
-            f"student trained from scratch ({scratch:.2f}%), and a student cannot learn from a teacher what it does not "
-            f"know; train the teacher longer or use a larger one."
+            f" The teacher is weak: at {format_score(teacher, metrics)} it is {'below' if ahead < 0 else 'barely above'} the "
+            f"student trained from scratch ({format_score(scratch, metrics)}), and a student cannot learn from a teacher what "
+            f"it does not know; train the teacher longer or use a larger one."
         )
     return text
 
@@ -124,8 +174,8 @@ def write_markdown(path: Path, metrics: dict[str, Any], config_yaml: str) -> Non
         markdown_table(metrics),
         "",
         f"Test split: {data['test']} samples of {data['name']}; training on {data['train']} samples "
-        f"({data['train_labeled']} labeled), validation {data['val']}. Accuracy is top-1 on test; agreement is "
-        f"top-1 agreement with the teacher; retention = student / teacher accuracy; gap closed = "
+        f"({data['train_labeled']} labeled), validation {data['val']}. {score_note(metrics)}; agreement is "
+        f"top-1 agreement with the teacher; retention = student / teacher score; gap closed = "
         f"(distilled − scratch) / (teacher − scratch). Latency: median of {latency_samples_text(metrics)} timed samples of CPU "
         f"forward passes with {metrics['latency_threads']} thread(s); speed-up is relative to the teacher. "
         f"{validation_note(data)}",
@@ -151,7 +201,7 @@ def write_plots(run_dir: Path, metrics: dict[str, Any], histories: dict[str, lis
     """curves.png (training loss and validation accuracy) and tradeoff.png, for report.md."""
     from distill.report.plots import curves_figure, save_png, tradeoff_figure
 
-    save_png(curves_figure(histories), run_dir / "curves.png")
+    save_png(curves_figure(histories, metrics.get("primary_metric")), run_dir / "curves.png")
     save_png(tradeoff_figure(metrics), run_dir / "tradeoff.png")
 
 

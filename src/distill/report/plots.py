@@ -54,20 +54,30 @@ def png_data_uri(fig: Figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def curves_figure(histories: dict[str, list[dict]]) -> Figure:
-    """Training loss and validation accuracy against the fraction of each model's schedule
+def score_axis(primary: dict[str, Any] | None) -> tuple[float, str]:
+    """How the primary metric is drawn: (scale, name); accuracy as a percentage."""
+    primary = {"name": "accuracy", "percent": True} | (primary or {})
+    name = primary["name"].replace("_", " ")
+    return (100.0, f"{name} (%)") if primary["percent"] else (1.0, name)
+
+
+def curves_figure(histories: dict[str, list[dict]], primary: dict[str, Any] | None = None) -> Figure:
+    """Training loss and the primary validation metric against the fraction of each model's schedule
     (so a scratch student with many short passes and a distilled one line up)."""
+    scale, label = score_axis(primary)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     for role, history in histories.items():
         if not history:
             continue
         x = [e["epoch"] / len(history) for e in history]
         ax_loss.plot(x, [_num(e["loss"]) for e in history], marker="o", color=_color(role), label=_text(_title(role)))
-        ax_acc.plot(
-            x, [100 * _num(e["val_acc"]) for e in history], marker="o", color=_color(role), label=_text(_title(role))
-        )
+        name = (primary or {}).get("name", "accuracy")
+        values = [(e.get("val_metrics") or {}).get(name, e["val_acc"]) for e in history]
+        ax_acc.plot(x, [scale * _num(v) for v in values], marker="o", color=_color(role), label=_text(_title(role)))
     ax_loss.set(xlabel="fraction of training", ylabel="training loss (weighted sum of terms)", title="training loss")
-    ax_acc.set(xlabel="fraction of training", ylabel="validation accuracy (%)", title="validation accuracy")
+    ax_acc.set(
+        xlabel="fraction of training", ylabel=f"validation {label}", title=f"validation {label.removesuffix(' (%)')}"
+    )
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -93,16 +103,20 @@ def term_curves_figure(histories: dict[str, list[dict]]) -> Figure:
 
 def tradeoff_figure(metrics: dict[str, Any]) -> Figure:
     batch = str(metrics["latency_batch_sizes"][0])
+    scale, label = score_axis(metrics.get("primary_metric"))
+    name = label.removesuffix(" (%)")
     fig, (ax_params, ax_latency) = plt.subplots(1, 2, figsize=(10, 3.8))
     for role, m in metrics["models"].items():
         for ax, x in ((ax_params, m["params"]), (ax_latency, m["latency_ms"][batch])):
-            ax.scatter([x], [100 * m["test_acc"]], s=60, color=_color(role), label=_title(role), zorder=3)
-    ax_params.set(xscale="log", xlabel="parameters", ylabel="test accuracy (%)", title="accuracy vs size")
+            ax.scatter(
+                [x], [scale * m.get("score", m.get("test_acc"))], s=60, color=_color(role), label=_title(role), zorder=3
+            )
+    ax_params.set(xscale="log", xlabel="parameters", ylabel=f"test {label}", title=f"{name} vs size")
     ax_latency.set(
         xscale="log",
         xlabel=f"CPU latency at batch {batch} (ms)",
-        ylabel="test accuracy (%)",
-        title="accuracy vs latency",
+        ylabel=f"test {label}",
+        title=f"{name} vs latency",
     )
     for ax in (ax_params, ax_latency):
         ax.grid(alpha=0.3, which="both")
@@ -154,68 +168,77 @@ def reliability_figure(metrics: dict[str, Any]) -> Figure:
     return fig
 
 
-def front_figure(points: list[dict[str, Any]], batch: str) -> Figure:
-    """Accuracy against latency for models of several runs, the Pareto front highlighted."""
+def front_figure(points: list[dict[str, Any]], batch: str, primary: dict[str, Any] | None = None) -> Figure:
+    """The primary metric against latency for models of several runs, the Pareto front highlighted."""
+    scale, label = score_axis(primary)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for p in points:
         marker = "*" if p["on_front"] else "o"
-        ax.scatter(p["latency_ms"], 100 * p["test_acc"], s=140 if p["on_front"] else 50, marker=marker,
+        ax.scatter(p["latency_ms"], scale * p["score"], s=140 if p["on_front"] else 50, marker=marker,
                    color=_color(p["role"]), edgecolor="black" if p["on_front"] else None, zorder=3)  # fmt: skip
         ax.annotate(
             _text(p["label"]),
-            (p["latency_ms"], 100 * p["test_acc"]),
+            (p["latency_ms"], scale * p["score"]),
             fontsize=7,
             xytext=(4, 4),
             textcoords="offset points",
         )
     front = sorted((p for p in points if p["on_front"]), key=lambda p: p["latency_ms"])
-    ax.plot([p["latency_ms"] for p in front], [100 * p["test_acc"] for p in front], "k--", linewidth=1, label="front")
-    ax.set(xscale="log", xlabel=f"CPU latency at batch {batch} (ms)", ylabel="test accuracy (%)",
-           title="accuracy–latency front (★ = on the front)")  # fmt: skip
+    ax.plot([p["latency_ms"] for p in front], [scale * p["score"] for p in front], "k--", linewidth=1, label="front")
+    ax.set(xscale="log", xlabel=f"CPU latency at batch {batch} (ms)", ylabel=f"test {label}",
+           title=f"{label.removesuffix(' (%)')}–latency front (★ = on the front)")  # fmt: skip
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return fig
 
 
 def chain_figure(summary: dict[str, Any]) -> Figure:
-    """Test accuracy against parameters along a teacher-assistant chain, with direct KD and scratch."""
+    """The test score against parameters along a teacher-assistant chain, with direct KD and scratch."""
+    scale, label = score_axis(summary.get("primary_metric"))
     fig, ax = plt.subplots(figsize=(8, 4.5))
     path = [summary["teacher"], *summary["stages"]]
-    ax.plot([e["params"] for e in path], [100 * _num(e["test_acc"]) for e in path], "-o", color="tab:orange",
+    ax.plot([e["params"] for e in path], [scale * _num(e["score"]) for e in path], "-o", color="tab:orange",
             label="chain (each stage distilled from the one before)", zorder=3)  # fmt: skip
     styles = {"student, direct KD": ("*", "tab:green", 160), "student, scratch": ("X", "tab:blue", 90)}
     for entry in summary["baselines"]:
         marker, color, size = styles.get(entry["role"], ("o", "tab:gray", 60))
-        ax.scatter(entry["params"], 100 * _num(entry["test_acc"]), marker=marker, color=color, s=size,
+        ax.scatter(entry["params"], scale * _num(entry["score"]), marker=marker, color=color, s=size,
                    label=_text(entry["role"]), zorder=4)  # fmt: skip
     for entry in path:
-        ax.annotate(_text(f"{entry['role']}\n{entry['model']}"), (entry["params"], 100 * _num(entry["test_acc"])),
+        ax.annotate(_text(f"{entry['role']}\n{entry['model']}"), (entry["params"], scale * _num(entry["score"])),
                     fontsize=7, xytext=(5, -14), textcoords="offset points")  # fmt: skip
-    ax.set(xscale="log", xlabel="parameters", ylabel="test accuracy (%)", title="teacher → assistants → student")
+    ax.set(xscale="log", xlabel="parameters", ylabel=f"test {label}", title="teacher → assistants → student")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
 
 
-def sweep_figure(points: list[dict[str, Any]], batch: str, teacher: dict[str, Any] | None = None) -> Figure:
-    """Accuracy against latency and against size for a family of students; ★ marks each front."""
+def sweep_figure(
+    points: list[dict[str, Any]],
+    batch: str,
+    teacher: dict[str, Any] | None = None,
+    primary: dict[str, Any] | None = None,
+) -> Figure:
+    """The primary metric against latency and against size for a family of students; ★ marks each front."""
+    scale, label = score_axis(primary)
+    name = label.removesuffix(" (%)")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    panels = (("latency_ms", "front_latency", f"CPU latency at batch {batch} (ms)", "accuracy–latency front"),
-              ("size_kib", "front_size", "size on disk (KiB)", "accuracy–size front"))  # fmt: skip
+    panels = (("latency_ms", "front_latency", f"CPU latency at batch {batch} (ms)", f"{name}–latency front"),
+              ("size_kib", "front_size", "size on disk (KiB)", f"{name}–size front"))  # fmt: skip
     for ax, (key, flag, xlabel, title) in zip(axes, panels, strict=True):
         for p in points:
             on = p[flag]
-            ax.scatter(p[key], 100 * _num(p["test_acc"]), marker="*" if on else "o", s=160 if on else 45,
+            ax.scatter(p[key], scale * _num(p["score"]), marker="*" if on else "o", s=160 if on else 45,
                        color="tab:orange" if on else "tab:blue", edgecolor="black" if on else None, zorder=3)  # fmt: skip
-            ax.annotate(_text(p["label"]), (p[key], 100 * _num(p["test_acc"])), fontsize=7, xytext=(4, 4),
+            ax.annotate(_text(p["label"]), (p[key], scale * _num(p["score"])), fontsize=7, xytext=(4, 4),
                         textcoords="offset points")  # fmt: skip
         front = sorted((p for p in points if p[flag]), key=lambda p: p[key])
-        ax.plot([p[key] for p in front], [100 * _num(p["test_acc"]) for p in front], "k--", linewidth=1, label="front")
+        ax.plot([p[key] for p in front], [scale * _num(p["score"]) for p in front], "k--", linewidth=1, label="front")
         if teacher is not None and teacher.get(key) is not None:
-            ax.scatter(teacher[key], 100 * _num(teacher["test_acc"]), marker="D", color="tab:gray", s=50,
+            ax.scatter(teacher[key], scale * _num(teacher["score"]), marker="D", color="tab:gray", s=50,
                        label="teacher (reference)", zorder=3)  # fmt: skip
-        ax.set(xscale="log", xlabel=xlabel, ylabel="test accuracy (%) of the distilled student", title=f"{title} (★)")
+        ax.set(xscale="log", xlabel=xlabel, ylabel=f"test {label} of the distilled student", title=f"{title} (★)")
         ax.xaxis.set_minor_locator(LogLocator(subs=(2, 5)))  # plain numbers, few labels: a sweep spans little
         for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
             axis(FuncFormatter(lambda value, _: f"{value:g}"))

@@ -47,6 +47,7 @@ class Task(ABC):
     name: ClassVar[str] = ""
     primary_metric: ClassVar[str] = "accuracy"
     higher_is_better: ClassVar[bool] = True
+    primary_percent: ClassVar[bool] = True  # a fraction in [0, 1], reported as a percentage
 
     @abstractmethod
     def load_data(self, spec: Any) -> DataBundle:

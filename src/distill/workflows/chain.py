@@ -23,7 +23,7 @@ from distill.core.errors import DistillError
 from distill.core.io import write_json, write_text
 from distill.pipeline.config import ExperimentConfig, Strict, TrainSpec, config_to_dict
 from distill.pipeline.experiment import RunResult, build_distiller, seeded_model
-from distill.report.markdown import format_percent, format_size
+from distill.report.markdown import format_score, format_size, primary_metric, score, score_gain, score_label, val_score
 from distill.tasks import get_task
 from distill.tasks.models import ModelSpec
 from distill.workflows.common import derive, finish_dir, prepare_dir, relocate_text, run_or_reuse, teacher_model
@@ -68,8 +68,8 @@ def _entry(run: RunResult, which: str, **extra: Any) -> dict[str, Any]:
     return {
         "params": m["params"],
         "size_bytes": m["size_bytes"],
-        "test_acc": m["test_acc"],
-        "val_acc": trained["best_val_acc"] if trained else None,
+        "score": score(m),
+        "val_score": val_score(trained) if trained else None,
         "epochs": len(trained["history"]) if trained else None,
         "seconds": trained["seconds"] if trained else None,
         "weights_sha256": m["weights_sha256"],
@@ -172,6 +172,7 @@ def run_chain(
         "teacher": teacher_entry,
         "stages": stages,
         "baselines": baselines,
+        "primary_metric": primary_metric(last_run.metrics),
         "data": last_run.metrics["data"],
         "seed": config.seed,
         "seconds": time.perf_counter() - started,
@@ -210,9 +211,10 @@ def chain_verdict(summary: dict[str, Any]) -> str:
         return (
             f"No direct distillation was run (chain.direct: false), so whether the chain via {via} helped is unknown."
         )
-    test = 100 * (student["test_acc"] - direct["test_acc"])
-    val = 100 * (student["val_acc"] - direct["val_acc"])
-    numbers = f"{test:+.2f} points on test, {val:+.2f} on validation, against direct distillation"
+    test = score_gain(student["score"], direct["score"], summary)
+    val = score_gain(student["val_score"], direct["val_score"], summary)
+    unit = " points" if primary_metric(summary)["percent"] else ""
+    numbers = f"{test:+.2f}{unit} on test, {val:+.2f} on validation, against direct distillation"
     if test > 0 and val > 0:
         text = f"The chain via {via} helped: {numbers}."
     elif test <= 0 and val <= 0:
@@ -220,22 +222,31 @@ def chain_verdict(summary: dict[str, Any]) -> str:
     else:
         text = f"The chain via {via} is inconclusive: {numbers} (one seed; run several to tell)."
     scratch = next((b for b in summary["baselines"] if b["role"] == "student, scratch"), None)
-    if scratch is not None and max(student["test_acc"], direct["test_acc"]) <= scratch["test_acc"]:
+    if scratch is not None and all(score_gain(s["score"], scratch["score"], summary) <= 0 for s in (student, direct)):
         text += (
-            f" Neither beats the same student trained from scratch ({100 * scratch['test_acc']:.2f}% on test): "
+            f" Neither beats the same student trained from scratch ({format_score(scratch['score'], summary)} on test): "
             f"distillation did not help this student."
         )
     return text
 
 
 def _rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["model", "architecture", "params", "size", "distilled from", "epochs", "best val acc", "test acc"]
+    header = [
+        "model",
+        "architecture",
+        "params",
+        "size",
+        "distilled from",
+        "epochs",
+        f"best val {score_label(summary)}",
+        f"test {score_label(summary)}",
+    ]
     rows = []
     for entry in [summary["teacher"], *summary["stages"], *summary["baselines"]]:
         rows.append([
             entry["role"],
             entry["model"], f"{entry['params']:,}", format_size(entry["size_bytes"]), entry.get("teacher") or "—",
-            str(entry["epochs"] or "—"), format_percent(entry["val_acc"]), format_percent(entry["test_acc"]),
+            str(entry["epochs"] or "—"), format_score(entry["val_score"], summary), format_score(entry["score"], summary),
         ])  # fmt: skip
     return header, rows
 

@@ -26,7 +26,7 @@ from distill.core.io import load_weights, write_json, write_text
 from distill.pipeline.config import ExperimentConfig, Strict, config_to_dict
 from distill.pipeline.experiment import seeded_model
 from distill.report.compare import pareto_front
-from distill.report.markdown import format_percent, format_size
+from distill.report.markdown import format_score, format_size, primary_metric, score, score_gain, score_label, val_score
 from distill.tasks import get_task
 from distill.tasks.models import ModelSpec
 from distill.workflows.common import derive, finish_dir, prepare_dir, relocate_text, run_or_reuse, teacher_model
@@ -83,11 +83,13 @@ def ordered(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(points, key=lambda p: (p["params"], p["latency_ms"]))
 
 
-def budget_guide(points: list[dict[str, Any]], key: str, flag: str, unit: str) -> list[str]:
+def budget_guide(
+    points: list[dict[str, Any]], key: str, flag: str, unit: str, scoring: dict[str, Any] | None = None
+) -> list[str]:
     """For a budget on ``key``: the front, cheapest first; each entry is the most accurate
     student within any budget from its own cost up to the next entry's."""
     front = sorted((p for p in points if p[flag]), key=lambda p: p[key])
-    return [f"{p[key]:.3g} {unit} → {p['label']} ({100 * p['test_acc']:.2f}%)" for p in front]
+    return [f"{p[key]:.3g} {unit} → {p['label']} ({format_score(p['score'], scoring or {})})" for p in front]
 
 
 def run_sweep(
@@ -133,33 +135,38 @@ def run_sweep(
             config.eval.latency_repeats,
             config.eval.latency_threads,
             max_seconds=config.eval.latency_seconds,
+            inputs=get_task(config.task).latency_inputs(data, int(b)),
         )  # fmt: skip
         for b in batches
     }
     front_batch = batches[0]
+    scoring = {"primary_metric": primary_metric(runs[0][1].metrics)}
+    sign = 1 if scoring["primary_metric"]["higher_is_better"] else -1
     points = []
     for student, run in runs:
         m, name = run.metrics["models"], run.run_dir.name
-        scratch = m.get("scratch", {}).get("test_acc")
+        scratch = score(m["scratch"]) if "scratch" in m else None
+        trained = run.metrics["training"]["distilled"]
         points.append({
             "label": describe(student), "dir": f"students/{name}", "params": m["distilled"]["params"],
             "size_bytes": m["distilled"]["size_bytes"], "size_kib": m["distilled"]["size_bytes"] / 1024,
             "latency_ms": latency[front_batch][name], "latency_by_batch": {b: latency[b][name] for b in batches},
-            "val_acc": run.metrics["training"]["distilled"]["best_val_acc"], "test_acc": m["distilled"]["test_acc"],
-            "scratch_test_acc": scratch,
-            "gain": None if scratch is None else m["distilled"]["test_acc"] - scratch,
+            "val_score": val_score(trained), "score": score(m["distilled"]),
+            "ranking": sign * score(m["distilled"]), "scratch_score": scratch,
+            "over_scratch": None if scratch is None else score_gain(score(m["distilled"]), scratch, run.metrics),
         })  # fmt: skip
     mark_fronts(points)
     t = runs[0][1].metrics["models"]["teacher"]
     teacher_point = {
         "label": "cached teacher" if teacher_spec is None else describe(teacher_spec), "params": t["params"], "size_bytes": t["size_bytes"],
-        "size_kib": t["size_bytes"] / 1024, "test_acc": t["test_acc"],
+        "size_kib": t["size_bytes"] / 1024, "score": score(t),
         "latency_ms": latency[front_batch].get("teacher"),
         "latency_by_batch": {b: latency[b].get("teacher") for b in batches},
     }  # fmt: skip
     summary = {
         "name": final.name,
         "order": ORDER,
+        **scoring,
         "front_batch": front_batch,
         "students": ordered(points),
         "teacher": teacher_point,
@@ -183,37 +190,39 @@ def sweep_verdict(summary: dict[str, Any]) -> list[str]:
         + ", ".join(p["label"] for p in points if p["front_latency"]) + ".",
         "On the accuracy–size front: " + ", ".join(p["label"] for p in points if p["front_size"]) + ".",
     ]  # fmt: skip
-    compared = [p for p in points if p["gain"] is not None]
-    worse = [p for p in compared if p["gain"] <= 0]
+    unit = " points" if primary_metric(summary)["percent"] else ""
+    compared = [p for p in points if p["over_scratch"] is not None]
+    worse = [p for p in compared if p["over_scratch"] <= 0]
     if worse:
         lines.append(
             "Distillation did not help "
-            + ", ".join(f"{p['label']} ({100 * p['gain']:+.2f} points)" for p in worse)
+            + ", ".join(f"{p['label']} ({p['over_scratch']:+.2f}{unit})" for p in worse)
             + ": trained from scratch, these students are as good or better on test."
         )
     elif compared:
-        gains = ", ".join(f"{100 * p['gain']:+.2f}" for p in compared)
-        lines.append(f"Distillation helped every student ({gains} points over scratch on test).")
+        gains = ", ".join(f"{p['over_scratch']:+.2f}" for p in compared)
+        lines.append(f"Distillation helped every student ({gains}{unit} over scratch on test).")
     return lines
 
 
 def _rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     batches = list(summary["students"][0]["latency_by_batch"])
-    header = ["student", "params", "size", *(f"ms @{b}" for b in batches), "best val acc", "test acc"]
-    header += ["scratch test acc", "Δ vs scratch", "★ latency", "★ size"]
+    name = score_label(summary)
+    header = ["student", "params", "size", *(f"ms @{b}" for b in batches), f"best val {name}", f"test {name}"]
+    header += [f"scratch test {name}", "Δ vs scratch", "★ latency", "★ size"]
     rows = []
     for p in summary["students"]:
-        gain = "—" if p["gain"] is None else f"{100 * p['gain']:+.2f}"
+        gain = "—" if p["over_scratch"] is None else f"{p['over_scratch']:+.2f}"
         rows.append([
             p["label"], f"{p['params']:,}", format_size(p["size_bytes"]),
-            *(f"{p['latency_by_batch'][b]:.3f}" for b in batches), format_percent(p["val_acc"]), format_percent(p["test_acc"]),
-            format_percent(p["scratch_test_acc"]), gain, "★" if p["front_latency"] else "", "★" if p["front_size"] else "",
+            *(f"{p['latency_by_batch'][b]:.3f}" for b in batches), format_score(p["val_score"], summary), format_score(p["score"], summary),
+            format_score(p["scratch_score"], summary), gain, "★" if p["front_latency"] else "", "★" if p["front_size"] else "",
         ])  # fmt: skip
     t = summary["teacher"]
     rows.append([
         f"teacher (reference): {t['label']}", f"{t['params']:,}", format_size(t["size_bytes"]),
         *("—" if t["latency_by_batch"][b] is None else f"{t['latency_by_batch'][b]:.3f}" for b in batches),
-        "—", format_percent(t["test_acc"]), "—", "—", "", "",
+        "—", format_score(t["score"], summary), "—", "—", "", "",
     ])  # fmt: skip
     return header, rows
 
@@ -234,11 +243,16 @@ def _write_sweep(partial: Path, summary: dict[str, Any], saved: dict[str, Any]) 
     from distill.report.plots import png_data_uri, save_png, sweep_figure
 
     write_json(partial / "sweep.json", summary)
-    figure = lambda: sweep_figure(summary["students"], summary["front_batch"], summary["teacher"])  # noqa: E731
+
+    def figure():
+        return sweep_figure(
+            summary["students"], summary["front_batch"], summary["teacher"], summary.get("primary_metric")
+        )
+
     save_png(figure(), partial / "pareto.png")
     header, rows = _rows(summary)
-    guide_latency = budget_guide(summary["students"], "latency_ms", "front_latency", "ms")
-    guide_size = budget_guide(summary["students"], "size_kib", "front_size", "KiB")
+    guide_latency = budget_guide(summary["students"], "latency_ms", "front_latency", "ms", summary)
+    guide_size = budget_guide(summary["students"], "size_kib", "front_size", "KiB", summary)
     config_yaml = yaml.safe_dump(saved, sort_keys=False).rstrip()
     lines = [
         f"# distill sweep: {summary['name']}",

@@ -2,7 +2,7 @@
 
 Temperature, alpha (or the weights of an explicit terms list) and the learning rate are
 searched with Optuna's TPE sampler (seeded) within a trial and/or time budget; a median
-pruner stops trials whose validation accuracy lags after each epoch. Trials only ever train
+pruner stops trials whose validation score (the task's primary metric) lags after each epoch. Trials only ever train
 on the training split and score on the validation split: the test split is not read. The
 config's own settings are the first trial, and the same student trained from scratch is
 scored the same way, so the report can say plainly when distillation did not help.
@@ -46,6 +46,7 @@ from distill.pipeline.experiment import (
     scratch_setup,
     seeded_model,
 )
+from distill.report.markdown import format_score, primary_metric, score_gain, score_label
 from distill.tasks import get_task
 from distill.train.loop import EpochLog, pick_device, train
 from distill.workflows.common import derive, finish_dir, prepare_dir, teacher_model
@@ -209,12 +210,13 @@ def describe_settings(config: ExperimentConfig) -> str:
 # ---------------------------------------------------------------------------- trials
 
 
-def pruning_hook(trial: Any) -> Callable[[EpochLog], None]:
-    """Report each epoch's validation accuracy to Optuna and stop the trial if the pruner says so."""
+def pruning_hook(trial: Any, metric: str = "accuracy") -> Callable[[EpochLog], None]:
+    """Report each epoch's validation score (the task's primary metric) to Optuna and stop the
+    trial if the pruner says so."""
     import optuna
 
     def report(log: EpochLog) -> None:
-        trial.report(log.val_acc, log.epoch)
+        trial.report((log.val_metrics or {}).get(metric, log.val_acc), log.epoch)
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {log.epoch}")
 
@@ -222,7 +224,7 @@ def pruning_hook(trial: Any) -> Callable[[EpochLog], None]:
 
 
 def make_pruner(spec: PruneSpec | None) -> Any:
-    """Optuna's median pruner over per-epoch validation accuracy (steps are epoch numbers, from 1)."""
+    """Optuna's median pruner over per-epoch validation scores (steps are epoch numbers, from 1)."""
     import optuna
 
     if spec is None:
@@ -239,10 +241,11 @@ class _Trials:
         self.data = data
         self.student_data = data.with_label_budget(config.data.labeled, config.data.split_seed)
         self.teacher = teacher
+        self.task = get_task(config.task)
 
     def train_student(self, config: ExperimentConfig, on_epoch_end: Callable[[EpochLog], None] | None) -> float:
         data, quiet = self.student_data, Console(quiet=True)
-        options = {"seed": config.seed, "device": self.device, "console": quiet}
+        options = {"seed": config.seed, "device": self.device, "console": quiet, "task": self.task}
         distiller = build_distiller(
             config,
             seeded_model(config.student, self.data, config.seed, "student", get_task(config.task)),
@@ -258,20 +261,22 @@ class _Trials:
 
                 run_hint_stage(name, term, distiller, data, stage_phase)
             spec = config.train.model_copy(update={"epochs": self.epochs})
-            return train(distiller, data, spec, label="trial", on_epoch_end=on_epoch_end, **options).best_val_acc
+            return train(distiller, data, spec, label="trial", on_epoch_end=on_epoch_end, **options).best_val_score
         finally:
             distiller.remove_taps()  # a pruned trial must not leave hooks on the shared teacher
 
     def objective(self, trial: Any) -> float:
         params = {name: trial.suggest_float(name, r.low, r.high, log=r.log) for name, r in self.ranges.items()}
         try:
-            return self.train_student(apply_settings(self.config, params), pruning_hook(trial))
+            return self.train_student(
+                apply_settings(self.config, params), pruning_hook(trial, self.task.primary_metric)
+            )
         except DistillError as err:  # e.g. a diverging learning rate: the trial fails, the search goes on
             trial.set_user_attr("error", str(err))
             raise
 
     def scratch(self, lr: float) -> float:
-        """Best validation accuracy of the student trained from scratch (labeled samples only,
+        """Best validation score of the student trained from scratch (labeled samples only,
         as many steps as a distilled student), at learning rate ``lr``."""
         scratch_data, passes = scratch_setup(self.student_data, self.config)
         student = seeded_model(self.config.student, self.data, self.config.seed, "student", get_task(self.config.task))
@@ -279,8 +284,8 @@ class _Trials:
         distiller = Distiller(student, None, {"ce": HardLabelCE()})
         return train(
             distiller, scratch_data, spec, seed=self.config.seed, device=self.device, passes_per_epoch=passes,
-            label="scratch", console=Console(quiet=True),
-        ).best_val_acc  # fmt: skip
+            label="scratch", console=Console(quiet=True), task=self.task,
+        ).best_val_score  # fmt: skip
 
 
 def _shared_teacher(config: ExperimentConfig, teacher: Any, data: DataBundle, device: torch.device) -> Any:
@@ -332,7 +337,7 @@ def run_tune(
     pruner = make_pruner(spec.prune)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(
-        direction="maximize",
+        direction="maximize" if trials.task.higher_is_better else "minimize",
         sampler=optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup),
         pruner=pruner,
     )
@@ -352,7 +357,7 @@ def run_tune(
         catch=(DistillError,),
         callbacks=[lambda _, trial: console.print(_trial_line(trial, config))],
     )
-    records = [_record(t, config) for t in study.trials]
+    records = [_record(t, config, trials.task.higher_is_better) for t in study.trials]
     complete = [r for r in records if r["state"] == "complete"]
     if not complete:
         errors = [r["error"] for r in records if r.get("error")]
@@ -367,22 +372,23 @@ def run_tune(
         scratch[f"{best.train.lr:.4g}"] = trials.scratch(best.train.lr)
     summary = {
         "name": final.name,
-        "metric": "best validation accuracy of the distilled student",
+        "metric": f"best validation {trials.task.primary_metric} of the distilled student",
+        "primary_metric": primary_metric_of(trials.task),
         "epochs_per_trial": epochs,
         "ranges": {name: r.model_dump() for name, r in ranges.items()},
         "best": {
             "trial": best_trial.number,
-            "val_acc": best_trial.value,
+            "val_score": best_trial.value,
             "params": best_trial.params,
             "settings": describe_settings(best),
         },
         "config_settings": {
             "settings": describe_settings(config),
             "tried": own is not None,
-            "val_acc": records[0]["val_acc"] if own is not None and records[0]["state"] == "complete" else None,
+            "val_score": records[0]["val_score"] if own is not None and records[0]["state"] == "complete" else None,
         },
-        "scratch_val_acc": max(scratch.values()),
-        "scratch_val_acc_by_lr": scratch,
+        "scratch_val_score": (max if trials.task.higher_is_better else min)(scratch.values()),
+        "scratch_val_score_by_lr": scratch,
         "trials": records,
         "states": {s: sum(r["state"] == s for r in records) for s in ("complete", "pruned", "failed")},
         "data": {"name": data.name, "train": len(data.train), "train_labeled": trials.student_data.train.labeled, "val": len(data.val)},
@@ -398,7 +404,7 @@ def run_tune(
     return TuneResult(final, summary)
 
 
-def _record(trial: Any, config: ExperimentConfig) -> dict[str, Any]:
+def _record(trial: Any, config: ExperimentConfig, higher_is_better: bool = True) -> dict[str, Any]:
     state = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}.get(
         trial.state.name, trial.state.name.lower()
     )
@@ -411,7 +417,9 @@ def _record(trial: Any, config: ExperimentConfig) -> dict[str, Any]:
     return {
         "trial": trial.number,
         "state": state,
-        "val_acc": trial.value if state == "complete" else (max(values.values()) if values else None),
+        "val_score": trial.value
+        if state == "complete"
+        else ((max if higher_is_better else min)(values.values()) if values else None),
         "epochs": len(values),
         "params": trial.params,
         "settings": describe_settings(apply_settings(config, trial.params)) if trial.params else "",
@@ -422,10 +430,15 @@ def _record(trial: Any, config: ExperimentConfig) -> dict[str, Any]:
 
 
 def _trial_line(trial: Any, config: ExperimentConfig) -> str:
-    r = _record(trial, config)
-    score = "—" if r["val_acc"] is None else f"{100 * r['val_acc']:.2f}%"
+    task = get_task(config.task)
+    r = _record(trial, config, task.higher_is_better)
+    score = "—" if r["val_score"] is None else format_score(r["val_score"], {"primary_metric": primary_metric_of(task)})
     tail = f" ({r['error']})" if r["error"] else (f" ({r['note']})" if r["note"] else "")
     return f"trial {r['trial']}: {r['settings']} → val {score}, {r['state']} after {r['epochs']} epoch(s){tail}"
+
+
+def primary_metric_of(task: Any) -> dict[str, Any]:
+    return {"name": task.primary_metric, "higher_is_better": task.higher_is_better, "percent": task.primary_percent}
 
 
 def validation_noise(accuracy: float, samples: int) -> float:
@@ -436,55 +449,62 @@ def validation_noise(accuracy: float, samples: int) -> float:
 
 def tune_verdict(summary: dict[str, Any]) -> list[str]:
     """Plain sentences: did the tuned distillation beat scratch on validation (by more than
-    chance would), and did it beat the config's own settings?"""
-    best, scratch = summary["best"], summary["scratch_val_acc"]
-    delta = 100 * (best["val_acc"] - scratch)
-    noise = validation_noise(scratch, summary["data"]["val"])
+    chance would, for accuracy: a binomial estimate), and did it beat the config's own settings?"""
+    best, scratch = summary["best"], summary["scratch_val_score"]
+    delta = score_gain(best["val_score"], scratch, summary)
+    info = primary_metric(summary)
+    unit = " points" if info["percent"] else ""
+    noise = validation_noise(scratch, summary["data"]["val"]) if info["name"] == "accuracy" else 0.0
+    shown = format_score(scratch, summary)
     scores = (
-        f"with the best settings found ({best['settings']}) the distilled student scores {100 * best['val_acc']:.2f}%, "
+        f"with the best settings found ({best['settings']}) the distilled student scores "
+        f"{format_score(best['val_score'], summary)}, "
     )
     lines = []
     if delta > noise:
         lines.append(
-            f"Distillation helped on validation: {scores}{delta:+.2f} points over the same student trained from "
-            f"scratch ({100 * scratch:.2f}%)."
+            f"Distillation helped on validation: {scores}{delta:+.2f}{unit} over the same student trained from "
+            f"scratch ({shown})."
         )
     elif delta > 0:
         lines.append(
-            f"Distillation did not clearly help on validation: {scores}only {delta:+.2f} points over the same student "
-            f"trained from scratch ({100 * scratch:.2f}%), within the ±{noise:.2f} points chance alone gives on "
+            f"Distillation did not clearly help on validation: {scores}only {delta:+.2f}{unit} over the same student "
+            f"trained from scratch ({shown}), within the ±{noise:.2f}{unit} chance alone gives on "
             f"{summary['data']['val']} validation samples. Count it as no gain unless more seeds say otherwise."
         )
     else:
         lines.append(
-            f"Distillation did not help on validation: {scores}{abs(delta):.2f} points "
-            f"{'below' if delta < 0 else 'level with'} the same student trained from scratch ({100 * scratch:.2f}%). "
+            f"Distillation did not help on validation: {scores}{abs(delta):.2f}{unit} "
+            f"{'below' if delta < 0 else 'level with'} the same student trained from scratch ({shown}). "
             f"Train this student from scratch, or try another teacher, student or budget."
         )
     own = summary["config_settings"]
     if not own["tried"]:
         lines.append(f"The config's own settings ({own['settings']}) lie outside the search ranges and were not tried.")
-    elif own["val_acc"] is None:
+    elif own["val_score"] is None:
         lines.append(f"The config's own settings ({own['settings']}) did not complete their trial (trial 0).")
     elif best["trial"] == 0:
         lines.append(f"No trial beat the config's own settings ({own['settings']}).")
     else:
         lines.append(
-            f"The config's own settings ({own['settings']}) scored {100 * own['val_acc']:.2f}%; the tuned ones "
-            f"{100 * (best['val_acc'] - own['val_acc']):+.2f} points."
+            f"The config's own settings ({own['settings']}) scored {format_score(own['val_score'], summary)}; the tuned "
+            f"ones {score_gain(best['val_score'], own['val_score'], summary):+.2f}{unit}."
         )
     return lines
 
 
 def _trial_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["trial", "state", "epochs", "best val acc", "settings", "seconds", "note"]
+    header = ["trial", "state", "epochs", f"best val {score_label(summary)}", "settings", "seconds", "note"]
+    sign = 1 if primary_metric(summary)["higher_is_better"] else -1
     rows = []
-    for r in sorted(summary["trials"], key=lambda r: (r["val_acc"] is None, -(r["val_acc"] or 0), r["trial"])):
+    for r in sorted(
+        summary["trials"], key=lambda r: (r["val_score"] is None, -sign * (r["val_score"] or 0), r["trial"])
+    ):
         note = r["error"] or r["note"]
         if r["trial"] == summary["best"]["trial"]:
             note = "best" + (f"; {note}" if note else "")
         rows.append([
-            str(r["trial"]), r["state"], str(r["epochs"]), "—" if r["val_acc"] is None else f"{100 * r['val_acc']:.2f}%",
+            str(r["trial"]), r["state"], str(r["epochs"]), "—" if r["val_score"] is None else format_score(r["val_score"], summary),
             r["settings"], "—" if r["seconds"] is None else f"{r['seconds']:.0f}", note,
         ])  # fmt: skip
     return header, rows
@@ -493,18 +513,21 @@ def _trial_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def _write_tune(partial: Path, summary: dict[str, Any], best_raw: dict[str, Any], final_epochs: int) -> None:
     best = summary["best"]
     header = (
-        f"# Found by `distill tune` ({summary['name']}): trial {best['trial']}, validation accuracy "
-        f"{100 * best['val_acc']:.2f}% after {summary['epochs_per_trial']} epoch(s);\n"
-        f"# the same student from scratch: {100 * summary['scratch_val_acc']:.2f}%. Run it with `distill run best.yaml`.\n"
+        f"# Found by `distill tune` ({summary['name']}): trial {best['trial']}, validation "
+        f"{primary_metric(summary)['name'].replace('_', ' ')} {format_score(best['val_score'], summary)} after "
+        f"{summary['epochs_per_trial']} epoch(s);\n# the same student from scratch: "
+        f"{format_score(summary['scratch_val_score'], summary)}. Run it with `distill run best.yaml`.\n"
     )
     write_text(partial / "best.yaml", header + yaml.safe_dump(best_raw, sort_keys=False))
     names = sorted({name for r in summary["trials"] for name in r["params"]})
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["trial", "state", "epochs", "val_acc", *names, "seconds", "note"])
+    writer.writerow(
+        ["trial", "state", "epochs", f"val_{score_label(summary).replace(' ', '_')}", *names, "seconds", "note"]
+    )
     for r in summary["trials"]:
         writer.writerow([
-            r["trial"], r["state"], r["epochs"], "" if r["val_acc"] is None else f"{r['val_acc']:.6f}",
+            r["trial"], r["state"], r["epochs"], "" if r["val_score"] is None else f"{r['val_score']:.6f}",
             *(r["params"].get(n, "") for n in names), "" if r["seconds"] is None else f"{r['seconds']:.1f}",
             r["error"] or r["note"],
         ])  # fmt: skip
@@ -513,7 +536,9 @@ def _write_tune(partial: Path, summary: dict[str, Any], best_raw: dict[str, Any]
     table_header, rows = _trial_rows(summary)
     states = summary["states"]
     data = summary["data"]
-    scratch = ", ".join(f"{100 * v:.2f}% at lr {lr}" for lr, v in summary["scratch_val_acc_by_lr"].items())
+    scratch = ", ".join(
+        f"{format_score(v, summary)} at lr {lr}" for lr, v in summary["scratch_val_score_by_lr"].items()
+    )
     searched = ", ".join(
         f"{name} in [{r['low']:g}, {r['high']:g}]" + (" (log)" if r["log"] else "")
         for name, r in summary["ranges"].items()
@@ -529,7 +554,7 @@ def _write_tune(partial: Path, summary: dict[str, Any], best_raw: dict[str, Any]
         f"Searched: {searched}. "
         f"{len(summary['trials'])} trials: {states['complete']} complete, {states['pruned']} pruned, {states['failed']} failed. "
         f"Every trial and baseline trains {summary['epochs_per_trial']} epoch(s) on {data['train']} training samples "
-        f"({data['train_labeled']} labeled) and is scored by its best validation accuracy ({data['val']} samples); the "
+        f"({data['train_labeled']} labeled) and is scored by its best validation {primary_metric(summary)['name'].replace('_', ' ')} ({data['val']} samples); the "
         f"test split is never read. Scratch baseline: {scratch} (the better one is compared). Seed {summary['seed']}, "
         f"sampler seed {summary['sampler_seed']}.",
         "",
