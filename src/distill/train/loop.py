@@ -48,6 +48,7 @@ class EpochLog:
     lr: float
     seconds: float
     val_metrics: dict[str, float] = field(default_factory=dict)  # the task's scores on validation
+    val_score: float = float("nan")  # the primary one among them (accuracy for images)
 
 
 @dataclass
@@ -411,6 +412,7 @@ def train(
             lr=optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - started,
             val_metrics=val_metrics,
+            val_score=score,
         )
         result.history.append(log)
         if not validating:  # the last epoch is kept
@@ -421,7 +423,8 @@ def train(
             result.best_val_acc, result.best_val_score, result.best_epoch = val_acc, score, epoch + 1
             best_state = {k: v.detach().cpu().clone() for k, v in distiller.state_dict_to_keep().items()}
         terms = "  ".join(f"{k} {v:.4f}" for k, v in log.terms.items())
-        val_text = f"  val acc {val_acc:.4f}" if validating else ""
+        shown = "acc" if primary == "accuracy" else primary.replace("_", " ")
+        val_text = f"  val {shown} {score:.4f}" if validating else ""
         console.print(
             f"{label} epoch {epoch + 1}/{spec.epochs}  loss {log.loss:.4f} ({terms})  "
             f"train acc {log.train_acc:.4f}{val_text}  {log.seconds:.1f}s"
