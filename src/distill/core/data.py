@@ -59,7 +59,10 @@ class DataBundle:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train.x.shape[1:])
+        """One sample's shape: of the image or vector, or of the first input of a mapping (token ids)."""
+        x = self.train.x
+        first = x[next(iter(x))] if isinstance(x, Mapping) else x
+        return tuple(first.shape[1:])
 
     @cached_property
     def fingerprint(self) -> str:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from distill.core.errors import DistillError
 from distill.core.inputs import Inputs, batch_len, call_model, take, to_device
 from distill.core.losses import Batch, LossTerm, ModelOutputs
-from distill.core.losses.base import TeacherLogits, TeacherSignals, logits_of
+from distill.core.losses.base import OutputsOnRequest, TeacherLogits, TeacherSignals, logits_of, outputs_of
 from distill.core.taps import FeatureTaps
 
 
@@ -140,7 +140,23 @@ class Distiller(nn.Module):
             teacher.check_features(teacher_taps)  # a cache holds the tapped features it was made with
             teacher_taps = []
         self._teacher_taps = FeatureTaps(teacher, teacher_taps, "teacher") if teacher_taps else None
-        self._prepared = not (student_taps or teacher_taps or any(_has_setup(term) for term in terms.values()))
+        # hidden states, attentions, embeddings: asked of the models that compute them on request
+        self._needs_outputs = {kind: name for name, term in terms.items() for kind in term.needs_outputs}
+        teacher_needs = (
+            {k: n for k, n in self._needs_outputs.items() if terms[n].needs_teacher} if self.uses_teacher else {}
+        )
+        if teacher_needs and self.teacher_is_cached:
+            kind, name = next(iter(teacher_needs.items()))
+            raise DistillError(
+                f"the {name} term needs the teacher's {kind.replace('_', ' ')}; a cache holds only logits and tapped "
+                f"features: give the teacher as a model"
+            )
+        for model, kinds in ((student, self._needs_outputs), (teacher, teacher_needs)):
+            if kinds and isinstance(model, OutputsOnRequest):
+                model.request_outputs(set(kinds))
+        self._prepared = not (
+            student_taps or teacher_taps or self._needs_outputs or any(_has_setup(term) for term in terms.values())
+        )
         self._remembered: TeacherLogits | None = None  # see remember_teacher
         if example_inputs is not None:
             self.prepare(example_inputs, example_index)
@@ -175,17 +191,18 @@ class Distiller(nn.Module):
 
     def _outputs(self, inputs: object, index: Tensor | None) -> tuple[ModelOutputs, ModelOutputs | None]:
         with _recording(self._student_taps) as features:
-            student = ModelOutputs(logits=logits_of(call_model(self.student, inputs)))
+            student = outputs_of(call_model(self.student, inputs))
         student.features = features
         teacher = None
         signals = self._remembered if index is not None and self._remembered is not None else None
         if self.uses_teacher and (signals is not None or self.teacher_is_cached):
             if index is None:
                 raise ValueError("the teacher is a cache: pass index= (the samples' positions in the cached split)")
-            teacher = (signals or self.teacher).lookup(index, device=student.logits.device)
+            device = next(self.student.parameters(), torch.empty(0)).device
+            teacher = (signals or self.teacher).lookup(index, device=device)
         elif self.uses_teacher:
             with torch.no_grad(), _recording(self._teacher_taps) as features:
-                teacher = ModelOutputs(logits=logits_of(call_model(self.teacher, inputs)))
+                teacher = outputs_of(call_model(self.teacher, inputs))
             teacher.features = features
         return student, teacher
 
@@ -205,6 +222,16 @@ class Distiller(nn.Module):
                 raise DistillError(
                     f"{role} module {missing[0]!r} did not run in the forward pass; tap a module that does"
                 )
+        for kind, name in self._needs_outputs.items():
+            for role, outputs in (
+                ("student", student),
+                ("teacher", teacher if self.terms[name].needs_teacher else None),
+            ):
+                if outputs is not None and getattr(outputs, kind) is None:
+                    raise DistillError(
+                        f"the {name} term reads the {role}'s {kind.replace('_', ' ')}, which the {role} model does not "
+                        f"return; use a Hugging Face model (task: text_classification) or return ModelOutputs({kind}=...)"
+                    )
         for term in self.terms.values():
             term.setup(student, teacher)
         device = next(self.student.parameters(), torch.empty(0)).device
@@ -212,8 +239,10 @@ class Distiller(nn.Module):
         self._prepared = True
 
     def can_remember_teacher(self) -> bool:
-        """A live teacher whose logits are all the terms read (no feature taps)."""
-        return self.uses_teacher and not self.teacher_is_cached and self._teacher_taps is None
+        """A live teacher whose logits are all the terms read (no feature taps, hidden states, ...)."""
+        return (
+            self.uses_teacher and not self.teacher_is_cached and self._teacher_taps is None and not self._needs_outputs
+        )
 
     def remember_teacher(self, inputs: Inputs, batch_size: int, max_bytes: int | None = None) -> bool:
         """Run the live teacher once over ``inputs`` (the training split, in order) and answer every
@@ -248,10 +277,14 @@ class Distiller(nn.Module):
         self._remembered = None
 
     def remove_taps(self) -> None:
-        """Remove the forward hooks this Distiller put on student and teacher."""
+        """Remove the forward hooks this Distiller put on student and teacher, and stop asking them
+        for intermediate outputs (a model is timed and exported as it would run alone)."""
         for taps in (self._student_taps, self._teacher_taps):
             if taps is not None:
                 taps.remove()
+        for model in (self.student, self.teacher):
+            if self._needs_outputs and isinstance(model, OutputsOnRequest):
+                model.request_outputs(set())
 
     def weighted_sum(self, values: Mapping[str, Tensor], factors: Mapping[str, float] | None = None) -> Tensor:
         """The loss: the terms' values times their weights (and times ``factors``, which a

@@ -15,8 +15,10 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, fi
 
 from distill.core.errors import DistillError
 from distill.core.losses import TERMS
+from distill.tasks.hf import HFSpec
 from distill.tasks.image_data import DataSpec
 from distill.tasks.models import ModelSpec
+from distill.tasks.text_data import TextDataSpec
 from distill.train.spec import TrainSpec
 
 
@@ -56,7 +58,20 @@ class CachedTeacherSpec(Strict):
     verify: bool = Field(True, description="check every shard's sha256 when the cache is opened")
 
 
-TeacherSpec = Annotated[TrainedTeacher | CheckpointTeacher | CachedTeacherSpec, Field(discriminator="kind")]
+class HFTeacher(Strict):
+    """A ready Hugging Face model directory (with its task head) as the teacher; nothing is trained."""
+
+    kind: Literal["hf"] = "hf"
+    path: Path
+    trust_remote_code: bool = Field(False, description="run the directory's own model code (off unless you trust it)")
+
+    @property
+    def model(self) -> HFSpec:
+        return HFSpec(path=self.path, trust_remote_code=self.trust_remote_code)
+
+
+TeacherSpec = Annotated[TrainedTeacher | CheckpointTeacher | CachedTeacherSpec | HFTeacher, Field(discriminator="kind")]
+AnyDataSpec = Annotated[DataSpec | TextDataSpec, Field(discriminator="source")]
 
 
 class CacheSpec(Strict):
@@ -177,7 +192,7 @@ class ExperimentConfig(Strict):
     task: str = Field("image_classification", description="what the models do; see distill.tasks")
     seed: int = Field(0, ge=0, lt=2**31)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    data: DataSpec
+    data: AnyDataSpec
     teacher: TeacherSpec
     student: ModelSpec
     distill: DistillSpec = Field(default_factory=DistillSpec)
@@ -200,6 +215,28 @@ class ExperimentConfig(Strict):
 
         return registered(value, TASKS, "task")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, raw: Any) -> Any:
+        """``student: {from_teacher: {layers: [0, 2]}}`` is ``student: {arch: from_teacher, layers: [0, 2]}``."""
+        if isinstance(raw, dict) and isinstance(raw.get("student"), dict) and set(raw["student"]) == {"from_teacher"}:
+            rule = raw["student"]["from_teacher"]
+            raw = {**raw, "student": {"arch": "from_teacher", **(rule if isinstance(rule, dict) else {})}}
+        return raw
+
+    @model_validator(mode="after")
+    def _text_needs_a_tokenizer(self) -> ExperimentConfig:
+        """Text data is tokenised with the teacher's tokenizer unless ``data.tokenizer`` names one."""
+        if isinstance(self.data, TextDataSpec) and self.data.tokenizer is None:
+            model = getattr(self.teacher, "model", None)
+            if isinstance(model, HFSpec):
+                self.data.tokenizer = model.path
+            else:
+                raise ValueError(
+                    "data.tokenizer: set it, or use a Hugging Face teacher (kind hf) whose tokenizer is used"
+                )
+        return self
+
     def cache_path(self) -> Path:
         return self.cache.path or self.output.dir / f"{self.output.name or 'run'}-teacher-cache"
 
@@ -216,7 +253,7 @@ def _field_path(loc: tuple, raw: Any) -> str:
     node, parts, fresh = raw, [], True
     for part in loc:
         # a union's tag comes right after the field that holds the union
-        if fresh and isinstance(node, dict) and part in (node.get("arch"), node.get("kind")):
+        if fresh and isinstance(node, dict) and part in (node.get("arch"), node.get("kind"), node.get("source")):
             fresh = False
             continue
         fresh = True
@@ -271,6 +308,7 @@ def _resolve_paths(raw: dict, base: Path) -> None:
         ("data", "path"),
         ("data", "test_path"),
         ("data", "unlabeled"),
+        ("data", "tokenizer"),
         ("teacher", "path"),
         ("cache", "path"),
     ):
@@ -281,6 +319,9 @@ def _resolve_paths(raw: dict, base: Path) -> None:
     teacher = raw.get("teacher")
     for model in (raw.get("student"), teacher.get("model") if isinstance(teacher, dict) else None):
         # a factory's module is looked for beside the config first
+        if isinstance(model, dict) and model.get("arch") == "hf" and isinstance(model.get("path"), str):
+            path = Path(os.path.expanduser(model["path"]))
+            model["path"] = str(path if path.is_absolute() else base / path)
         if isinstance(model, dict) and model.get("arch") == "factory":
             path = model.get("path")
             if path is None:

@@ -55,6 +55,7 @@ from distill.pipeline.config import (
     CachedTeacherSpec,
     CheckpointTeacher,
     ExperimentConfig,
+    HFTeacher,
     TrainedTeacher,
     TrainSpec,
     config_to_dict,
@@ -81,12 +82,15 @@ class RunResult:
     metrics: dict[str, Any]
 
 
-def seeded_model(spec, data: DataBundle, seed: int, field: str, task: Task | None = None) -> nn.Module:
+def seeded_model(
+    spec, data: DataBundle, seed: int, field: str, task: Task | None = None, teacher: nn.Module | None = None
+) -> nn.Module:
     """Build a model whose initial weights depend only on ``seed`` (scratch and distilled
-    students therefore start from the same weights), and check it fits the data."""
+    students therefore start from the same weights), and check it fits the data. ``teacher``
+    is the teacher model, for students derived from it (cut from its layers)."""
     task = task or get_task()
     torch.manual_seed(seed)
-    model = task.build_model(spec, data, field)
+    model = task.build_model(spec, data, field, teacher=teacher if isinstance(teacher, nn.Module) else None)
     task.check_outputs(model, data, field)
     return model
 
@@ -139,6 +143,14 @@ def _train_phase(
     return result
 
 
+def hf_weights_file(directory: Path) -> Path:
+    """The weights file of a Hugging Face model directory (its size and digest go into metrics)."""
+    files = sorted(Path(directory).glob("*.safetensors")) or sorted(Path(directory).glob("*.bin"))
+    if not files:
+        raise DistillError(f"teacher.path: {directory} holds no .safetensors weights")
+    return files[0]
+
+
 def open_cached_teacher(config: ExperimentConfig, data: DataBundle, verify: bool = True) -> CachedTeacher:
     """The teacher signals of a ``teacher: {kind: cache}`` config, checked against the data."""
     assert isinstance(config.teacher, CachedTeacherSpec)
@@ -160,11 +172,15 @@ def obtain_teacher(
         console.print(f"teacher: signals from the cache {spec.path} (no teacher model is loaded)")
         return open_cached_teacher(config, data, verify=False), spec.path, None  # verified by _check_inputs
     data = data.labeled_only()
-    model = seeded_model(spec.model, data, config.seed, "teacher.model", get_task(config.task))
+    field = "teacher" if isinstance(spec, HFTeacher) else "teacher.model"
+    model = seeded_model(spec.model, data, config.seed, field, get_task(config.task))
     if isinstance(spec, CheckpointTeacher):
         load_weights(model, spec.path, "teacher.path")
         get_task(config.task).check_outputs(model, data, "teacher.path")
         return model, spec.path, None
+    if isinstance(spec, HFTeacher):
+        console.print(f"teacher: {spec.path} ({count_parameters(model):,} parameters)")
+        return model, hf_weights_file(spec.path), None
     assert isinstance(spec, TrainedTeacher)
     key = hash_json({
         "teacher": spec.model_dump(mode="json"), "seed": config.seed, "data": data.fingerprint,
@@ -440,7 +456,7 @@ class _StudentTraining:
         config, data = self.config, self.data
         if config.baseline:
             scratch_data, passes = scratch_setup(self.student_data, config)
-            scratch = seeded_model(config.student, data, config.seed, "student", get_task(config.task))
+            scratch = seeded_model(config.student, data, config.seed, "student", get_task(config.task), teacher)
             more = (
                 f", {passes} passes over them per epoch (as many steps as the distilled student)" if passes > 1 else ""
             )
@@ -450,7 +466,10 @@ class _StudentTraining:
             self._train_student("scratch", Distiller(scratch, None, {"ce": HardLabelCE()}), scratch_data, passes)
 
         distiller = build_distiller(
-            config, seeded_model(config.student, data, config.seed, "student", get_task(config.task)), teacher, data
+            config,
+            seeded_model(config.student, data, config.seed, "student", get_task(config.task), teacher),
+            teacher,
+            data,
         )
         objective = " + ".join(
             f"{w:g}·{k}" if isinstance(w, float) else f"{w}·{k}" for k, w in distiller.weights.items()
@@ -483,17 +502,20 @@ def _check_inputs(config: ExperimentConfig, data: DataBundle, console: Console) 
     )
     memory = RunMemory(config, data.input_shape, data.num_classes, len(data.train))
     memory.check_models()  # before any model is built
-    student = seeded_model(config.student, data, config.seed, "student", get_task(config.task))
+    task = get_task(config.task)
     if isinstance(config.teacher, CachedTeacherSpec):
         teacher = open_cached_teacher(config, data)
+        student = seeded_model(config.student, data, config.seed, "student", task)
         memory.check_batches({"student": student}, take(data.train.x, slice(0, 1)))
     else:
-        teacher = seeded_model(config.teacher.model, data, config.seed, "teacher.model", get_task(config.task))
+        field = "teacher" if isinstance(config.teacher, HFTeacher) else "teacher.model"
+        teacher = seeded_model(config.teacher.model, data, config.seed, field, task)
+        if isinstance(config.teacher, CheckpointTeacher):
+            load_weights(teacher, config.teacher.path, "teacher.path")
+        student = seeded_model(config.student, data, config.seed, "student", task, teacher)
         memory.check_batches(
             {"student": student, "teacher.model": teacher}, take(data.train.x, slice(0, 1))
         )  # before any batch
-    if isinstance(config.teacher, CheckpointTeacher):
-        load_weights(teacher, config.teacher.path, "teacher.path")
     build_distiller(config, student, teacher, data).remove_taps()  # the taps exist and adapters fit
     check_tracker(config.output.tracker)
     if len(data.val) == 0:

@@ -1,4 +1,4 @@
-"""Tasks: everything that depends on the modality (images today; text and language models next).
+"""Tasks: everything that depends on the modality (images, text classification; language models next).
 
 The core (Distiller, terms, trainer, cache) runs on tensors or mappings of tensors and knows no
 modality; a :class:`Task` turns a config's data and model settings into those, and scores the
@@ -7,5 +7,6 @@ results. ``task:`` in a config picks one (``image_classification`` by default).
 
 from distill.tasks.base import TASKS, Task, get_task, register_task
 from distill.tasks.image import ImageClassification
+from distill.tasks.text import TextClassification
 
-__all__ = ["TASKS", "ImageClassification", "Task", "get_task", "register_task"]
+__all__ = ["TASKS", "ImageClassification", "Task", "TextClassification", "get_task", "register_task"]

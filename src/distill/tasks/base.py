@@ -54,8 +54,9 @@ class Task(ABC):
         """The task's data, split into train / validation / test, with a content fingerprint."""
 
     @abstractmethod
-    def build_model(self, spec: Any, data: DataBundle, field: str) -> nn.Module:
-        """A model from its config spec, for this data (sized before it is allocated)."""
+    def build_model(self, spec: Any, data: DataBundle, field: str, teacher: nn.Module | None = None) -> nn.Module:
+        """A model from its config spec, for this data (sized before it is allocated). ``teacher``
+        is the teacher model, for students derived from it (cut from its layers)."""
 
     def example_inputs(self, data: DataBundle, n: int = 2) -> Inputs:
         """A few real training inputs: for probes (adapters, taps, activation sizes)."""

@@ -8,9 +8,11 @@ import torch
 from torch import Tensor, nn
 
 from distill.core.data import DataBundle, Split
+from distill.core.errors import DistillError
 from distill.core.evaluate import accuracy
 from distill.tasks.base import Task, register_task
-from distill.tasks.image_data import load_data
+from distill.tasks.hf import HF_SPECS
+from distill.tasks.image_data import DataSpec, load_data
 from distill.tasks.models import build_model
 
 
@@ -23,9 +25,13 @@ class ImageClassification(Task):
     higher_is_better = True
 
     def load_data(self, spec: Any) -> DataBundle:
+        if not isinstance(spec, DataSpec):
+            raise DistillError(f"data.source: {spec.source} is text; set task: text_classification")
         return load_data(spec)
 
-    def build_model(self, spec: Any, data: DataBundle, field: str) -> nn.Module:
+    def build_model(self, spec: Any, data: DataBundle, field: str, teacher: nn.Module | None = None) -> nn.Module:
+        if isinstance(spec, HF_SPECS):
+            raise DistillError(f"{field}.arch: {spec.arch} is a Hugging Face model; set task: text_classification")
         return build_model(spec, data.input_shape, data.num_classes, field)
 
     def latency_inputs(self, data: DataBundle, batch_size: int) -> Tensor:

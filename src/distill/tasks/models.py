@@ -18,6 +18,7 @@ from torch import nn
 
 from distill.core.errors import DistillError
 from distill.core.memory import ModelSize, available_memory, format_bytes, measure
+from distill.tasks.hf import HF_SPECS, FromTeacherSpec, HFConfigSpec, HFSpec
 
 
 class _Spec(BaseModel):
@@ -57,7 +58,9 @@ class FactorySpec(_Spec):
     )
 
 
-ModelSpec = Annotated[CNNSpec | MLPSpec | FactorySpec, Field(discriminator="arch")]
+ModelSpec = Annotated[
+    CNNSpec | MLPSpec | FactorySpec | HFSpec | FromTeacherSpec | HFConfigSpec, Field(discriminator="arch")
+]
 
 
 class SmallCNN(nn.Module):
@@ -175,7 +178,9 @@ def size_model(
     spec: CNNSpec | MLPSpec | FactorySpec, in_shape: Sequence[int], num_classes: int, field: str = "model"
 ) -> ModelSize | None:
     """The model's parameters and weight bytes, from a build on the meta device (nothing allocated);
-    None for a factory that cannot build there."""
+    None for a factory that cannot build there, and for Hugging Face models (their files say it)."""
+    if isinstance(spec, HF_SPECS):
+        return None
     return measure(lambda: _construct(spec, in_shape, num_classes, field))
 
 

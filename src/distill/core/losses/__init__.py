@@ -1,7 +1,7 @@
 """Loss terms. Each module registers its terms; importing them here makes them available
 to configs by name (``distill methods`` lists them)."""
 
-from distill.core.losses import decoupled, features, relations, response  # noqa: F401  (registration)
+from distill.core.losses import decoupled, features, relations, response, transformer  # noqa: F401  (registration)
 from distill.core.losses.base import (
     TERMS,
     Batch,
@@ -27,15 +27,26 @@ from distill.core.losses.relations import (
     similarity_preserving,
 )
 from distill.core.losses.response import HardLabelCE, SoftTargetKD, hard_label_ce, soft_target_kl
+from distill.core.losses.transformer import (
+    DistilBERTCosine,
+    MiniLMAttention,
+    MiniLMRelation,
+    TinyBERTAttention,
+    TinyBERTEmbedding,
+    TinyBERTHidden,
+)
 
 __all__ = [
     "TERMS",
     "AttentionTransfer",
     "Batch",
     "DecoupledKD",
+    "DistilBERTCosine",
     "FitNetsHint",
     "HardLabelCE",
     "LossTerm",
+    "MiniLMAttention",
+    "MiniLMRelation",
     "ModelOutputs",
     "ProbabilisticTransfer",
     "RKDAngle",
@@ -45,6 +56,9 @@ __all__ = [
     "TappedPairParams",
     "TappedPairTerm",
     "TermParams",
+    "TinyBERTAttention",
+    "TinyBERTEmbedding",
+    "TinyBERTHidden",
     "attention_map",
     "build_term",
     "decoupled_kd",

@@ -18,12 +18,14 @@ from distill.core.signals import TopKLogits, dense_logits
 
 
 def logits_of(output: object) -> Tensor:
-    """Logits from a plain tensor, a Hugging Face ``ModelOutput`` or a tuple."""
+    """Logits from a plain tensor, :class:`ModelOutputs`, a Hugging Face ``ModelOutput`` or a tuple."""
     if isinstance(output, Tensor):
         return output
     logits = getattr(output, "logits", None)
     if isinstance(logits, Tensor):
         return logits
+    if isinstance(output, ModelOutputs):
+        raise TypeError("the model returned no logits (an embedding model): use terms that read its embedding")
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
     raise TypeError(f"cannot find logits in model output of type {type(output).__name__}")
@@ -41,6 +43,26 @@ class ModelOutputs:
     embedding: Tensor | None = None  # [batch, dim]: a sentence or image embedding
     hidden_states: tuple[Tensor, ...] | None = None  # per layer, [batch, seq, hidden]
     attentions: tuple[Tensor, ...] | None = None  # per layer, [batch, heads, seq, seq]
+
+
+OUTPUT_KINDS = ("embedding", "hidden_states", "attentions")
+
+
+def outputs_of(output: object) -> ModelOutputs:
+    """A model's output as :class:`ModelOutputs`: itself if the model returns one, else its logits
+    plus any ``hidden_states`` / ``attentions`` a Hugging Face ``ModelOutput`` carries."""
+    if isinstance(output, ModelOutputs):
+        return output
+    extra = {kind: getattr(output, kind, None) for kind in ("hidden_states", "attentions")}
+    return ModelOutputs(logits=logits_of(output), **{k: v for k, v in extra.items() if v is not None})
+
+
+@runtime_checkable
+class OutputsOnRequest(Protocol):
+    """A model that computes intermediate outputs (hidden states, attentions, an embedding) only
+    when asked: the Distiller asks for those its terms read, so nothing else is computed."""
+
+    def request_outputs(self, kinds: set[str]) -> None: ...
 
 
 @runtime_checkable
@@ -109,6 +131,8 @@ class LossTerm(nn.Module):
     # a term that must run the teacher on inputs no cache holds (e.g. on-policy: the student's own samples)
     needs_live_teacher: ClassVar[bool] = False
     Params: ClassVar[type[TermParams]] = TermParams
+    # what the term reads from both models besides logits and taps: a subset of OUTPUT_KINDS
+    needs_outputs: ClassVar[frozenset[str]] = frozenset()
 
     def student_taps(self) -> list[str]:
         return []
@@ -218,6 +242,7 @@ def same_shape(student: Tensor, teacher: Tensor, what: str = "logits") -> None:
 
 
 __all__ = [
+    "OUTPUT_KINDS",
     "Batch",
     "LossTerm",
     "ModelOutputs",
@@ -227,5 +252,6 @@ __all__ = [
     "TermParams",
     "build_term",
     "masked_mean",
+    "outputs_of",
     "register_term",
 ]

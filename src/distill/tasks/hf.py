@@ -1,0 +1,277 @@
+"""Hugging Face models as distill sees them: loaded from local directories only, called with a
+tokenizer's outputs, and students cut from the teacher's own layers (the DistilBERT recipe).
+
+``transformers`` is imported only when an HF model is built, so image runs never pay for it.
+Nothing is downloaded: a path that is not a local model directory is refused before
+``from_pretrained`` could take it for a hub name, and ``trust_remote_code`` stays off unless the
+config sets it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+from distill.core.errors import DistillError
+from distill.core.losses.base import ModelOutputs
+
+
+class _HFSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HFSpec(_HFSpec):
+    """A local Hugging Face model directory; a missing classification head is added (and trained)."""
+
+    arch: Literal["hf"] = "hf"
+    path: Path
+    trust_remote_code: bool = Field(False, description="run the directory's own model code (off unless you trust it)")
+
+
+class FromTeacherSpec(_HFSpec):
+    """A student cut from the teacher: embeddings, the kept layers, pooler and head copied exactly."""
+
+    arch: Literal["from_teacher"] = "from_teacher"
+    layers: list[Annotated[int, Field(ge=0)]] | Literal["auto"] | None = Field(
+        None,
+        description="teacher layers to keep (0-based), or auto: the `count` layers that change the hidden states most",
+    )
+    every: int | None = Field(None, gt=0, description="keep every k-th layer, the last one included")
+    first: int | None = Field(None, gt=0, description="keep the first n layers")
+    count: int | None = Field(None, gt=0, description="how many layers `layers: auto` keeps")
+    calibration: int = Field(256, gt=0, description="training samples `layers: auto` measures the layers on")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> FromTeacherSpec:
+        given = [name for name in ("layers", "every", "first") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of layers, every or first")
+        if (self.layers == "auto") != (self.count is not None):
+            raise ValueError("layers: auto needs count (how many layers to keep), and count needs layers: auto")
+        return self
+
+
+class HFConfigSpec(_HFSpec):
+    """A fresh, randomly initialised model with the teacher's architecture and tokenizer, resized."""
+
+    arch: Literal["hf_config"] = "hf_config"
+    num_hidden_layers: int | None = Field(None, gt=0)
+    hidden_size: int | None = Field(None, gt=0)
+    num_attention_heads: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+
+
+HF_SPECS = (HFSpec, FromTeacherSpec, HFConfigSpec)
+
+
+def _transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # "newly initialised head" is expected, not news
+    transformers.logging.disable_progress_bar()  # distill prints its own progress
+    return transformers
+
+
+def check_model_dir(path: Path, field: str) -> Path:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise DistillError(
+            f"{field}: {path} is not a Hugging Face model directory (no config.json); give a local directory "
+            f"saved with save_pretrained (nothing is downloaded)"
+        )
+    return path
+
+
+class HFClassifier(nn.Module):
+    """A Hugging Face sequence classifier called with a tokenizer's outputs (``input_ids``,
+    ``attention_mask``); returns :class:`ModelOutputs`.
+
+    Each batch runs only as long as its longest sequence (columns no sequence needs are cut), so
+    padding to a split's longest text costs nothing. Hidden states and attention maps are computed
+    only when the Distiller asks for them (:meth:`request_outputs`); attention maps need the
+    "eager" attention implementation, which is switched on only then.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.kinds: set[str] = set()
+        self._attention = getattr(model.config, "_attn_implementation", None)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def request_outputs(self, kinds: set[str]) -> None:
+        self.kinds = set(kinds)
+        wanted = "eager" if "attentions" in self.kinds else self._attention
+        if wanted and getattr(self.model.config, "_attn_implementation", None) != wanted:
+            self.model.set_attn_implementation(wanted)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **other: Tensor) -> ModelOutputs:
+        if attention_mask is not None and attention_mask.shape[1] > 1:
+            used = attention_mask.bool().any(0)
+            length = int(used.nonzero().max()) + 1 if used.any() else 1
+            input_ids, attention_mask = input_ids[:, :length], attention_mask[:, :length]
+            other = {key: value[:, :length] for key, value in other.items()}
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=bool(self.kinds & {"hidden_states", "embedding"}),
+            output_attentions="attentions" in self.kinds,
+            **other,
+        )
+        return ModelOutputs(logits=out.logits, hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+def load_classifier(spec: HFSpec, num_labels: int, field: str) -> HFClassifier:
+    """A local model directory as a classifier with ``num_labels`` outputs (a fresh head if it has none)."""
+    path = check_model_dir(spec.path, f"{field}.path")
+    transformers = _transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+        head = getattr(config, "num_labels", None)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=num_labels,
+            trust_remote_code=spec.trust_remote_code,
+            local_files_only=True,
+            ignore_mismatched_sizes=False,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = f" (its head has {head} classes, the data {num_labels})" if head and head != num_labels else ""
+        raise DistillError(f"{field}.path: cannot load {path} as a classifier{hint}: {first}") from None
+    return HFClassifier(model)
+
+
+def decoder_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """The module list holding a transformer's layers (``bert.encoder.layer``, ``model.layers``, ...):
+    the first ``nn.ModuleList`` whose length is ``config.num_hidden_layers``."""
+    count = model.config.num_hidden_layers
+    for module in model.modules():
+        for attr, child in module.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) == count:
+                return module, attr, child
+    raise DistillError(f"cannot find the {count} layers of {type(model).__name__} to cut a student from")
+
+
+def cut_layers(model: nn.Module, keep: list[int], influence: list[float] | None = None) -> nn.Module:
+    """A copy of ``model`` (a Hugging Face ``PreTrainedModel``) with only the layers ``keep``, in
+    order; every other tensor (embeddings, final norm, pooler, head) copied exactly. The kept
+    layers are recorded in the config (``distill_kept_layers``), so ``config.json`` says them."""
+    cut = copy.deepcopy(model)
+    owner, attr, layers = decoder_layers(cut)
+    setattr(owner, attr, nn.ModuleList([layers[i] for i in keep]))
+    config = cut.config
+    config.num_hidden_layers = len(keep)
+    config.distill_kept_layers = list(keep)
+    if influence is not None:
+        config.distill_layer_influence = [round(v, 6) for v in influence]
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    for j, layer in enumerate(getattr(owner, attr)):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):  # key/value caches index layers by position
+                module.layer_idx = j
+    return cut
+
+
+@torch.no_grad()
+def block_influence(model: HFClassifier, inputs: dict[str, Tensor], batch_size: int = 32) -> list[float]:
+    """Each layer's block influence on ``inputs`` (ShortGPT, Men et al. 2024): 1 − the mean cosine
+    similarity between the hidden states entering and leaving it, over real (unpadded) tokens.
+    A layer that barely changes its input (low influence) is the cheapest to drop."""
+    kinds, mode = model.kinds, model.training
+    model.request_outputs(kinds | {"hidden_states"})
+    model.eval()
+    total, tokens = None, 0.0
+    try:
+        n = len(inputs["input_ids"])
+        for start in range(0, n, batch_size):
+            batch = {key: value[start : start + batch_size] for key, value in inputs.items()}
+            hidden = model(**batch).hidden_states
+            mask = batch["attention_mask"][:, : hidden[0].shape[1]].bool()
+            cos = torch.stack(
+                [torch.cosine_similarity(a, b, dim=-1)[mask] for a, b in zip(hidden[:-1], hidden[1:], strict=True)]
+            )
+            total = cos.sum(1) if total is None else total + cos.sum(1)
+            tokens += float(mask.sum())
+    finally:
+        model.request_outputs(kinds)
+        model.train(mode)
+    return [float(1 - value / tokens) for value in total]
+
+
+def chosen_layers(spec: FromTeacherSpec, count: int, field: str, influence: list[float] | None = None) -> list[int]:
+    """The teacher layers a cut student keeps, from the spec's rule."""
+    if spec.every is not None:
+        keep = [i for i in range(count) if (i + 1) % spec.every == 0]
+    elif spec.first is not None:
+        keep = list(range(min(spec.first, count)))
+    elif spec.layers == "auto":
+        assert influence is not None and spec.count is not None
+        keep = sorted(sorted(range(count), key=lambda i: -influence[i])[: spec.count])
+    else:
+        keep = sorted(set(spec.layers))
+        if len(keep) != len(spec.layers):
+            raise DistillError(f"{field}.layers: {spec.layers} names a layer twice")
+    bad = [i for i in keep if i >= count]
+    if bad or not keep or len(keep) > count or (spec.count or 0) > count:
+        raise DistillError(
+            f"{field}: the teacher has layers 0..{count - 1}; "
+            + (f"there is no layer {bad[0]}" if bad else "keep between 1 and all of them")
+        )
+    return keep
+
+
+def cut_student(
+    spec: FromTeacherSpec, teacher: nn.Module | None, field: str, calibration: dict[str, Tensor] | None = None
+) -> HFClassifier:
+    if not isinstance(teacher, HFClassifier):
+        raise DistillError(
+            f"{field}: a student cut from the teacher needs the teacher's weights as a Hugging Face model "
+            f"(teacher kind hf, or kind train with model arch hf); a cached teacher has none"
+        )
+    count = teacher.config.num_hidden_layers
+    influence = block_influence(teacher, calibration) if spec.layers == "auto" and calibration is not None else None
+    if spec.layers == "auto" and influence is None:
+        raise DistillError(f"{field}.layers: auto needs training data to measure the teacher's layers on")
+    keep = chosen_layers(spec, count, field, influence)
+    return HFClassifier(cut_layers(teacher.model, keep, influence))
+
+
+def fresh_student(spec: HFConfigSpec, teacher: nn.Module | None, num_labels: int, field: str) -> HFClassifier:
+    if not isinstance(teacher, HFClassifier):
+        raise DistillError(
+            f"{field}: a fresh configuration starts from the teacher's, which must be a Hugging Face model"
+        )
+    config = copy.deepcopy(teacher.config)
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
+        if getattr(spec, key) is not None:
+            setattr(config, key, getattr(spec, key))
+    if config.hidden_size % config.num_attention_heads:
+        raise DistillError(
+            f"{field}: hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
+            f"{config.num_attention_heads}"
+        )
+    config.num_labels = num_labels
+    for stale in ("distill_kept_layers", "distill_layer_influence"):
+        if hasattr(config, stale):
+            delattr(config, stale)
+    transformers = _transformers()
+    return HFClassifier(transformers.AutoModelForSequenceClassification.from_config(config))
+
+
+def save_pretrained(model: HFClassifier, directory: Path, tokenizer_dir: Path | None = None) -> Path:
+    """A ``save_pretrained`` directory (safetensors weights, config, and the tokenizer when given)
+    that ``transformers`` alone loads."""
+    model.model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer_dir is not None:
+        _transformers().AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
+    return directory

@@ -1,0 +1,118 @@
+"""Text classification with Hugging Face encoders: the second task.
+
+Teachers and students are local Hugging Face models (:mod:`distill.tasks.hf`): a model directory,
+a student cut from the teacher's layers, or a fresh smaller configuration; data are tokenised
+texts (:mod:`distill.tasks.text_data`). Scores: accuracy (primary) and macro-F1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distill.core.data import DataBundle, Split
+from distill.core.errors import DistillError
+from distill.core.evaluate import accuracy
+from distill.core.inputs import Inputs, take
+from distill.tasks.base import Task, register_task
+from distill.tasks.hf import (
+    FromTeacherSpec,
+    HFClassifier,
+    HFConfigSpec,
+    HFSpec,
+    cut_student,
+    fresh_student,
+    load_classifier,
+)
+from distill.tasks.text_data import TextDataSpec, has_tokenizer, load_text_data, load_tokenizer
+
+
+def macro_f1(logits: Tensor, labels: Tensor, num_classes: int) -> float:
+    """The unweighted mean of per-class F1 over classes that occur in ``labels`` or the predictions."""
+    keep = labels >= 0
+    predicted, labels = logits.argmax(-1)[keep], labels[keep]
+    scores = []
+    for c in range(num_classes):
+        tp = int(((predicted == c) & (labels == c)).sum())
+        fp = int(((predicted == c) & (labels != c)).sum())
+        fn = int(((predicted != c) & (labels == c)).sum())
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else float("nan")
+
+
+def check_same_tokenizer(student_dir: Path, teacher: HFClassifier, field: str) -> None:
+    """A student with its own directory must read the same token ids as the teacher: the data are
+    tokenised once. Refused in one line saying what differs (vocabulary size, tokens, specials)."""
+    s_vocab, t_vocab = _vocab_size(student_dir), teacher.config.vocab_size
+    if s_vocab != t_vocab:
+        raise DistillError(
+            f"{field}.path: its vocabulary has {s_vocab} rows, the teacher's {t_vocab}; teacher and student must "
+            f"share a tokenizer (a padded vocab_size counts too)"
+        )
+    teacher_dir = getattr(teacher.config, "_name_or_path", "")
+    if not teacher_dir or not Path(teacher_dir).is_dir() or not has_tokenizer(student_dir):
+        return
+    ours, theirs = load_tokenizer(student_dir, f"{field}.path"), load_tokenizer(Path(teacher_dir), "teacher.path")
+    if ours.get_vocab() != theirs.get_vocab():
+        differ = sorted(set(ours.get_vocab().items()) ^ set(theirs.get_vocab().items()))[0][0]
+        raise DistillError(
+            f"{field}.path: its tokenizer differs from the teacher's (e.g. token {differ!r}); use the same tokenizer"
+        )
+    if ours.all_special_tokens != theirs.all_special_tokens:
+        raise DistillError(
+            f"{field}.path: its special tokens {ours.all_special_tokens} differ from the teacher's {theirs.all_special_tokens}"
+        )
+
+
+def _vocab_size(directory: Path) -> int | None:
+    import json
+
+    try:
+        return json.loads((Path(directory) / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError):
+        return None
+
+
+@register_task("text_classification")
+class TextClassification(Task):
+    """Texts from folders, CSV, JSONL or BBC News; Hugging Face encoders; accuracy and macro-F1."""
+
+    primary_metric = "accuracy"
+    higher_is_better = True
+
+    def load_data(self, spec: Any) -> DataBundle:
+        if not isinstance(spec, TextDataSpec):
+            raise DistillError(
+                "data.source: task text_classification reads text (text_folder, csv, jsonl, hf_disk, bbc_news)"
+            )
+        return load_text_data(spec)
+
+    def build_model(self, spec: Any, data: DataBundle, field: str, teacher: nn.Module | None = None) -> nn.Module:
+        if isinstance(spec, HFSpec):
+            model = load_classifier(spec, data.num_classes, field)
+            if isinstance(teacher, HFClassifier):
+                check_same_tokenizer(spec.path, teacher, field)
+            return model
+        if isinstance(spec, FromTeacherSpec):
+            calibration = take(data.train.x, slice(0, spec.calibration)) if spec.layers == "auto" else None
+            return cut_student(spec, teacher, field, calibration)
+        if isinstance(spec, HFConfigSpec):
+            return fresh_student(spec, teacher, data.num_classes, field)
+        raise DistillError(
+            f"{field}.arch: task text_classification builds Hugging Face models (arch hf, from_teacher or hf_config), "
+            f"not {getattr(spec, 'arch', type(spec).__name__)}"
+        )
+
+    def latency_inputs(self, data: DataBundle, batch_size: int) -> Inputs:
+        """``batch_size`` real test texts, each repeated to the split's padded length and counted in
+        full, so every model is timed at the same stated sequence length."""
+        ids = data.test.x["input_ids"]
+        rows = ids[torch.arange(batch_size) % len(ids)]
+        return {"input_ids": rows, "attention_mask": torch.ones_like(rows)}
+
+    def metrics(self, logits: Tensor, split: Split) -> dict[str, float]:
+        return {"accuracy": accuracy(logits, split.y), "macro_f1": macro_f1(logits, split.y, logits.shape[-1])}

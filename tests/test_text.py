@@ -1,0 +1,339 @@
+"""Text encoders: students cut from the teacher, transformer terms against hand-computed values,
+text loaders and their one-line errors, and a whole run on tiny random BERTs."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+
+from tiny_text import corpus, teacher_dir, tokenizer  # noqa: E402
+
+from distill.core.errors import DistillError  # noqa: E402
+from distill.core.losses import TERMS, Batch, ModelOutputs  # noqa: E402
+from distill.core.losses.transformer import uniform_layer_map  # noqa: E402
+from distill.tasks.hf import FromTeacherSpec, HFClassifier, HFSpec, block_influence, cut_student  # noqa: E402
+from distill.tasks.text import macro_f1  # noqa: E402
+from distill.tasks.text_data import TextDataSpec, load_text_data  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    return teacher_dir(tmp_path_factory.mktemp("teacher") / "bert", layers=4)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    return corpus(tmp_path_factory.mktemp("corpus") / "texts", per_class=40)
+
+
+def load_teacher(path) -> HFClassifier:
+    from distill.tasks.hf import load_classifier
+
+    return load_classifier(HFSpec(path=path), 3, "teacher")
+
+
+# ---------------------------------------------------------------------------- cutting
+
+
+@pytest.mark.parametrize(
+    ("rule", "kept"), [({"layers": [0, 2]}, [0, 2]), ({"every": 2}, [1, 3]), ({"first": 3}, [0, 1, 2])]
+)
+def test_a_cut_student_copies_exactly_the_chosen_teacher_tensors(teacher_path, tmp_path, rule, kept):
+    teacher = load_teacher(teacher_path)
+    student = cut_student(FromTeacherSpec(**rule), teacher, "student")
+    t, s = teacher.state_dict(), student.state_dict()
+    prefix = "model.bert.encoder.layer."
+    outside = {k for k in t if not k.startswith(prefix)}
+    assert outside == {k for k in s if not k.startswith(prefix)}  # embeddings, pooler, head
+    assert all(torch.equal(t[k], s[k]) for k in outside)
+    for j, i in enumerate(kept):
+        layer = {k[len(f"{prefix}{i}.") :]: v for k, v in t.items() if k.startswith(f"{prefix}{i}.")}
+        assert all(torch.equal(v, s[f"{prefix}{j}.{k}"]) for k, v in layer.items())
+    assert len({k.split(".")[4] for k in s if k.startswith(prefix)}) == len(kept)
+    student.model.save_pretrained(tmp_path / "student")
+    saved = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert saved["distill_kept_layers"] == kept and saved["num_hidden_layers"] == len(kept)
+    assert teacher.config.num_hidden_layers == 4  # the teacher is untouched
+
+
+def test_layer_rules_are_checked(teacher_path):
+    teacher = load_teacher(teacher_path)
+    with pytest.raises(DistillError, match="the teacher has layers 0..3; there is no layer 7"):
+        cut_student(FromTeacherSpec(layers=[0, 7]), teacher, "student")
+    with pytest.raises(ValueError, match="give exactly one of layers, every or first"):
+        FromTeacherSpec(layers=[0], every=2)
+    with pytest.raises(ValueError, match="layers: auto needs count"):
+        FromTeacherSpec(layers="auto")
+    with pytest.raises(DistillError, match="needs the teacher's weights as a Hugging Face model"):
+        cut_student(FromTeacherSpec(first=1), None, "student")
+
+
+def test_auto_keeps_the_layers_that_change_the_hidden_states_most(teacher_path, texts):
+    teacher = load_teacher(teacher_path)
+    data = load_text_data(TextDataSpec(source="text_folder", path=texts, tokenizer=teacher_path, max_length=16))
+    inputs = {k: v[:40] for k, v in data.train.x.items()}
+    influence = block_influence(teacher, inputs, batch_size=16)
+    with torch.no_grad():  # by hand: 1 - mean cosine between each layer's input and output, real tokens only
+        teacher.request_outputs({"hidden_states"})
+        hidden = teacher(**inputs).hidden_states
+        teacher.request_outputs(set())
+        mask = inputs["attention_mask"][:, : hidden[0].shape[1]].bool()
+        expected = [
+            float(1 - F.cosine_similarity(a, b, dim=-1)[mask].mean())
+            for a, b in zip(hidden[:-1], hidden[1:], strict=True)
+        ]
+    assert influence == pytest.approx(expected, abs=1e-5)
+    student = cut_student(FromTeacherSpec(layers="auto", count=2, calibration=40), teacher, "student", inputs)
+    best = sorted(sorted(range(4), key=lambda i: -expected[i])[:2])
+    assert student.config.distill_kept_layers == best and len(student.config.distill_layer_influence) == 4
+
+
+# ---------------------------------------------------------------------------- terms
+
+
+def outputs(
+    seed: int, layers: int, width: int = 6, heads: int = 2, batch: int = 3, seq: int = 5, grad: bool = False
+) -> ModelOutputs:
+    g = torch.Generator().manual_seed(seed)
+    hidden = tuple(torch.randn(batch, seq, width, generator=g).requires_grad_(grad) for _ in range(layers + 1))
+    attentions = tuple(torch.randn(batch, heads, seq, seq, generator=g).softmax(-1) for _ in range(layers))
+    return ModelOutputs(logits=torch.randn(batch, 3, generator=g), hidden_states=hidden, attentions=attentions)
+
+
+MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+BATCH = Batch({"input_ids": torch.zeros(3, 5, dtype=torch.long), "attention_mask": MASK})
+
+
+def test_uniform_layer_map_pairs_the_last_with_the_last():
+    assert (
+        uniform_layer_map(2, 6) == [3, 6]
+        and uniform_layer_map(3, 4) == [1, 2, 4]
+        and uniform_layer_map(4, 4) == [1, 2, 3, 4]
+    )
+
+
+def test_tinybert_hidden_and_embedding_match_hand_computed_values_and_ignore_padding():
+    s, t = outputs(0, 2, grad=True), outputs(1, 4)
+    m = MASK.bool()
+    hidden = TERMS["tinybert_hidden"]()
+    hidden.setup(s, t)  # same width: no projection
+    expected = torch.stack(
+        [((s.hidden_states[j] - t.hidden_states[i]) ** 2).mean(-1)[m].mean() for j, i in ((1, 2), (2, 4))]
+    ).mean()
+    value = hidden(s, t, BATCH)
+    assert float(value.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    grad = torch.autograd.grad(value, s.hidden_states[2])[0]
+    assert grad[~m].abs().max() == 0 and grad[m].abs().sum() > 0
+    embedding = TERMS["tinybert_embedding"]()
+    embedding.setup(s, t)
+    assert float(embedding(s, t, BATCH).detach()) == pytest.approx(
+        float(((s.hidden_states[0] - t.hidden_states[0]) ** 2).mean(-1)[m].mean().detach())
+    )
+    assert hidden.rows(BATCH) == 10  # tokens, not sequences
+
+
+def test_a_narrower_student_gets_a_learned_projection():
+    s, t = outputs(0, 2, width=4), outputs(1, 4, width=6)
+    hidden = TERMS["tinybert_hidden"](layer_map=[1, 4])
+    hidden.setup(s, t)
+    assert isinstance(hidden.projection, torch.nn.Linear) and hidden.projection.weight.shape == (6, 4)
+    m = MASK.bool()
+    expected = torch.stack(
+        [
+            ((hidden.projection(s.hidden_states[j]) - t.hidden_states[i]) ** 2).mean(-1)[m].mean()
+            for j, i in ((1, 1), (2, 4))
+        ]
+    ).mean()
+    assert float(hidden(s, t, BATCH).detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    with pytest.raises(DistillError, match="layer_map has 3 entries but the student has 2 layers"):
+        TERMS["tinybert_hidden"](layer_map=[1, 2, 3])(s, t, BATCH)
+    with pytest.raises(DistillError, match="names teacher layer 9; the teacher has layers 1..4"):
+        TERMS["tinybert_hidden"](layer_map=[1, 9])(s, t, BATCH)
+
+
+def test_attention_terms_match_hand_computed_kl_and_mse():
+    s, t = outputs(0, 2), outputs(1, 4)
+    m = MASK.bool()
+
+    def kl(a, b):  # KL(b || a) per query, mean over heads, masked mean over queries
+        per = (b * (b.log() - a.log())).sum(-1).mean(1)
+        return per[m].mean()
+
+    expected = (kl(s.attentions[0], t.attentions[1]) + kl(s.attentions[1], t.attentions[3])) / 2
+    assert float(TERMS["tinybert_attention"]()(s, t, BATCH).detach()) == pytest.approx(float(expected), rel=1e-5)
+    mse = ((s.attentions[1] - t.attentions[3]) ** 2).mean(-1).mean(1)[m].mean()
+    assert TERMS["tinybert_attention"](layer_map=[4, 4], loss="mse")(s, t, BATCH) == pytest.approx(
+        float((((s.attentions[0] - t.attentions[3]) ** 2).mean(-1).mean(1)[m].mean() + mse) / 2), rel=1e-5
+    )
+    assert float(TERMS["minilm_attention"]()(s, t, BATCH).detach()) == pytest.approx(
+        float(kl(s.attentions[-1], t.attentions[-1])), rel=1e-5
+    )
+    assert float(TERMS["minilm_attention"]()(t, t, BATCH).detach()) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(DistillError, match="attention transfer needs the same number of heads"):
+        TERMS["minilm_attention"]()(outputs(0, 2, heads=3), t, BATCH)
+
+
+def test_distilbert_cosine_and_minilm_relations_match_hand_computed_values():
+    s, t = outputs(0, 2), outputs(1, 4)
+    m = MASK.bool()
+    cosine = TERMS["distilbert_cosine"]()
+    cosine.setup(s, t)
+    expected = (1 - F.cosine_similarity(s.hidden_states[-1], t.hidden_states[-1], dim=-1))[m].mean()
+    assert float(cosine(s, t, BATCH).detach()) == pytest.approx(float(expected), rel=1e-6)
+
+    relation = TERMS["minilm_relation"](student="v", teacher="v", relation_heads=3)
+    s.features, t.features = {"v": s.hidden_states[1]}, {"v": t.hidden_states[2]}
+
+    def rel(x):  # [B, S, 6] -> 3 heads of width 2; padded keys get no probability
+        a = x.view(3, 5, 3, 2).transpose(1, 2)
+        scores = (a @ a.transpose(-1, -2)) / 2**0.5
+        return scores.masked_fill(~m[:, None, None, :], float("-inf")).softmax(-1)
+
+    rs, rt = rel(s.hidden_states[1]), rel(t.hidden_states[2])
+    expected = (rt * (rt.clamp_min(1e-12).log() - rs.clamp_min(1e-12).log())).sum(-1).mean(1)[m].mean()
+    assert float(relation(s, t, BATCH).detach()) == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(DistillError, match="cannot be split into 4 relation heads"):
+        TERMS["minilm_relation"](student="v", teacher="v", relation_heads=4)(s, t, BATCH)
+
+
+def test_terms_that_read_hidden_states_refuse_a_model_that_has_none():
+    from distill import Distiller
+
+    model = torch.nn.Linear(4, 3)
+    with pytest.raises(
+        DistillError, match="reads the student's hidden states, which the student model does not return"
+    ):
+        Distiller(model, torch.nn.Linear(4, 3), {"h": TERMS["tinybert_hidden"]()}, example_inputs=torch.randn(2, 4))
+
+
+def test_macro_f1_reference_value():
+    logits = torch.eye(3)[torch.tensor([0, 0, 1, 2, 2, 2])]
+    labels = torch.tensor([0, 1, 1, 2, 2, 0])
+    # class 0: tp1 fp1 fn1 -> 0.5; class 1: tp1 fp0 fn1 -> 2/3; class 2: tp2 fp1 fn0 -> 0.8
+    assert macro_f1(logits, labels, 3) == pytest.approx((0.5 + 2 / 3 + 0.8) / 3)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def test_folder_csv_and_jsonl_give_the_same_classes(teacher_path, texts, tmp_path):
+    folder = load_text_data(TextDataSpec(source="text_folder", path=texts, tokenizer=teacher_path, max_length=16))
+    rows = [(p.read_text(), p.parent.name) for p in sorted(texts.glob("*/*.txt"))]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"body": t, "topic": c}) for t, c in rows))
+    import csv
+
+    with open(tmp_path / "t.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    jsonl = load_text_data(
+        TextDataSpec(
+            source="jsonl", path=tmp_path / "t.jsonl", text_column="body", label_column="topic", tokenizer=teacher_path
+        )
+    )
+    table = load_text_data(TextDataSpec(source="csv", path=tmp_path / "t.csv", tokenizer=teacher_path))
+    for data in (folder, jsonl, table):
+        assert data.class_names == ["animals", "food", "sport"] and data.num_classes == 3
+        assert len(data.train) + len(data.val) + len(data.test) == 120
+        assert (
+            data.train.x["input_ids"].dtype == torch.long
+            and data.train.x["attention_mask"].shape == data.train.x["input_ids"].shape
+        )
+    assert torch.equal(jsonl.test.y, table.test.y) and torch.equal(
+        jsonl.train.x["input_ids"], table.train.x["input_ids"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"text": "cat dog", "label": "a"}\n{"txt": "x", "label": "b"}\n', r"t.jsonl, line 2: no 'text' column"),
+        ('{"text": "cat dog", "label": "a"}\n{"text": "  ", "label": "b"}\n', r"t.jsonl, line 2: the text is empty"),
+        ('{"text": "cat dog", "label": "a"}\n{"text": "cat", "label": null}\n', r"t.jsonl, line 2: no 'label' value"),
+        ('{"text": "cat dog", "label": "a"}\nnot json\n', r"t.jsonl, line 2: not JSON"),
+        (b'{"text": "caf\xe9", "label": "a"}\n', r"t.jsonl: not UTF-8 text \(byte 13\)"),
+    ],
+)
+def test_bad_text_rows_are_named_in_one_line(teacher_path, tmp_path, content, message):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DistillError, match=message) as err:
+        load_text_data(TextDataSpec(source="jsonl", path=path, tokenizer=teacher_path))
+    assert "\n" not in str(err.value)
+
+
+def test_a_label_only_in_the_test_split_is_refused(teacher_path, tmp_path):
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"text": "cat dog", "label": c}) for c in "abab"))
+    (tmp_path / "test.jsonl").write_text(json.dumps({"text": "cat", "label": "z"}))
+    spec = TextDataSpec(
+        source="jsonl", path=tmp_path / "train.jsonl", test_path=tmp_path / "test.jsonl", tokenizer=teacher_path
+    )
+    with pytest.raises(DistillError, match="label 'z' occurs only in the test split"):
+        load_text_data(spec)
+
+
+# ---------------------------------------------------------------------------- whole runs
+
+
+def text_config(tmp_path, teacher, texts, **changes):
+    config = {
+        "task": "text_classification",
+        "data": {"source": "text_folder", "path": str(texts), "max_length": 16},
+        "teacher": {"kind": "hf", "path": str(teacher)},
+        "student": {"from_teacher": {"layers": [1, 3]}},
+        "distill": {
+            "terms": [
+                {"type": "kd", "weight": 0.5, "temperature": 2},
+                {"type": "ce", "weight": 0.5},
+                {"type": "tinybert_hidden"},
+                {"type": "tinybert_attention"},
+            ]
+        },  # fmt: skip
+        "train": {"epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 0.01, "schedule": "constant"},
+        "eval": {"latency_batch_sizes": [1, 4], "latency_repeats": 3},
+        "output": {"dir": str(tmp_path / "runs"), "name": "text"},
+    } | changes
+    path = tmp_path / "text.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_text_run_cuts_distils_and_reports_accuracy_and_macro_f1(teacher_path, texts, tmp_path, capsys):
+    from distill.cli import main
+
+    assert main(["run", str(text_config(tmp_path, teacher_path, texts)), "--quiet"]) == 0
+    run = tmp_path / "runs" / "text"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == "text_classification"
+    for role in ("teacher", "scratch", "distilled"):
+        m = metrics["models"][role]
+        assert set(m["metrics"]) == {"accuracy", "macro_f1"} and m["score"] == m["metrics"]["accuracy"]
+    assert metrics["models"]["distilled"]["params"] < metrics["models"]["teacher"]["params"]
+    history = metrics["training"]["distilled"]["history"]
+    assert {"tinybert_hidden", "tinybert_attention", "kd", "ce"} <= set(history[0]["terms"])
+    assert (
+        history[-1]["terms"]["tinybert_hidden"] < history[0]["terms"]["tinybert_hidden"]
+    )  # it learns the teacher's states
+    from safetensors.torch import load_file
+
+    weights = load_file(run / "student.safetensors")
+    assert {k.split(".")[4] for k in weights if k.startswith("model.bert.encoder.layer.")} == {"0", "1"}
+    assert (run / "adapters.safetensors").exists() is False  # same width: no projection to keep
+
+
+def test_a_student_with_another_tokenizer_is_refused(teacher_path, texts, tmp_path, capsys):
+    from distill.cli import main
+
+    other = teacher_dir(tmp_path / "other", vocab=len(tokenizer(tmp_path / "tok", extra=["zebra"]).get_vocab()))
+    tokenizer(other, extra=["zebra"])
+    config = text_config(tmp_path, teacher_path, texts, student={"arch": "hf", "path": str(other)})
+    capsys.readouterr()
+    assert main(["run", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "student.path: its vocabulary has" in err and "the teacher's" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
