@@ -333,7 +333,7 @@ def test_the_image_task_is_the_default_and_configs_name_tasks(tmp_path):
     task = get_task()
     assert isinstance(task, ImageClassification) and (task.primary_metric, task.higher_is_better) == ("accuracy", True)
     assert parse_config(tiny_config(tmp_path)).task == "image_classification"
-    with pytest.raises(DistillError, match=r"^config: task: unknown task 'poetry'; available: image_classification$"):
+    with pytest.raises(DistillError, match=r"^config: task: unknown task 'poetry'; available: image_classification, text_classification$"):
         parse_config(tiny_config(tmp_path, task="poetry"))
     data = task.load_data(DataSpec(source="digits"))
     model = task.build_model(MLPSpec(hidden=[8]), data, "student")

@@ -303,11 +303,17 @@ def text_config(tmp_path, teacher, texts, **changes):
     return path
 
 
-def test_a_text_run_cuts_distils_and_reports_accuracy_and_macro_f1(teacher_path, texts, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def text_run(teacher_path, texts, tmp_path_factory):
     from distill.cli import main
 
+    tmp_path = tmp_path_factory.mktemp("text-run")
     assert main(["run", str(text_config(tmp_path, teacher_path, texts)), "--quiet"]) == 0
-    run = tmp_path / "runs" / "text"
+    return tmp_path / "runs" / "text"
+
+
+def test_a_text_run_cuts_distils_and_reports_accuracy_and_macro_f1(text_run):
+    run = text_run
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["task"] == "text_classification"
     for role in ("teacher", "scratch", "distilled"):
@@ -337,3 +343,45 @@ def test_a_student_with_another_tokenizer_is_refused(teacher_path, texts, tmp_pa
     err = capsys.readouterr().err
     assert "student.path: its vocabulary has" in err and "the teacher's" in err and err.count("\n") == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_hf_export_loads_with_transformers_alone_and_predicts_like_the_student(text_run, teacher_path, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from distill.cli import main
+    from distill.core.io import load_weights
+
+    assert main(["export", str(text_run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert exported.config.distill_kept_layers == [1, 3] and exported.config.num_hidden_layers == 2
+    student = load_weights(
+        cut_student(FromTeacherSpec(layers=[1, 3]), load_teacher(teacher_path), "student"),
+        text_run / "student.safetensors",
+    )
+    inputs = tok(["cat dog fish the", "bread cheese", "goal team run race swim"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = student.eval()(**inputs).logits
+        theirs = exported(**inputs).logits
+    assert torch.allclose(ours, theirs, atol=1e-5) and torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    assert main(["export", str(text_run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2  # never overwrites
+
+
+def test_the_onnx_export_matches_pytorch(text_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from distill.cli import main
+
+    assert main(["export", str(text_run), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0
+    facts = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    assert facts["max_abs_difference"] <= 1e-4 and facts["onnxruntime_ms_batch_1"] > 0
+    assert (tmp_path / "onnx" / "model.onnx").stat().st_size > 0 and (
+        tmp_path / "onnx" / "tokenizer_config.json"
+    ).exists()
+
+
+def test_export_refuses_an_image_run(tmp_path, capsys):
+    from distill.cli import main
+
+    (tmp_path / "metrics.json").write_text("{}")
+    assert main(["export", str(tmp_path)]) == 2
+    assert "has no Hugging Face student (student-hf/): export works for text runs" in capsys.readouterr().err

@@ -22,6 +22,14 @@ DEMO_QUICK_OVERRIDES = [
     "eval.latency_repeats=10",
 ]
 
+DEMO_TEXT_QUICK_OVERRIDES = [
+    # a smoke test of the text path: short texts, one epoch each, fewer timing repeats
+    "data.max_length=64",
+    "teacher.train.epochs=1",
+    "train.epochs=1",
+    "eval.latency_repeats=5",
+]
+
 
 def _add_max_memory(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -62,7 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="print only the final table")
     _add_max_memory(run)
 
-    demo = sub.add_parser("demo", help="distil a CNN on Fashion-MNIST and compare with training from scratch")
+    demo = sub.add_parser(
+        "demo", help="distil a CNN on Fashion-MNIST (or, with `text`, MiniLM on BBC News) and compare with scratch"
+    )
+    demo.add_argument(
+        "which", nargs="?", choices=("image", "text"), default="image",
+        help="image: a CNN on Fashion-MNIST (default); text: all-MiniLM-L6-v2 on BBC News, a 2-layer student cut "
+        "from it (needs the text extra)",
+    )  # fmt: skip
     demo.add_argument(
         "--quick", action="store_true", help="a smoke test (well under 2 minutes) instead of the full demo"
     )
@@ -81,6 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_max_memory(cache)
 
     sub.add_parser("methods", help="list the available loss terms and their parameters")
+
+    export = sub.add_parser("export", help="a finished text run's student as a Hugging Face directory or ONNX")
+    export.add_argument("run", type=Path, metavar="RUN", help="the run directory")
+    export.add_argument("--format", choices=("hf", "onnx"), default="hf")
+    export.add_argument("--out", type=Path, default=None, help="where to write (default: RUN/export-FORMAT)")
 
     comp = sub.add_parser(
         "compare", help="one table across finished runs, and a report with the accuracy–latency front"
@@ -193,6 +213,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "methods":
             _methods(console)
             return 0
+        if args.command == "export":
+            from distill.pipeline.export import export_hf, export_onnx
+
+            out = args.out or args.run / f"export-{args.format}"
+            if args.format == "hf":
+                console.print(f"exported: {export_hf(args.run, out)} (loads with transformers alone)")
+            else:
+                facts = export_onnx(args.run, out)
+                console.print(
+                    f"exported: {out}/model.onnx; largest difference from PyTorch {facts['max_abs_difference']:.1e}; "
+                    + ", ".join(
+                        f"{k.replace('_ms_', ' ms ').replace('_', ' ')} {v:.2f}"
+                        for k, v in facts.items()
+                        if "_ms_" in k
+                    )
+                )
+            return 0
         if args.command == "compare":
             from distill.report.compare import compare
 
@@ -232,10 +269,13 @@ def main(argv: list[str] | None = None) -> int:
                 return launch(args.processes, _without_processes(argv if argv is not None else sys.argv[1:]))
             result = run_experiment(config, resume=args.resume, overwrite=args.overwrite, console=console)
         else:
-            demo_file = resources.files("distill") / "configs" / "demo.yaml"
+            text = args.which == "text"
+            demo_file = resources.files("distill") / "configs" / ("demo_text.yaml" if text else "demo.yaml")
+            quick = (DEMO_TEXT_QUICK_OVERRIDES if text else DEMO_QUICK_OVERRIDES) if args.quick else []
             with resources.as_file(demo_file) as path:
-                config = load_config(path, (DEMO_QUICK_OVERRIDES if args.quick else []) + args.overrides)
-            config.output.dir, config.output.name = args.out.resolve(), "demo-quick" if args.quick else "demo"
+                config = load_config(path, quick + args.overrides)
+            name = ("demo-text" if text else "demo") + ("-quick" if args.quick else "")
+            config.output.dir, config.output.name = args.out.resolve(), name
             # the demo resumes an interrupted demo by itself and replaces an earlier one
             result = run_experiment(config, resume=True, overwrite=True, console=console)
         if args.quiet and result.metrics:  # empty in the non-main processes of a distributed run

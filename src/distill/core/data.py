@@ -56,6 +56,7 @@ class DataBundle:
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
     normalize: str = "auto"  # how mean and std were chosen: auto, none or fixed
+    info: dict = field(default_factory=dict)  # what the task needs to know later (e.g. its tokenizer), JSON-safe
 
     @property
     def input_shape(self) -> tuple[int, ...]:

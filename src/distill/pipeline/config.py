@@ -274,6 +274,10 @@ def format_validation_error(err: ValidationError, source: str, raw: Any) -> str:
     for item in err.errors():
         loc = _field_path(item["loc"], raw)
         msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "union_tag_invalid":  # an unknown source / arch / kind: name that field
+            ctx = item["ctx"]
+            loc = ".".join(part for part in (loc, ctx["discriminator"].strip("'")) if part)
+            msg = f"Input should be one of {ctx['expected_tags']} (got {ctx['tag']!r})"
         parts.append(f"{loc}: {msg}" if loc else msg)
     more = f" (and {len(parts) - 1} more)" if len(parts) > 1 else ""
     return f"{source}: {parts[0]}{more}"
@@ -313,13 +317,18 @@ def _resolve_paths(raw: dict, base: Path) -> None:
         ("cache", "path"),
     ):
         node = raw.get(section)
-        if isinstance(node, dict) and isinstance(node.get(key), str):
+        if isinstance(node, dict) and isinstance(node.get(key), str) and not node[key].startswith("builtin:"):
             path = Path(os.path.expanduser(node[key]))
             node[key] = str(path if path.is_absolute() else base / path)
     teacher = raw.get("teacher")
     for model in (raw.get("student"), teacher.get("model") if isinstance(teacher, dict) else None):
         # a factory's module is looked for beside the config first
-        if isinstance(model, dict) and model.get("arch") == "hf" and isinstance(model.get("path"), str):
+        if (
+            isinstance(model, dict)
+            and model.get("arch") == "hf"
+            and isinstance(model.get("path"), str)
+            and not model["path"].startswith("builtin:")
+        ):
             path = Path(os.path.expanduser(model["path"]))
             model["path"] = str(path if path.is_absolute() else base / path)
         if isinstance(model, dict) and model.get("arch") == "factory":

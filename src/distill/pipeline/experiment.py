@@ -64,6 +64,7 @@ from distill.pipeline.rundir import finish_dir, prepare_dir, run_dir_paths
 from distill.report.html import write_html_report
 from distill.report.markdown import ROLES, print_summary, write_markdown, write_plots
 from distill.tasks import Task, get_task
+from distill.tasks.hf import resolve_model_dir
 from distill.tasks.models import count_parameters
 from distill.train.distributed import parallel_from_environment
 from distill.train.loop import EpochLog, TrainResult, pick_device, rng_states, set_rng_states, train
@@ -145,7 +146,8 @@ def _train_phase(
 
 def hf_weights_file(directory: Path) -> Path:
     """The weights file of a Hugging Face model directory (its size and digest go into metrics)."""
-    files = sorted(Path(directory).glob("*.safetensors")) or sorted(Path(directory).glob("*.bin"))
+    directory = resolve_model_dir(directory, "teacher.path")
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
     if not files:
         raise DistillError(f"teacher.path: {directory} holds no .safetensors weights")
     return files[0]
@@ -382,7 +384,7 @@ def run_experiment(
         weights_paths: dict[str, Path | None] = {"teacher": Path(teacher_weights)}
         for role, model in session.students.items():
             weights_paths[role] = partial / ("student.safetensors" if role == "distilled" else f"{role}.safetensors")
-            save_weights(model, weights_paths[role])
+            get_task(config.task).export(model, weights_paths[role], data)
         if isinstance(teacher, CachedTeacher):
             models = {"teacher": _cached_teacher_architecture(teacher, data, config), **session.students}
             weights_paths["teacher"] = None
@@ -541,8 +543,8 @@ def _write_run(partial: Path, final: Path, config: ExperimentConfig, metrics: di
     write_markdown(partial / "report.md", metrics, config_yaml)
     pngs = {name: (partial / f"{name}.png").read_bytes() for name in ("curves", "tradeoff")}  # drawn once
     write_html_report(partial / "report.html", metrics, histories, config_yaml, pngs)
-    for phase in partial.iterdir():  # phase checkpoints are no longer needed; tracker logs stay
-        if phase.is_dir() and phase.name != "tracking":
+    for phase in partial.iterdir():  # phase checkpoints are no longer needed; tracker logs and exports stay
+        if phase.is_dir() and (phase.name in ("scratch", "distilled") or phase.name.startswith("stage-")):
             shutil.rmtree(phase)
     for leftover in partial.rglob(".*.tmp"):  # a temporary file a crash left behind never ships
         leftover.unlink()

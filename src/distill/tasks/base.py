@@ -91,6 +91,7 @@ class Task(ABC):
         distillation will replace inputs with generated ones); the identity by default."""
         return batch
 
-    def export(self, model: nn.Module, path: Path) -> None:
-        """Write a trained student where ``path`` says (safetensors weights by default)."""
+    def export(self, model: nn.Module, path: Path, data: DataBundle | None = None) -> None:
+        """Write a trained student's weights to ``path`` (safetensors); a task may write more beside
+        it (a text task: a ``save_pretrained`` directory with the tokenizer)."""
         save_weights(model, path)

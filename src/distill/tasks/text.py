@@ -26,6 +26,7 @@ from distill.tasks.hf import (
     cut_student,
     fresh_student,
     load_classifier,
+    save_pretrained,
 )
 from distill.tasks.text_data import TextDataSpec, has_tokenizer, load_text_data, load_tokenizer
 
@@ -116,3 +117,11 @@ class TextClassification(Task):
 
     def metrics(self, logits: Tensor, split: Split) -> dict[str, float]:
         return {"accuracy": accuracy(logits, split.y), "macro_f1": macro_f1(logits, split.y, logits.shape[-1])}
+
+    def export(self, model: nn.Module, path: Path, data: DataBundle | None = None) -> None:
+        """The weights, and beside them ``<name>-hf/``: a ``save_pretrained`` directory with the
+        tokenizer, which ``transformers`` alone loads (``AutoModelForSequenceClassification``)."""
+        super().export(model, path, data)
+        if isinstance(model, HFClassifier):
+            tokenizer = (data.info.get("tokenizer") if data is not None else None) or None
+            save_pretrained(model, path.with_name(f"{path.stem}-hf"), Path(tokenizer) if tokenizer else None)

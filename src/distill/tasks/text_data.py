@@ -59,10 +59,12 @@ def bbc_news_dir() -> Path:
     return Path(found.submodule_search_locations[0]) / "bbcnews" / "data"
 
 
-def _decode(raw: bytes, where: str) -> str:
+def _decode(raw: bytes, where: str, fallback: str | None = None) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
+        if fallback is not None:
+            return raw.decode(fallback, errors="replace")
         raise DistillError(f"{where}: not UTF-8 text (byte {err.start}); convert the file to UTF-8") from None
 
 
@@ -76,13 +78,13 @@ def _checked(text: object, where: str) -> str:
     return text
 
 
-def _read_folder(root: Path, field: str) -> Texts:
+def _read_folder(root: Path, field: str, fallback: str | None = None) -> Texts:
     if not root.is_dir():
         raise DistillError(f"{field}: {root} is not a directory of <class>/*.txt folders")
     texts, labels = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         for file in sorted(folder.glob("*.txt")):
-            texts.append(_checked(_decode(file.read_bytes(), str(file)), str(file)))
+            texts.append(_checked(_decode(file.read_bytes(), str(file), fallback), str(file)))
             labels.append(folder.name)
     if not texts:
         raise DistillError(f"{field}: no <class>/*.txt files under {root}")
@@ -152,7 +154,8 @@ def _read_hf_disk(path: Path, spec: TextDataSpec, field: str) -> Texts:
 
 def read_texts(path: Path | None, spec: TextDataSpec, field: str) -> Texts:
     if spec.source == "bbc_news":
-        return _read_folder(bbc_news_dir() if path is None else path, field)
+        # a few BBC articles are Windows-1252, not UTF-8 (pound signs)
+        return _read_folder(bbc_news_dir() if path is None else path, field, fallback="cp1252")
     if path is None:
         raise DistillError(f"{field}: data.source {spec.source} needs data.path")
     if spec.source == "text_folder":
@@ -174,14 +177,20 @@ def read_unlabeled(path: Path, spec: TextDataSpec) -> list[str]:
     return texts
 
 
+def resolve_tokenizer_dir(path: Path) -> Path:
+    from distill.tasks.hf import resolve_model_dir
+
+    return resolve_model_dir(path, "data.tokenizer")
+
+
 def has_tokenizer(directory: Path) -> bool:
     return any((Path(directory) / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))
 
 
 def load_tokenizer(path: Path, field: str = "data.tokenizer"):
-    from distill.tasks.hf import _transformers, check_model_dir
+    from distill.tasks.hf import _transformers, check_model_dir, resolve_model_dir
 
-    directory = Path(path)
+    directory = resolve_model_dir(path, field)
     if not directory.is_dir():
         raise DistillError(f"{field}: {directory} is not a tokenizer directory")
     if not has_tokenizer(directory):
@@ -249,4 +258,5 @@ def load_text_data(spec: TextDataSpec) -> DataBundle:
         num_classes=len(classes),
         class_names=classes,
         normalize="none",
+        info={"tokenizer": str(resolve_tokenizer_dir(spec.tokenizer)), "max_length": spec.max_length},
     )
