@@ -38,11 +38,17 @@ def test_alpha_one_drops_the_label_term(tmp_path):
         ({"train.lr": "fast"}, "train.lr: Input should be a valid number"),
         ({"train.lr": -1}, "train.lr: Input should be greater than 0"),
         ({"distill.alpha": 1.5}, "distill.alpha: Input should be less than or equal to 1"),
-        ({"student.arch": "resnet"}, "student.arch: Input should be one of 'cnn', 'mlp', 'factory', 'hf', 'from_teacher', 'hf_config' (got 'resnet')"),
+        (
+            {"student.arch": "resnet"},
+            "student.arch: Input should be one of 'cnn', 'mlp', 'factory', 'hf', 'from_teacher', 'hf_config' (got 'resnet')",
+        ),
         ({"teacher.model.channels": [8, 0]}, "teacher.model.channels.1: Input should be greater than 0"),
         ({"student.hidden": "wide"}, "student.hidden: Input should be a valid list"),
         ({"data.source": "cifar"}, "data.source: Input should be"),
-        ({"teacher.kind": "magic"}, "teacher.kind: Input should be one of 'train', 'checkpoint', 'cache', 'hf' (got 'magic')"),
+        (
+            {"teacher.kind": "magic"},
+            "teacher.kind: Input should be one of 'train', 'checkpoint', 'cache', 'hf' (got 'magic')",
+        ),
         ({"output.name": ".."}, "output.name: must name a directory inside output.dir"),
         ({"eval.latency_batch_sizes": []}, "eval.latency_batch_sizes: List should have at least 1 item"),
         ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
@@ -64,8 +70,9 @@ def test_terms_are_checked_against_the_registry(tmp_path):
     raw = tiny_config(tmp_path)
     del raw["distill"]
     raw["distill"] = {"terms": [{"type": "kd", "weight": 0.5, "temperature": 2}, {"type": "fitnet"}]}
-    assert "unknown loss term 'fitnet'; available: at, ce, distilbert_cosine, dkd, hint, kd, minilm_attention, minilm_relation, pkt, rkd_angle, rkd_distance, sp, tinybert_attention, tinybert_embedding, tinybert_hidden" in error_of(
-        raw
+    assert (
+        "unknown loss term 'fitnet'; available: at, ce, distilbert_cosine, dkd, hint, kd, minilm_attention, minilm_relation, pkt, rkd_angle, rkd_distance, sp, tinybert_attention, tinybert_embedding, tinybert_hidden"
+        in error_of(raw)
     )
     raw["distill"] = {"terms": [{"type": "kd", "temprature": 2}]}
     assert "distill.terms.0.temprature: Extra inputs are not permitted" in error_of(raw)

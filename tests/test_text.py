@@ -385,3 +385,37 @@ def test_export_refuses_an_image_run(tmp_path, capsys):
     (tmp_path / "metrics.json").write_text("{}")
     assert main(["export", str(tmp_path)]) == 2
     assert "has no Hugging Face student (student-hf/): export works for text runs" in capsys.readouterr().err
+
+
+def test_the_distillation_trainer_is_a_transformers_trainer_with_distills_loss(teacher_path, texts, tmp_path):
+    from transformers import TrainingArguments
+
+    from distill import HardLabelCE, SoftTargetKD
+    from distill.hf import DistillationTrainer
+
+    teacher = load_teacher(teacher_path).model
+    from distill.tasks.hf import HFConfigSpec, fresh_student
+
+    torch.manual_seed(1)
+    student = fresh_student(HFConfigSpec(num_hidden_layers=1), load_teacher(teacher_path), 3, "student").model
+    data = load_text_data(TextDataSpec(source="text_folder", path=texts, tokenizer=teacher_path, max_length=16))
+    rows = [
+        {"input_ids": i, "attention_mask": m, "labels": y}
+        for i, m, y in zip(data.train.x["input_ids"], data.train.x["attention_mask"], data.train.y, strict=True)
+    ]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=20, per_device_train_batch_size=16, learning_rate=3e-3,
+        report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, seed=0,
+    )  # fmt: skip
+    terms = {"kd": SoftTargetKD(2.0), "ce": HardLabelCE(), "hidden": TERMS["tinybert_hidden"]()}
+    trainer = DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=rows, terms=terms)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.prepare_terms(batch)
+    by_hand = trainer.distiller(trainer._model_inputs(batch), labels=batch["labels"])
+    assert float(trainer.compute_loss(student, batch).detach()) == pytest.approx(float(by_hand.loss.detach()), rel=1e-5)
+    assert set(by_hand.terms) == {"kd", "ce", "hidden"} and by_hand.terms["hidden"] > 0
+    trainer.train()
+    assert sum("loss" in log for log in trainer.state.log_history) == 20  # the Trainer's own loop and logging
+    with torch.no_grad():
+        after = trainer.distiller(trainer._model_inputs(batch), labels=batch["labels"])
+    assert after.terms["hidden"] < 0.5 * by_hand.terms["hidden"]  # the student moved towards the teacher's states
