@@ -278,7 +278,8 @@ def test_a_label_only_in_the_test_split_is_refused(teacher_path, tmp_path):
 # ---------------------------------------------------------------------------- whole runs
 
 
-def text_config(tmp_path, teacher, texts, **changes):
+def text_config(tmp_path, model_dir, texts, **changes):
+    teacher = model_dir
     config = {
         "task": "text_classification",
         "data": {"source": "text_folder", "path": str(texts), "max_length": 16},
@@ -320,6 +321,9 @@ def test_a_text_run_cuts_distils_and_reports_accuracy_and_macro_f1(text_run):
         m = metrics["models"][role]
         assert set(m["metrics"]) == {"accuracy", "macro_f1"} and m["score"] == m["metrics"]["accuracy"]
     assert metrics["models"]["distilled"]["params"] < metrics["models"]["teacher"]["params"]
+    t, d = metrics["models"]["teacher"], metrics["models"]["distilled"]
+    assert t["embedding_params"] == d["embedding_params"] > 0  # a cut keeps every embedding table
+    assert "params (without embeddings)" in (run / "report.md").read_text()
     history = metrics["training"]["distilled"]["history"]
     assert {"tinybert_hidden", "tinybert_attention", "kd", "ce"} <= set(history[0]["terms"])
     assert (
@@ -419,3 +423,23 @@ def test_the_distillation_trainer_is_a_transformers_trainer_with_distills_loss(t
     with torch.no_grad():
         after = trainer.distiller(trainer._model_inputs(batch), labels=batch["labels"])
     assert after.terms["hidden"] < 0.5 * by_hand.terms["hidden"]  # the student moved towards the teacher's states
+
+
+def test_a_text_teacher_cache_serves_a_run_and_names_its_tokenizer(teacher_path, texts, tmp_path):
+    """`distill cache` on a text task; a run from the cache finds the tokenizer in its manifest."""
+    from distill.cli import main
+
+    terms = {"distill": {"terms": [{"type": "kd", "weight": 0.5, "temperature": 2}, {"type": "ce", "weight": 0.5}]}}
+    config = text_config(tmp_path, teacher_path, texts, student={"arch": "hf", "path": str(teacher_path)}, **terms)
+    assert main(["cache", str(config), "--quiet"]) == 0
+    cache = tmp_path / "runs" / "text-teacher-cache"
+    cached = text_config(
+        tmp_path, teacher_path, texts, student={"arch": "hf", "path": str(teacher_path)},
+        teacher={"kind": "cache", "path": str(cache)}, **terms,
+    )  # fmt: skip
+    from distill.pipeline.config import load_config
+
+    assert load_config(cached).data.tokenizer == teacher_path
+    assert main(["run", str(cached), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "runs" / "text" / "metrics.json").read_text())
+    assert metrics["teacher_cache"]["k"] == 3 and metrics["models"]["teacher"]["score"] > 0

@@ -186,6 +186,17 @@ class OutputSpec(Strict):
         return value
 
 
+def _cached_teacher_model(path: Path) -> HFSpec | None:
+    """The Hugging Face model a teacher cache was made with, as its manifest records it (else None)."""
+    import json
+
+    try:
+        recorded = json.loads((Path(path) / "manifest.json").read_text())["teacher"]["model"]
+        return HFSpec.model_validate(recorded) if recorded.get("arch") == "hf" else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 class ExperimentConfig(Strict):
     """A whole experiment: teacher, scratch student and distilled student on one dataset."""
 
@@ -229,6 +240,8 @@ class ExperimentConfig(Strict):
         """Text data is tokenised with the teacher's tokenizer unless ``data.tokenizer`` names one."""
         if isinstance(self.data, TextDataSpec) and self.data.tokenizer is None:
             model = getattr(self.teacher, "model", None)
+            if isinstance(self.teacher, CachedTeacherSpec):  # the cache records the teacher it was made with
+                model = _cached_teacher_model(self.teacher.path)
             if isinstance(model, HFSpec):
                 self.data.tokenizer = model.path
             else:

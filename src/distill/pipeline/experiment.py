@@ -590,12 +590,14 @@ def evaluate_models(
         for b in spec.latency_batch_sizes
     }
     out: dict[str, Any] = {}
+    embedding = {role: task.embedding_parameters(model) for role, model in models.items()}  # memory, not time
     for role, model in models.items():
         out[role] = {
             "test_acc": accuracy(logits[role], data.test.y),
             "metrics": task.metrics(logits[role], data.test),  # the task's scores, its primary metric among them
             "agreement": agreement(logits[role], logits["teacher"]),
             "params": count_parameters(model),
+            **({"embedding_params": embedding[role]} if embedding[role] else {}),
             "size_bytes": weights[role].stat().st_size if weights[role] else cached_teacher["size_bytes"],
             "weights_sha256": file_sha256(weights[role]) if weights[role] else cached_teacher["weights_sha256"],
             "latency_ms": {str(b): latencies[b][role] for b in spec.latency_batch_sizes},

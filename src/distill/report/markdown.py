@@ -69,7 +69,9 @@ def gain_text(gain: float, metrics: dict[str, Any]) -> str:
 def table_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the comparison table, shared by the console and report.md."""
     batch_sizes = metrics["latency_batch_sizes"]
-    header = ["model", f"test {score_label(metrics)}", "agreement", "retention", "gap closed", "params", "size"]
+    embeddings = any("embedding_params" in m for m in metrics["models"].values())
+    params = "params (without embeddings)" if embeddings else "params"
+    header = ["model", f"test {score_label(metrics)}", "agreement", "retention", "gap closed", params, "size"]
     header += [f"ms @{b}" for b in batch_sizes] + [f"speed-up @{b}" for b in batch_sizes]
     rows = []
     for role in ROLES:
@@ -82,7 +84,7 @@ def table_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             format_percent(m.get("agreement")),
             format_percent(m.get("retention")),
             format_percent(m.get("gap_closed")),
-            f"{m['params']:,}",
+            f"{m['params']:,}" + (f" ({m['params'] - m['embedding_params']:,})" if "embedding_params" in m else ""),
             format_size(m["size_bytes"]),
         ]
         row += [_num(m["latency_ms"].get(str(b)), ".2f") for b in batch_sizes]

@@ -86,6 +86,11 @@ class Task(ABC):
     def metrics(self, logits: Tensor, split: Split) -> dict[str, float]:
         """Scores of predictions ``logits`` on ``split``; holds :attr:`primary_metric`."""
 
+    def embedding_parameters(self, model: nn.Module) -> int:
+        """Parameters in lookup tables (token and position embeddings): they cost memory, not time,
+        so reports show them apart. 0 for models without any."""
+        return 0
+
     def rewrite_batch(self, batch: Batch, student: nn.Module) -> Batch:
         """A hook to change a training batch before the step (sequence-level and on-policy
         distillation will replace inputs with generated ones); the identity by default."""

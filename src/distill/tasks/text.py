@@ -108,6 +108,12 @@ class TextClassification(Task):
             f"not {getattr(spec, 'arch', type(spec).__name__)}"
         )
 
+    def embedding_parameters(self, model: nn.Module) -> int:
+        if not isinstance(model, HFClassifier):
+            return 0
+        tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+        return sum(p.numel() for table in tables for p in table.parameters())
+
     def latency_inputs(self, data: DataBundle, batch_size: int) -> Inputs:
         """``batch_size`` real test texts, each repeated to the split's padded length and counted in
         full, so every model is timed at the same stated sequence length."""
