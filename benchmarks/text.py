@@ -51,6 +51,11 @@ def main() -> int:
     parser.add_argument("--layers", type=int, nargs="+", default=[2])
     parser.add_argument("--select", nargs="+", choices=("every", "auto"), default=["every", "auto"])
     parser.add_argument("--no-tinybert", action="store_true", help="skip the kd + TinyBERT arm")
+    parser.add_argument(
+        "--parts", nargs="+", choices=("cut", "random", "budget"), default=["cut", "random", "budget"],
+        help="cut: students cut from the teacher; random: the same architecture from random init (labels only "
+        "and kd); budget: the label-budget arm",
+    )  # fmt: skip
     parser.add_argument("--label-budget", type=int, default=100, help="0: skip the label-budget arm")
     parser.add_argument("--latency-length", type=int, default=256)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -77,7 +82,14 @@ def main() -> int:
 
         runs: list[dict] = []
         for seed in args.seeds:
-            for layers in args.layers:
+            for layers in args.layers if "random" in args.parts else []:
+                key = f"{layers} layer{'s' if layers > 1 else ''}, random init"
+                console.rule(f"seed {seed}: {key}")
+                m = run(f"{key}: kd", f"seed={seed}", f"student={{arch: hf_config, num_hidden_layers: {layers}}}")
+                rows.setdefault(f"{key}: labels only", []).append(m["models"]["scratch"])
+                rows.setdefault(f"{key}: kd", []).append(m["models"]["distilled"])
+                rows.setdefault("teacher", []).append(m["models"]["teacher"])
+            for layers in args.layers if "cut" in args.parts else []:
                 for select in args.select:
                     key = f"{layers} layer{'s' if layers > 1 else ''}, {select}"
                     console.rule(f"seed {seed}: {key}")
@@ -89,7 +101,7 @@ def main() -> int:
                         m = run(f"{key}: kd + tinybert", *base, "baseline=false", *TINYBERT)
                         rows.setdefault(f"{key}: kd + TinyBERT", []).append(m["models"]["distilled"])
                     rows.setdefault("teacher", []).append(m["models"]["teacher"])
-            if args.label_budget:
+            if args.label_budget and "budget" in args.parts:
                 layers = args.layers[0]
                 key = f"{layers} layers, every, {args.label_budget} labels"
                 console.rule(f"seed {seed}: {key}")
