@@ -236,6 +236,15 @@ class ExperimentConfig(Strict):
         return raw
 
     @model_validator(mode="after")
+    def _an_embedding_teacher_is_ready(self) -> ExperimentConfig:
+        if self.task == "text_embedding" and not isinstance(self.teacher, HFTeacher):
+            raise ValueError(
+                "teacher.kind: a text_embedding teacher is a ready encoder: {kind: hf, path: DIR} "
+                "(e.g. builtin:all-MiniLM-L6-v2); it is never trained or cached here"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _text_needs_a_tokenizer(self) -> ExperimentConfig:
         """Text data is tokenised with the teacher's tokenizer unless ``data.tokenizer`` names one."""
         if isinstance(self.data, TextDataSpec) and self.data.tokenizer is None:

@@ -252,6 +252,8 @@ def cache_teacher(
         raise DistillError(
             "teacher.kind: 'cache' reads a cache; to make one, give the teacher as kind train or checkpoint"
         )
+    if not get_task(config.task).has_logits:
+        raise DistillError(f"task: {config.task} has no logits to cache; its students learn from the live teacher")
     device = pick_device(config.device)
     data = get_task(config.task).load_data(config.data)
     console.print(
@@ -410,7 +412,12 @@ def run_experiment(
         )
         metrics = json_safe(metrics)  # what is returned is exactly what metrics.json holds
         tracker.log(
-            {f"test/{role}/{k}": m[k] for role, m in metrics["models"].items() for k in ("test_acc", "agreement")}
+            {
+                f"test/{role}/{k}": m[k]
+                for role, m in metrics["models"].items()
+                for k in ("score", "agreement")
+                if k in m
+            }
         )
         tracker.finish()  # before the run directory moves into place
         _write_run(partial, final, config, metrics)
@@ -456,7 +463,9 @@ class _StudentTraining:
     def run(self, teacher: nn.Module) -> str:
         """Train both students; return the distillation objective as text."""
         config, data = self.config, self.data
-        if config.baseline:
+        if config.baseline and not get_task(config.task).has_logits:
+            self.console.print("no scratch baseline: an embedding student has no labels to train on alone")
+        if config.baseline and get_task(config.task).has_logits:
             scratch_data, passes = scratch_setup(self.student_data, config)
             scratch = seeded_model(config.student, data, config.seed, "student", get_task(config.task), teacher)
             more = (
@@ -574,7 +583,11 @@ def evaluate_models(
     architecture, used to time it and count its parameters (latency does not need its weights).
     """
     spec, task = config.eval, get_task(config.task)
-    logits = {role: predict(model, data.test.x) for role, model in models.items()}
+    if not task.has_logits:  # embeddings: scored against the teacher's, nothing per class
+        predictions = {role: task.predict(model, data.test.x) for role, model in models.items()}
+        logits = {}
+    else:
+        logits = {role: predict(model, data.test.x) for role, model in models.items()}
     if cached_teacher is not None:
         logits["teacher"] = cached_teacher["test_logits"]
     latencies = {
@@ -592,15 +605,21 @@ def evaluate_models(
     out: dict[str, Any] = {}
     embedding = {role: task.embedding_parameters(model) for role, model in models.items()}  # memory, not time
     for role, model in models.items():
-        out[role] = {
-            "test_acc": accuracy(logits[role], data.test.y),
-            "metrics": task.metrics(logits[role], data.test),  # the task's scores, its primary metric among them
-            "agreement": agreement(logits[role], logits["teacher"]),
+        common = {
             "params": count_parameters(model),
             **({"embedding_params": embedding[role]} if embedding[role] else {}),
             "size_bytes": weights[role].stat().st_size if weights[role] else cached_teacher["size_bytes"],
             "weights_sha256": file_sha256(weights[role]) if weights[role] else cached_teacher["weights_sha256"],
             "latency_ms": {str(b): latencies[b][role] for b in spec.latency_batch_sizes},
+        }
+        if not task.has_logits:
+            out[role] = {"metrics": task.metrics(predictions[role], data.test, predictions["teacher"]), **common}
+            continue
+        out[role] = {
+            "test_acc": accuracy(logits[role], data.test.y),
+            "metrics": task.metrics(logits[role], data.test),  # the task's scores, its primary metric among them
+            "agreement": agreement(logits[role], logits["teacher"]),
+            **common,
             "per_class_acc": per_class_accuracy(logits[role], data.test.y, data.num_classes),
             "per_class_agreement": per_class_agreement(logits[role], logits["teacher"], data.test.y, data.num_classes),
             "calibration": calibration(logits[role], data.test.y),

@@ -53,6 +53,16 @@ def _image(uri: str, alt: str) -> str:
     return f'<img src="{uri}" alt="{escape(alt)}">'
 
 
+def score_table(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Every score the task reports, per model (for tasks without classes, e.g. embeddings)."""
+    names = sorted({name for m in metrics["models"].values() for name in m.get("metrics", {})})
+    rows = [
+        [ROLE_TITLES.get(r, r)] + [f"{m['metrics'].get(n, float('nan')):.4f}" for n in names]
+        for r, m in metrics["models"].items()
+    ]
+    return ["model", *names], rows
+
+
 def render_html(
     metrics: dict[str, Any], histories: dict[str, list[dict]], config_yaml: str, pngs: dict[str, bytes] | None = None
 ) -> str:
@@ -70,11 +80,12 @@ def render_html(
     helped = (
         "scratch" in models and score_gain(score(models["distilled"]) or 0, score(models["scratch"]) or 0, metrics) > 0
     )
+    classified = all("per_class_acc" in m for m in models.values())  # embedding models have no classes
     class_rows = [
         [name]
         + [format_percent(m["per_class_acc"][c]) for m in models.values()]
         + [format_percent(m["per_class_agreement"][c]) for role, m in models.items() if role != "teacher"]
-        for c, name in enumerate(metrics["class_names"])
+        for c, name in enumerate(metrics["class_names"] if classified else [])
     ]
     class_header = (
         ["class"]
@@ -84,6 +95,7 @@ def render_html(
     calibration_rows = [
         [ROLE_TITLES[r], format_percent(m["calibration"]["ece"]), format_percent(m["test_acc"])]
         for r, m in models.items()
+        if classified
     ]
     parts = [
         "<!DOCTYPE html>",
@@ -111,14 +123,19 @@ def render_html(
         ),
         "<p>Every loss term, unweighted, per epoch:</p>",
         _image(png_data_uri(term_curves_figure(histories)), "loss terms per epoch"),
-        "<h2>Per class</h2>",
-        _image(png_data_uri(per_class_figure(metrics)), "per-class accuracy and agreement"),
-        _table(class_header, class_rows, "per-class"),
-        "<h2>Calibration</h2>",
-        "<p>Expected calibration error (15 equal-width confidence bins): how far confidence is from accuracy.</p>",
-        _table(["model", "ECE", "test acc"], calibration_rows, "calibration"),
-        _image(png_data_uri(reliability_figure(metrics)), "reliability diagrams"),
     ]
+    if classified:
+        parts += [
+            "<h2>Per class</h2>",
+            _image(png_data_uri(per_class_figure(metrics)), "per-class accuracy and agreement"),
+            _table(class_header, class_rows, "per-class"),
+            "<h2>Calibration</h2>",
+            "<p>Expected calibration error (15 equal-width confidence bins): how far confidence is from accuracy.</p>",
+            _table(["model", "ECE", "test acc"], calibration_rows, "calibration"),
+            _image(png_data_uri(reliability_figure(metrics)), "reliability diagrams"),
+        ]
+    else:
+        parts += ["<h2>Scores</h2>", _table(*score_table(metrics), "scores")]
     samples = metrics.get("samples") or []
     if samples:  # language models: generations side by side
         parts.append("<h2>Sample generations</h2>")

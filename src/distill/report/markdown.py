@@ -127,6 +127,13 @@ def score_note(metrics: dict[str, Any]) -> str:
 def verdict(metrics: dict[str, Any]) -> str:
     """One honest sentence: did distillation beat training the student alone?"""
     models = metrics["models"]
+    if "scratch" not in models and "test_acc" not in models["distilled"]:  # an embedding student
+        scores = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in sorted(models["distilled"]["metrics"].items()))
+        return (
+            f"An embedding student has no labels to train on alone, so there is no scratch baseline; scored against "
+            f"the teacher on the test texts it reaches {scores} (the teacher's own linear probe: "
+            f"{models['teacher']['metrics'].get('linear_probe', float('nan')):.4f})."
+        )
     if "scratch" not in models:
         return "No scratch baseline was trained (baseline: false), so the gain from distillation is unknown."
     delta = score_gain(score(models["distilled"]), score(models["scratch"]), metrics)

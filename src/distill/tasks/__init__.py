@@ -6,7 +6,8 @@ results. ``task:`` in a config picks one (``image_classification`` by default).
 """
 
 from distill.tasks.base import TASKS, Task, get_task, register_task
+from distill.tasks.embedding import TextEmbedding
 from distill.tasks.image import ImageClassification
 from distill.tasks.text import TextClassification
 
-__all__ = ["TASKS", "ImageClassification", "Task", "TextClassification", "get_task", "register_task"]
+__all__ = ["TASKS", "ImageClassification", "Task", "TextClassification", "TextEmbedding", "get_task", "register_task"]

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from distill.core.data import DataBundle, Split
 from distill.core.errors import DistillError
+from distill.core.evaluate import predict
 from distill.core.inputs import Inputs, call_model, take
 from distill.core.io import save_weights
 from distill.core.losses import Batch
@@ -48,6 +49,9 @@ class Task(ABC):
     primary_metric: ClassVar[str] = "accuracy"
     higher_is_better: ClassVar[bool] = True
     primary_percent: ClassVar[bool] = True  # a fraction in [0, 1], reported as a percentage
+    # models end in class (or vocabulary) logits; False: an embedding model, scored against the
+    # teacher's outputs (no labels-only baseline, no accuracy, agreement or calibration)
+    has_logits: ClassVar[bool] = True
 
     @abstractmethod
     def load_data(self, spec: Any) -> DataBundle:
@@ -82,9 +86,14 @@ class Task(ABC):
                 f"teacher, student and data must share the class set"
             )
 
+    def predict(self, model: nn.Module, x: Inputs, device: torch.device | str = "cpu") -> Tensor:
+        """What the task scores: the model's logits (an embedding task: its embeddings)."""
+        return predict(model, x, device=device)
+
     @abstractmethod
-    def metrics(self, logits: Tensor, split: Split) -> dict[str, float]:
-        """Scores of predictions ``logits`` on ``split``; holds :attr:`primary_metric`."""
+    def metrics(self, logits: Tensor, split: Split, reference: Tensor | None = None) -> dict[str, float]:
+        """Scores of predictions ``logits`` on ``split``; holds :attr:`primary_metric`. ``reference``
+        is the teacher's predictions on the same split, for tasks scored against the teacher."""
 
     def embedding_parameters(self, model: nn.Module) -> int:
         """Parameters in lookup tables (token and position embeddings): they cost memory, not time,

@@ -110,9 +110,9 @@ def check_model_dir(path: Path, field: str) -> Path:
     return path
 
 
-class HFClassifier(nn.Module):
-    """A Hugging Face sequence classifier called with a tokenizer's outputs (``input_ids``,
-    ``attention_mask``); returns :class:`ModelOutputs`.
+class HFModel(nn.Module):
+    """A Hugging Face model called with a tokenizer's outputs (``input_ids``, ``attention_mask``);
+    returns :class:`ModelOutputs`.
 
     Each batch runs only as long as its longest sequence (columns no sequence needs are cut), so
     padding to a split's longest text costs nothing. Hidden states and attention maps are computed
@@ -136,7 +136,7 @@ class HFClassifier(nn.Module):
         if wanted and getattr(self.model.config, "_attn_implementation", None) != wanted:
             self.model.set_attn_implementation(wanted)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **other: Tensor) -> ModelOutputs:
+    def run(self, input_ids: Tensor, attention_mask: Tensor | None, other: dict[str, Tensor], hidden: bool = False):
         if attention_mask is not None and attention_mask.shape[1] > 1:
             used = attention_mask.bool().any(0)
             length = int(used.nonzero().max()) + 1 if used.any() else 1
@@ -145,11 +145,46 @@ class HFClassifier(nn.Module):
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            output_hidden_states=bool(self.kinds & {"hidden_states", "embedding"}),
+            output_hidden_states=hidden or "hidden_states" in self.kinds,
             output_attentions="attentions" in self.kinds,
             **other,
         )
+        return out, attention_mask
+
+
+class HFClassifier(HFModel):
+    """A sequence classifier (``AutoModelForSequenceClassification``): logits ``[batch, classes]``."""
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **other: Tensor) -> ModelOutputs:
+        out, _ = self.run(input_ids, attention_mask, other)
         return ModelOutputs(logits=out.logits, hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+class HFEncoder(HFModel):
+    """A sentence encoder (``AutoModel``): the mean of the last hidden states over real tokens, as
+    sentence-transformers' mean pooling, as ``embedding`` ``[batch, hidden]``; no logits."""
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **other: Tensor) -> ModelOutputs:
+        out, mask = self.run(input_ids, attention_mask, other)
+        last = out.last_hidden_state
+        weights = torch.ones(last.shape[:2], device=last.device) if mask is None else mask.to(last.dtype)
+        pooled = (last * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True).clamp_min(1e-9)
+        hidden = out.hidden_states if "hidden_states" in self.kinds else None
+        return ModelOutputs(embedding=pooled, hidden_states=hidden, attentions=out.attentions)
+
+
+def load_encoder(spec: HFSpec, field: str) -> HFEncoder:
+    """A local model directory as a sentence encoder (its base model; any head is left out)."""
+    path = check_model_dir(spec.path, f"{field}.path")
+    transformers = _transformers()
+    try:
+        model = transformers.AutoModel.from_pretrained(
+            path, trust_remote_code=spec.trust_remote_code, local_files_only=True
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DistillError(f"{field}.path: cannot load {path} as an encoder: {first}") from None
+    return HFEncoder(model)
 
 
 def load_classifier(spec: HFSpec, num_labels: int, field: str) -> HFClassifier:
@@ -206,7 +241,7 @@ def cut_layers(model: nn.Module, keep: list[int], influence: list[float] | None 
 
 
 @torch.no_grad()
-def block_influence(model: HFClassifier, inputs: dict[str, Tensor], batch_size: int = 32) -> list[float]:
+def block_influence(model: HFModel, inputs: dict[str, Tensor], batch_size: int = 32) -> list[float]:
     """Each layer's block influence on ``inputs`` (ShortGPT, Men et al. 2024): 1 − the mean cosine
     similarity between the hidden states entering and leaving it, over real (unpadded) tokens.
     A layer that barely changes its input (low influence) is the cheapest to drop."""
@@ -255,8 +290,8 @@ def chosen_layers(spec: FromTeacherSpec, count: int, field: str, influence: list
 
 def cut_student(
     spec: FromTeacherSpec, teacher: nn.Module | None, field: str, calibration: dict[str, Tensor] | None = None
-) -> HFClassifier:
-    if not isinstance(teacher, HFClassifier):
+) -> HFModel:
+    if not isinstance(teacher, HFModel):
         raise DistillError(
             f"{field}: a student cut from the teacher needs the teacher's weights as a Hugging Face model "
             f"(teacher kind hf, or kind train with model arch hf); a cached teacher has none"
@@ -266,11 +301,11 @@ def cut_student(
     if spec.layers == "auto" and influence is None:
         raise DistillError(f"{field}.layers: auto needs training data to measure the teacher's layers on")
     keep = chosen_layers(spec, count, field, influence)
-    return HFClassifier(cut_layers(teacher.model, keep, influence))
+    return type(teacher)(cut_layers(teacher.model, keep, influence))
 
 
-def fresh_student(spec: HFConfigSpec, teacher: nn.Module | None, num_labels: int, field: str) -> HFClassifier:
-    if not isinstance(teacher, HFClassifier):
+def fresh_student(spec: HFConfigSpec, teacher: nn.Module | None, num_labels: int, field: str) -> HFModel:
+    if not isinstance(teacher, HFModel):
         raise DistillError(
             f"{field}: a fresh configuration starts from the teacher's, which must be a Hugging Face model"
         )
@@ -288,10 +323,12 @@ def fresh_student(spec: HFConfigSpec, teacher: nn.Module | None, num_labels: int
         if hasattr(config, stale):
             delattr(config, stale)
     transformers = _transformers()
+    if isinstance(teacher, HFEncoder):
+        return HFEncoder(transformers.AutoModel.from_config(config))
     return HFClassifier(transformers.AutoModelForSequenceClassification.from_config(config))
 
 
-def save_pretrained(model: HFClassifier, directory: Path, tokenizer_dir: Path | None = None) -> Path:
+def save_pretrained(model: HFModel, directory: Path, tokenizer_dir: Path | None = None) -> Path:
     """A ``save_pretrained`` directory (safetensors weights, config, and the tokenizer when given)
     that ``transformers`` alone loads."""
     model.model.save_pretrained(directory, safe_serialization=True)

@@ -37,5 +37,5 @@ class ImageClassification(Task):
     def latency_inputs(self, data: DataBundle, batch_size: int) -> Tensor:
         return torch.randn(batch_size, *data.input_shape)
 
-    def metrics(self, logits: Tensor, split: Split) -> dict[str, float]:
+    def metrics(self, logits: Tensor, split: Split, reference: Tensor | None = None) -> dict[str, float]:
         return {"accuracy": accuracy(logits, split.y)}

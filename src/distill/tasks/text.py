@@ -22,6 +22,7 @@ from distill.tasks.hf import (
     FromTeacherSpec,
     HFClassifier,
     HFConfigSpec,
+    HFModel,
     HFSpec,
     cut_student,
     fresh_student,
@@ -78,6 +79,13 @@ def _vocab_size(directory: Path) -> int | None:
         return None
 
 
+def export_beside(model: nn.Module, path: Path, data: DataBundle | None) -> None:
+    """``<name>-hf/`` beside the weights at ``path``: ``save_pretrained`` with the data's tokenizer."""
+    if isinstance(model, HFModel):
+        tokenizer = (data.info.get("tokenizer") if data is not None else None) or None
+        save_pretrained(model, path.with_name(f"{path.stem}-hf"), Path(tokenizer) if tokenizer else None)
+
+
 @register_task("text_classification")
 class TextClassification(Task):
     """Texts from folders, CSV, JSONL or BBC News; Hugging Face encoders; accuracy and macro-F1."""
@@ -109,7 +117,7 @@ class TextClassification(Task):
         )
 
     def embedding_parameters(self, model: nn.Module) -> int:
-        if not isinstance(model, HFClassifier):
+        if not isinstance(model, HFModel):
             return 0
         tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
         return sum(p.numel() for table in tables for p in table.parameters())
@@ -121,13 +129,11 @@ class TextClassification(Task):
         rows = ids[torch.arange(batch_size) % len(ids)]
         return {"input_ids": rows, "attention_mask": torch.ones_like(rows)}
 
-    def metrics(self, logits: Tensor, split: Split) -> dict[str, float]:
+    def metrics(self, logits: Tensor, split: Split, reference: Tensor | None = None) -> dict[str, float]:
         return {"accuracy": accuracy(logits, split.y), "macro_f1": macro_f1(logits, split.y, logits.shape[-1])}
 
     def export(self, model: nn.Module, path: Path, data: DataBundle | None = None) -> None:
         """The weights, and beside them ``<name>-hf/``: a ``save_pretrained`` directory with the
         tokenizer, which ``transformers`` alone loads (``AutoModelForSequenceClassification``)."""
         super().export(model, path, data)
-        if isinstance(model, HFClassifier):
-            tokenizer = (data.info.get("tokenizer") if data is not None else None) or None
-            save_pretrained(model, path.with_name(f"{path.stem}-hf"), Path(tokenizer) if tokenizer else None)
+        export_beside(model, path, data)

@@ -289,6 +289,7 @@ def train(
     chance = chance_level(data.val.y if validating else data.train.y)
     best_state = copy.deepcopy(distiller.state_dict_to_keep()) if validating else {}
     start_epoch = 0
+    reference = None  # the teacher's validation predictions, for tasks scored against them
 
     if resume and checkpoint is not None and checkpoint.exists():
         state = load_checkpoint(checkpoint)
@@ -381,9 +382,10 @@ def train(
                 sums["loss"] = sums.get("loss", 0.0) + batch_loss
                 for name, value in out.terms.items():
                     sums[name] = sums.get(name, 0.0) + float(value) * factors[name] * global_size / world
-                keep = y >= 0 if mask is None else (y >= 0) & mask.bool()
-                labeled += int(keep.sum())
-                correct += int((out.student.logits.argmax(-1)[keep] == y[keep]).sum())
+                if out.student.logits is not None:  # an embedding model has no classes to be right about
+                    keep = y >= 0 if mask is None else (y >= 0) & mask.bool()
+                    labeled += int(keep.sum())
+                    correct += int((out.student.logits.argmax(-1)[keep] == y[keep]).sum())
                 progress.update(
                     bar, advance=1, stats=f"loss {sums['loss'] / seen:.4f}  acc {correct / max(labeled, 1):.3f}"
                 )
@@ -394,7 +396,12 @@ def train(
             sums = dict(zip(keys, totals[: len(keys)], strict=True))
             seen, correct, labeled = (int(v) for v in totals[len(keys) :])
         val_metrics: dict[str, float] = {}
-        if validating:
+        if validating and task is not None and not task.has_logits:  # scored against the teacher
+            if reference is None:
+                reference = task.predict(distiller.teacher, data.val.x, device=device)
+            val_metrics = task.metrics(task.predict(distiller.student, data.val.x, device=device), data.val, reference)
+            val_acc = val_loss = float("nan")
+        elif validating:
             val_logits = predict(distiller.student, data.val.x, device=device)
             val_acc = accuracy(val_logits, data.val.y)
             val_loss = float(hard_label_ce(val_logits, data.val.y, data.val.mask))
@@ -426,8 +433,9 @@ def train(
         shown = "acc" if primary == "accuracy" else primary.replace("_", " ")
         val_text = f"  val {shown} {score:.4f}" if validating else ""
         console.print(
-            f"{label} epoch {epoch + 1}/{spec.epochs}  loss {log.loss:.4f} ({terms})  "
-            f"train acc {log.train_acc:.4f}{val_text}  {log.seconds:.1f}s"
+            f"{label} epoch {epoch + 1}/{spec.epochs}  loss {log.loss:.4f} ({terms})"
+            + ("" if math.isnan(log.train_acc) else f"  train acc {log.train_acc:.4f}")
+            + f"{val_text}  {log.seconds:.1f}s"
         )
         if not result.warnings and (warning := learning_warning(label, result.history, chance, measured_on)):
             result.warnings.append(warning)

@@ -1,7 +1,14 @@
 """Loss terms. Each module registers its terms; importing them here makes them available
 to configs by name (``distill methods`` lists them)."""
 
-from distill.core.losses import decoupled, features, relations, response, transformer  # noqa: F401  (registration)
+from distill.core.losses import (  # noqa: F401  (registration)
+    decoupled,
+    embedding,
+    features,
+    relations,
+    response,
+    transformer,
+)
 from distill.core.losses.base import (
     TERMS,
     Batch,
@@ -15,6 +22,7 @@ from distill.core.losses.base import (
     register_term,
 )
 from distill.core.losses.decoupled import DecoupledKD, decoupled_kd
+from distill.core.losses.embedding import EmbeddingCosine, EmbeddingMSE
 from distill.core.losses.features import AttentionTransfer, FitNetsHint, attention_map
 from distill.core.losses.relations import (
     ProbabilisticTransfer,
@@ -42,6 +50,8 @@ __all__ = [
     "Batch",
     "DecoupledKD",
     "DistilBERTCosine",
+    "EmbeddingCosine",
+    "EmbeddingMSE",
     "FitNetsHint",
     "HardLabelCE",
     "LossTerm",

@@ -161,6 +161,11 @@ class TappedPairParams(TermParams):
     teacher: str | None = None
 
 
+def _head(outputs: ModelOutputs) -> Tensor | None:
+    """What an untapped pair term compares: the logits, or the embedding of a model without logits."""
+    return outputs.logits if outputs.logits is not None else outputs.embedding
+
+
 class TappedPairTerm(LossTerm):
     """Base of terms comparing one student output with one teacher output (features or logits)."""
 
@@ -179,8 +184,13 @@ class TappedPairTerm(LossTerm):
     def pair(self, student: ModelOutputs, teacher: ModelOutputs | None) -> tuple[Tensor, Tensor]:
         if teacher is None:
             raise ValueError(f"the {self.name} term needs teacher outputs")
-        s = student.features[self.student_name] if self.student_name else student.logits
-        t = teacher.features[self.teacher_name] if self.teacher_name else dense_logits(teacher.logits)
+        s = student.features[self.student_name] if self.student_name else _head(student)
+        if self.teacher_name:
+            t = teacher.features[self.teacher_name]
+        else:
+            t = dense_logits(teacher.logits) if teacher.logits is not None else teacher.embedding
+        if s is None or t is None:
+            raise DistillError(f"the {self.name} term found neither logits nor an embedding to compare")
         return s, t.detach()
 
     def describe_pair(self) -> str:

@@ -1,0 +1,158 @@
+"""Sentence embeddings: a smaller encoder that places texts where the teacher places them.
+
+The teacher is a ready encoder (``teacher: {kind: hf, path}``, e.g. ``builtin:all-MiniLM-L6-v2``);
+models return the mean of their last hidden states over real tokens (sentence-transformers' mean
+pooling). There are no labels to train on alone, so runs have no scratch baseline; students are
+scored against the teacher on held-out texts:
+
+- ``spearman`` (primary): Spearman correlation between the student's and the teacher's cosine
+  similarities over every pair of texts;
+- ``recall_at_10``: how many of each text's 10 nearest neighbours under the teacher the student
+  finds too;
+- ``linear_probe``: 5-fold cross-validated accuracy of a logistic regression on the frozen
+  embeddings of the split's labeled texts (what the embedding is worth to a downstream classifier).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from distill.core.data import DataBundle, Split
+from distill.core.errors import DistillError
+from distill.core.inputs import Inputs, call_model, take, to_device
+from distill.core.losses.base import outputs_of
+from distill.tasks.base import Task, register_task
+from distill.tasks.hf import FromTeacherSpec, HFConfigSpec, HFEncoder, HFSpec, cut_student, fresh_student, load_encoder
+from distill.tasks.text import TextClassification, export_beside
+from distill.tasks.text_data import TextDataSpec, load_text_data
+
+MAX_PAIRS_SAMPLES = 2000  # the pairwise scores use at most this many texts (4M pairs)
+
+
+def pair_cosines(embeddings: Tensor) -> Tensor:
+    """Cosine similarity of every pair ``i < j``, flattened."""
+    unit = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+    sims = unit @ unit.T
+    i, j = torch.triu_indices(len(unit), len(unit), offset=1)
+    return sims[i, j]
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman's rank correlation (ties broken by position, which continuous scores never need)."""
+    if len(a) < 2:
+        return float("nan")
+    ranks = [
+        torch.empty_like(x, dtype=torch.float64).scatter_(0, x.argsort(), torch.arange(len(x), dtype=torch.float64))
+        for x in (a, b)
+    ]
+    ra, rb = (r - r.mean() for r in ranks)
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def recall_at_k(student: Tensor, teacher: Tensor, k: int = 10) -> float:
+    """Mean share of each row's ``k`` nearest neighbours (cosine, itself excluded) under the
+    teacher that are among its ``k`` nearest under the student."""
+    n = len(student)
+    k = min(k, n - 1)
+    if k < 1:
+        return float("nan")
+
+    def neighbours(e: Tensor) -> Tensor:
+        unit = torch.nn.functional.normalize(e.float(), dim=-1)
+        sims = unit @ unit.T
+        sims.fill_diagonal_(-float("inf"))
+        return sims.topk(k, dim=-1).indices
+
+    ours, theirs = neighbours(student), neighbours(teacher)
+    hits = (ours.unsqueeze(-1) == theirs.unsqueeze(-2)).any(-1).sum(-1)
+    return float(hits.float().mean() / k)
+
+
+def linear_probe(embeddings: Tensor, labels: Tensor, folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated accuracy of a logistic regression on frozen embeddings (labeled rows only)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    keep = labels >= 0
+    x, y = embeddings[keep].float().numpy(), labels[keep].numpy()
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    folds = min(folds, int(np.bincount(y).min()))
+    if folds < 2:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence notes on tiny splits
+        scores = cross_val_score(
+            LogisticRegression(max_iter=2000), x, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed)
+        )
+    return float(scores.mean())
+
+
+@register_task("text_embedding")
+class TextEmbedding(Task):
+    """Sentence-embedding students of a Hugging Face encoder, scored against the teacher."""
+
+    primary_metric = "spearman"
+    higher_is_better = True
+    primary_percent = False
+    has_logits = False
+
+    def load_data(self, spec: Any) -> DataBundle:
+        if not isinstance(spec, TextDataSpec):
+            raise DistillError(
+                "data.source: task text_embedding reads text (text_folder, csv, jsonl, hf_disk, bbc_news)"
+            )
+        return load_text_data(spec)
+
+    def build_model(self, spec: Any, data: DataBundle, field: str, teacher: nn.Module | None = None) -> nn.Module:
+        if isinstance(spec, HFSpec):
+            return load_encoder(spec, field)
+        if isinstance(spec, FromTeacherSpec):
+            calibration = take(data.train.x, slice(0, spec.calibration)) if spec.layers == "auto" else None
+            return cut_student(spec, teacher, field, calibration)
+        if isinstance(spec, HFConfigSpec):
+            return fresh_student(spec, teacher, data.num_classes, field)
+        raise DistillError(
+            f"{field}.arch: task text_embedding builds Hugging Face encoders (arch hf, from_teacher or hf_config), "
+            f"not {getattr(spec, 'arch', type(spec).__name__)}"
+        )
+
+    def check_outputs(self, model: nn.Module, data: DataBundle, field: str) -> None:
+        model.eval()
+        with torch.inference_mode():
+            outputs = outputs_of(call_model(model, self.example_inputs(data))) if isinstance(model, HFEncoder) else None
+        if outputs is None or outputs.embedding is None:
+            raise DistillError(f"{field}: the model returns no embedding; task text_embedding needs an encoder")
+
+    def predict(self, model: nn.Module, x: Inputs, device: torch.device | str = "cpu") -> Tensor:
+        model.to(device).eval()
+        n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+        with torch.inference_mode():
+            parts = [
+                outputs_of(call_model(model, to_device(take(x, slice(i, i + 64)), device))).embedding.float().cpu()
+                for i in range(0, n, 64)
+            ]
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    latency_inputs = TextClassification.latency_inputs
+    embedding_parameters = TextClassification.embedding_parameters
+
+    def metrics(self, logits: Tensor, split: Split, reference: Tensor | None = None) -> dict[str, float]:
+        embeddings, n = logits[:MAX_PAIRS_SAMPLES], min(len(logits), MAX_PAIRS_SAMPLES)
+        scores = {"linear_probe": linear_probe(logits, split.y)}
+        if reference is not None:
+            scores["spearman"] = spearman(pair_cosines(embeddings), pair_cosines(reference[:n]))
+            scores["recall_at_10"] = recall_at_k(embeddings, reference[:n])
+        return scores
+
+    def export(self, model: nn.Module, path: Path, data: DataBundle | None = None) -> None:
+        """The weights, and ``<name>-hf/`` beside them: ``transformers`` (``AutoModel``) and
+        sentence-transformers (mean pooling) load it."""
+        super().export(model, path, data)
+        export_beside(model, path, data)
