@@ -16,8 +16,6 @@ scored against the teacher on held-out texts:
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,10 +25,9 @@ from distill.core.data import DataBundle, Split
 from distill.core.errors import DistillError
 from distill.core.inputs import Inputs, call_model, take, to_device
 from distill.core.losses.base import outputs_of
-from distill.tasks.base import Task, register_task
-from distill.tasks.hf import FromTeacherSpec, HFConfigSpec, HFEncoder, HFSpec, cut_student, fresh_student, load_encoder
-from distill.tasks.text import TextClassification, export_beside
-from distill.tasks.text_data import TextDataSpec, load_text_data
+from distill.tasks.base import register_task
+from distill.tasks.hf import HFEncoder, HFModel, HFSpec, load_encoder
+from distill.tasks.text import TextClassification
 
 MAX_PAIRS_SAMPLES = 2000  # the pairwise scores use at most this many texts (4M pairs)
 
@@ -95,33 +92,19 @@ def linear_probe(embeddings: Tensor, labels: Tensor, folds: int = 5, seed: int =
 
 
 @register_task("text_embedding")
-class TextEmbedding(Task):
-    """Sentence-embedding students of a Hugging Face encoder, scored against the teacher."""
+class TextEmbedding(TextClassification):
+    """Sentence-embedding students of a Hugging Face encoder, scored against the teacher. The data,
+    students (cut, fresh or another directory), latency inputs and export are text classification's;
+    the models are encoders and the scores are measured against the teacher's embeddings."""
 
     primary_metric = "spearman"
     higher_is_better = True
     primary_percent = False
     has_logits = False
 
-    def load_data(self, spec: Any) -> DataBundle:
-        if not isinstance(spec, TextDataSpec):
-            raise DistillError(
-                "data.source: task text_embedding reads text (text_folder, csv, jsonl, hf_disk, bbc_news)"
-            )
-        return load_text_data(spec)
-
-    def build_model(self, spec: Any, data: DataBundle, field: str, teacher: nn.Module | None = None) -> nn.Module:
-        if isinstance(spec, HFSpec):
-            return load_encoder(spec, field)
-        if isinstance(spec, FromTeacherSpec):
-            calibration = take(data.train.x, slice(0, spec.calibration)) if spec.layers == "auto" else None
-            return cut_student(spec, teacher, field, calibration)
-        if isinstance(spec, HFConfigSpec):
-            return fresh_student(spec, teacher, data.num_classes, field)
-        raise DistillError(
-            f"{field}.arch: task text_embedding builds Hugging Face encoders (arch hf, from_teacher or hf_config), "
-            f"not {getattr(spec, 'arch', type(spec).__name__)}"
-        )
+    def load_model(self, spec: HFSpec, data: DataBundle, field: str) -> HFModel:
+        """A model directory as a sentence encoder (its base model; any head is left out)."""
+        return load_encoder(spec, field)
 
     def check_outputs(self, model: nn.Module, data: DataBundle, field: str) -> None:
         model.eval()
@@ -140,9 +123,6 @@ class TextEmbedding(Task):
             ]
         return torch.cat(parts) if parts else torch.zeros(0)
 
-    latency_inputs = TextClassification.latency_inputs
-    embedding_parameters = TextClassification.embedding_parameters
-
     def metrics(self, logits: Tensor, split: Split, reference: Tensor | None = None) -> dict[str, float]:
         embeddings, n = logits[:MAX_PAIRS_SAMPLES], min(len(logits), MAX_PAIRS_SAMPLES)
         scores = {"linear_probe": linear_probe(logits, split.y)}
@@ -150,9 +130,3 @@ class TextEmbedding(Task):
             scores["spearman"] = spearman(pair_cosines(embeddings), pair_cosines(reference[:n]))
             scores["recall_at_10"] = recall_at_k(embeddings, reference[:n])
         return scores
-
-    def export(self, model: nn.Module, path: Path, data: DataBundle | None = None) -> None:
-        """The weights, and ``<name>-hf/`` beside them: ``transformers`` (``AutoModel``) and
-        sentence-transformers (mean pooling) load it."""
-        super().export(model, path, data)
-        export_beside(model, path, data)

@@ -20,7 +20,6 @@ from distill.core.inputs import Inputs, take
 from distill.tasks.base import Task, register_task
 from distill.tasks.hf import (
     FromTeacherSpec,
-    HFClassifier,
     HFConfigSpec,
     HFModel,
     HFSpec,
@@ -46,7 +45,7 @@ def macro_f1(logits: Tensor, labels: Tensor, num_classes: int) -> float:
     return sum(scores) / len(scores) if scores else float("nan")
 
 
-def check_same_tokenizer(student_dir: Path, teacher: HFClassifier, field: str) -> None:
+def check_same_tokenizer(student_dir: Path, teacher: HFModel, field: str) -> None:
     """A student with its own directory must read the same token ids as the teacher: the data are
     tokenised once. Refused in one line saying what differs (vocabulary size, tokens, specials)."""
     s_vocab, t_vocab = _vocab_size(student_dir), teacher.config.vocab_size
@@ -95,15 +94,17 @@ class TextClassification(Task):
 
     def load_data(self, spec: Any) -> DataBundle:
         if not isinstance(spec, TextDataSpec):
-            raise DistillError(
-                "data.source: task text_classification reads text (text_folder, csv, jsonl, hf_disk, bbc_news)"
-            )
+            raise DistillError(f"data.source: task {self.name} reads text (text_folder, csv, jsonl, hf_disk, bbc_news)")
         return load_text_data(spec)
+
+    def load_model(self, spec: HFSpec, data: DataBundle, field: str) -> HFModel:
+        """A model directory as this task's model: a classifier with the data's classes."""
+        return load_classifier(spec, data.num_classes, field)
 
     def build_model(self, spec: Any, data: DataBundle, field: str, teacher: nn.Module | None = None) -> nn.Module:
         if isinstance(spec, HFSpec):
-            model = load_classifier(spec, data.num_classes, field)
-            if isinstance(teacher, HFClassifier):
+            model = self.load_model(spec, data, field)
+            if isinstance(teacher, HFModel):
                 check_same_tokenizer(spec.path, teacher, field)
             return model
         if isinstance(spec, FromTeacherSpec):
@@ -112,7 +113,7 @@ class TextClassification(Task):
         if isinstance(spec, HFConfigSpec):
             return fresh_student(spec, teacher, data.num_classes, field)
         raise DistillError(
-            f"{field}.arch: task text_classification builds Hugging Face models (arch hf, from_teacher or hf_config), "
+            f"{field}.arch: task {self.name} builds Hugging Face models (arch hf, from_teacher or hf_config), "
             f"not {getattr(spec, 'arch', type(spec).__name__)}"
         )
 
