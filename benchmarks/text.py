@@ -52,12 +52,14 @@ def main() -> int:
     parser.add_argument("--select", nargs="+", choices=("every", "auto"), default=["every", "auto"])
     parser.add_argument("--no-tinybert", action="store_true", help="skip the kd + TinyBERT arm")
     parser.add_argument(
-        "--parts", nargs="+", choices=("cut", "random", "budget"), default=["cut", "random", "budget"],
+        "--parts", nargs="+", choices=("cut", "random", "budget", "embedding"), default=["cut", "random", "budget"],
         help="cut: students cut from the teacher; random: the same architecture from random init (labels only "
-        "and kd); budget: the label-budget arm",
+        "and kd); budget: the label-budget arm; embedding: sentence-embedding students of the packaged MiniLM "
+        "(cut, every 3rd layer), scored against it",
     )  # fmt: skip
     parser.add_argument("--label-budget", type=int, default=100, help="0: skip the label-budget arm")
     parser.add_argument("--latency-length", type=int, default=256)
+    parser.add_argument("--embedding-epochs", type=int, default=6)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/text.json"))
     args = parser.parse_args()
@@ -81,6 +83,7 @@ def main() -> int:
             return metrics
 
         runs: list[dict] = []
+        embeddings: list[dict] = []
         for seed in args.seeds:
             for layers in args.layers if "random" in args.parts else []:
                 key = f"{layers} layer{'s' if layers > 1 else ''}, random init"
@@ -101,6 +104,17 @@ def main() -> int:
                         m = run(f"{key}: kd + tinybert", *base, "baseline=false", *TINYBERT)
                         rows.setdefault(f"{key}: kd + TinyBERT", []).append(m["models"]["distilled"])
                     rows.setdefault("teacher", []).append(m["models"]["teacher"])
+            if "embedding" in args.parts:
+                console.rule(f"seed {seed}: sentence embeddings")
+                m = run(
+                    "embedding", f"seed={seed}", "task=text_embedding", "teacher={kind: hf, path: 'builtin:all-MiniLM-L6-v2'}",
+                    "baseline=false", "distill.terms=[{type: embed_cosine}, {type: embed_mse}]",
+                    f"train.epochs={args.embedding_epochs}", "train.lr=5.0e-4", rule(args.layers[0], "every"),
+                )  # fmt: skip
+                rows.setdefault(f"{args.layers[0]} layers, every: embedding (spearman)", []).append(
+                    m["models"]["distilled"]
+                )
+                embeddings.append(m["models"])
             if args.label_budget and "budget" in args.parts:
                 layers = args.layers[0]
                 key = f"{layers} layers, every, {args.label_budget} labels"
@@ -110,7 +124,7 @@ def main() -> int:
                 rows.setdefault(f"{key}: kd", []).append(m["models"]["distilled"])
 
         latency = measure_speed(demo, args, console)
-    teacher = sum(r["score"] for r in rows["teacher"]) / len(rows["teacher"])
+    teacher = sum(r["score"] for r in rows["teacher"]) / len(rows["teacher"]) if "teacher" in rows else 1.0
     table = Table(title=f"BBC News test accuracy (%), {len(args.seeds)} seed(s), mean ± std")
     for column in ("student", "test acc", "retention", "params", f"speed-up @32×{args.latency_length}"):
         table.add_column(column, justify="left" if column == "student" else "right")
@@ -120,11 +134,17 @@ def main() -> int:
         layers = "teacher" if name == "teacher" else name.split(" layer")[0]
         speed = latency.get(layers)
         table.add_row(
-            name, fmt(scores), f"{100 * (sum(scores) / len(scores)) / teacher:.1f}%", f"{models[0]['params']:,}",
+            name, fmt(scores), "—" if "embedding" in name else f"{100 * (sum(scores) / len(scores)) / teacher:.1f}%", f"{models[0]['params']:,}",
             "1.0×" if name == "teacher" else (f"{speed:.1f}×" if speed else "—"),
         )  # fmt: skip
         results[name] = {"test_acc": summary(scores), "params": models[0]["params"], "speedup": speed}
     console.print(table)
+    for models in embeddings:
+        d, t = models["distilled"]["metrics"], models["teacher"]["metrics"]
+        console.print(
+            f"embedding student: spearman {d['spearman']:.4f}, recall@10 {d['recall_at_10']:.4f}, linear probe "
+            f"{d['linear_probe']:.4f} (teacher {t['linear_probe']:.4f})"
+        )
     write_results(
         args.out,
         {

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from distill.core.data import DataBundle, Split
 from distill.core.errors import DistillError
-from distill.core.inputs import Inputs, call_model, take, to_device
+from distill.core.inputs import Inputs, batch_len, call_model, take, to_device
 from distill.core.losses.base import outputs_of
 from distill.tasks.base import register_task
 from distill.tasks.hf import HFEncoder, HFModel, HFSpec, load_encoder
@@ -115,7 +115,7 @@ class TextEmbedding(TextClassification):
 
     def predict(self, model: nn.Module, x: Inputs, device: torch.device | str = "cpu") -> Tensor:
         model.to(device).eval()
-        n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+        n = batch_len(x)
         with torch.inference_mode():
             parts = [
                 outputs_of(call_model(model, to_device(take(x, slice(i, i + 64)), device))).embedding.float().cpu()
