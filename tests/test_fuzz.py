@@ -162,6 +162,73 @@ def test_any_bytes_as_an_idx_file(tmp_path, header, body, magic, compress):
     assert struct.unpack(">HBB", raw[:4])[2] == array.ndim
 
 
+def _text_tokenizer(tmp_path: Path) -> Path:
+    from tiny_text import tokenizer
+
+    directory = tmp_path / "tokenizer"
+    if not (directory / "tokenizer_config.json").exists():
+        tokenizer(directory)
+    return directory
+
+
+@FAST
+@given(content=st.binary(max_size=300), source=st.sampled_from(["jsonl", "csv", "text_folder"]))
+@recorded(*FIXTURES)
+def test_any_bytes_as_text_data(tmp_path, content, source):
+    pytest.importorskip("transformers")
+    from distill.tasks.text_data import TextDataSpec, load_text_data
+
+    CASES["loader: any bytes as text data"] += 1
+    root = Path(tempfile.mkdtemp(dir=tmp_path))
+    if source == "text_folder":
+        for name, body in (("a", content), ("b", b"cat dog")):
+            (root / name).mkdir()
+            (root / name / "0.txt").write_bytes(body)
+        path = root
+    else:
+        path = root / f"d.{source}"
+        path.write_bytes(content)
+    try:
+        load_text_data(TextDataSpec(source=source, path=path, tokenizer=_text_tokenizer(tmp_path), max_length=8))
+    except DistillError as err:
+        assert "\n" not in str(err)
+
+
+records = st.lists(
+    st.fixed_dictionaries({"text": st.text(min_size=1, max_size=12), "label": st.sampled_from(["a", "b", "c"])})
+    | st.dictionaries(
+        st.sampled_from(["text", "label", "other"]),
+        st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=12) | st.lists(st.integers(0, 2), max_size=2),
+        max_size=3,
+    ),
+    max_size=12,
+)
+
+
+@FAST
+@given(rows=records, unlabeled=st.lists(st.text(max_size=8), max_size=3), val=st.sampled_from([0.0, 0.1, 0.3]))
+@recorded(*FIXTURES)
+def test_any_records_as_jsonl_text_data(tmp_path, rows, unlabeled, val):
+    pytest.importorskip("transformers")
+    from distill.tasks.text_data import TextDataSpec, load_text_data
+
+    CASES["loader: any records as JSONL"] += 1
+    root = Path(tempfile.mkdtemp(dir=tmp_path))
+    (root / "d.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    (root / "u.txt").write_text("\n".join(unlabeled))
+    spec = TextDataSpec(
+        source="jsonl", path=root / "d.jsonl", tokenizer=_text_tokenizer(tmp_path), max_length=8, val_fraction=val,
+        unlabeled=root / "u.txt" if unlabeled else None,
+    )  # fmt: skip
+    try:
+        data = load_text_data(spec)
+    except DistillError as err:
+        assert "\n" not in str(err)
+        return
+    assert data.num_classes >= 2 and len(data.train) > 0 and len(data.test) > 0
+    assert data.train.x["input_ids"].shape == data.train.x["attention_mask"].shape
+
+
 arrays = st.sampled_from([np.float32, np.float64, np.int64, np.uint8, np.bool_, np.complex64]).flatmap(
     lambda dtype: st.lists(st.integers(0, 6), min_size=0, max_size=4).map(
         lambda shape: (np.random.default_rng(0).integers(-3, 12, size=shape)).astype(dtype)

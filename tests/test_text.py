@@ -443,3 +443,9 @@ def test_a_text_teacher_cache_serves_a_run_and_names_its_tokenizer(teacher_path,
     assert main(["run", str(cached), "--quiet"]) == 0
     metrics = json.loads((tmp_path / "runs" / "text" / "metrics.json").read_text())
     assert metrics["teacher_cache"]["k"] == 3 and metrics["models"]["teacher"]["score"] > 0
+
+
+def test_too_few_texts_for_a_test_split_are_refused(teacher_path, tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"text": "cat", "label": "a"}\n{"text": "dog", "label": "b"}\n')
+    with pytest.raises(DistillError, match="data.path: 2 texts leave no test texts; give more texts"):
+        load_text_data(TextDataSpec(source="jsonl", path=tmp_path / "t.jsonl", tokenizer=teacher_path))

@@ -224,6 +224,11 @@ def load_text_data(spec: TextDataSpec) -> DataBundle:
         cut = int(round(len(order) * spec.test_fraction))
         test = Texts([train.texts[i] for i in order[:cut]], [train.labels[i] for i in order[:cut]])
         train = Texts([train.texts[i] for i in order[cut:]], [train.labels[i] for i in order[cut:]])
+    if not test.texts or not train.texts:
+        raise DistillError(
+            f"data.path: {len(train.texts) + len(test.texts)} texts leave no "
+            f"{'test' if not test.texts else 'training'} texts; give more texts (or data.test_path)"
+        )
     classes = sorted(set(train.labels))
     unseen = sorted(set(test.labels) - set(classes))
     if unseen:
