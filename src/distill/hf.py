@@ -51,7 +51,6 @@ class DistillationTrainer(Trainer):
             if "attentions" in self.kinds and hasattr(model, "set_attn_implementation"):
                 model.set_attn_implementation("eager")  # attention maps need the eager implementation
         teacher.to(self.args.device)
-        self._prepared = False
 
     def create_optimizer(self, *args: Any, **kwargs: Any):
         """The Trainer's optimiser, with the terms' learnable parts (projections) added to it."""
@@ -70,10 +69,9 @@ class DistillationTrainer(Trainer):
         return batch
 
     def prepare_terms(self, inputs: Mapping[str, torch.Tensor]) -> None:
-        """Build shape-dependent parts of the terms from one batch (before the optimiser exists)."""
-        if not self._prepared:
-            self.distiller.prepare(self._model_inputs(inputs))
-            self._prepared = True
+        """Build shape-dependent parts of the terms from one batch (before the optimiser exists);
+        the Distiller's ``prepare`` does nothing once they are built."""
+        self.distiller.prepare(self._model_inputs(inputs))
 
     def train(self, *args: Any, **kwargs: Any):
         self.prepare_terms(self._prepare_inputs(next(iter(self.get_train_dataloader()))))

@@ -188,13 +188,10 @@ class OutputSpec(Strict):
 
 def _cached_teacher_model(path: Path) -> HFSpec | None:
     """The Hugging Face model a teacher cache was made with, as its manifest records it (else None)."""
-    import json
+    from distill.cache.format import read_json
 
-    try:
-        recorded = json.loads((Path(path) / "manifest.json").read_text())["teacher"]["model"]
-        return HFSpec.model_validate(recorded) if recorded.get("arch") == "hf" else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+    recorded = ((read_json(Path(path) / "manifest.json") or {}).get("teacher") or {}).get("model")
+    return HFSpec.model_validate(recorded) if isinstance(recorded, dict) and recorded.get("arch") == "hf" else None
 
 
 class ExperimentConfig(Strict):

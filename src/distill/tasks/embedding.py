@@ -26,7 +26,7 @@ from distill.core.errors import DistillError
 from distill.core.inputs import Inputs, batch_len, call_model, take, to_device
 from distill.core.losses.base import outputs_of
 from distill.tasks.base import register_task
-from distill.tasks.hf import HFEncoder, HFModel, HFSpec, load_encoder
+from distill.tasks.hf import HFModel, HFSpec, load_encoder
 from distill.tasks.text import TextClassification
 
 MAX_PAIRS_SAMPLES = 2000  # the pairwise scores use at most this many texts (4M pairs)
@@ -109,8 +109,8 @@ class TextEmbedding(TextClassification):
     def check_outputs(self, model: nn.Module, data: DataBundle, field: str) -> None:
         model.eval()
         with torch.inference_mode():
-            outputs = outputs_of(call_model(model, self.example_inputs(data))) if isinstance(model, HFEncoder) else None
-        if outputs is None or outputs.embedding is None:
+            outputs = outputs_of(call_model(model, self.example_inputs(data)))
+        if outputs.embedding is None:
             raise DistillError(f"{field}: the model returns no embedding; task text_embedding needs an encoder")
 
     def predict(self, model: nn.Module, x: Inputs, device: torch.device | str = "cpu") -> Tensor:
@@ -124,9 +124,9 @@ class TextEmbedding(TextClassification):
         return torch.cat(parts) if parts else torch.zeros(0)
 
     def metrics(self, logits: Tensor, split: Split, reference: Tensor | None = None) -> dict[str, float]:
-        embeddings, n = logits[:MAX_PAIRS_SAMPLES], min(len(logits), MAX_PAIRS_SAMPLES)
         scores = {"linear_probe": linear_probe(logits, split.y)}
         if reference is not None:
-            scores["spearman"] = spearman(pair_cosines(embeddings), pair_cosines(reference[:n]))
-            scores["recall_at_10"] = recall_at_k(embeddings, reference[:n])
+            student, teacher = logits[:MAX_PAIRS_SAMPLES], reference[:MAX_PAIRS_SAMPLES]
+            scores["spearman"] = spearman(pair_cosines(student), pair_cosines(teacher))
+            scores["recall_at_10"] = recall_at_k(student, teacher)
         return scores

@@ -199,7 +199,6 @@ def load_classifier(spec: HFSpec, num_labels: int, field: str) -> HFClassifier:
             num_labels=num_labels,
             trust_remote_code=spec.trust_remote_code,
             local_files_only=True,
-            ignore_mismatched_sizes=False,
         )
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

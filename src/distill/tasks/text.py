@@ -81,7 +81,7 @@ def _vocab_size(directory: Path) -> int | None:
 def export_beside(model: nn.Module, path: Path, data: DataBundle | None) -> None:
     """``<name>-hf/`` beside the weights at ``path``: ``save_pretrained`` with the data's tokenizer."""
     if isinstance(model, HFModel):
-        tokenizer = (data.info.get("tokenizer") if data is not None else None) or None
+        tokenizer = data.info.get("tokenizer") if data is not None else None
         save_pretrained(model, path.with_name(f"{path.stem}-hf"), Path(tokenizer) if tokenizer else None)
 
 
