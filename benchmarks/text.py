@@ -52,10 +52,12 @@ def main() -> int:
     parser.add_argument("--select", nargs="+", choices=("every", "auto"), default=["every", "auto"])
     parser.add_argument("--no-tinybert", action="store_true", help="skip the kd + TinyBERT arm")
     parser.add_argument(
-        "--parts", nargs="+", choices=("cut", "random", "budget", "embedding"), default=["cut", "random", "budget"],
+        "--parts", nargs="+", choices=("cut", "random", "budget", "embedding", "latency"),
+        default=["cut", "random", "budget", "latency"],
         help="cut: students cut from the teacher; random: the same architecture from random init (labels only "
         "and kd); budget: the label-budget arm; embedding: sentence-embedding students of the packaged MiniLM "
-        "(cut, every 3rd layer), scored against it",
+        "(cut, every 3rd layer), scored against it; latency: teacher ÷ student CPU latency per depth (run it on an "
+        "idle machine)",
     )  # fmt: skip
     parser.add_argument("--label-budget", type=int, default=100, help="0: skip the label-budget arm")
     parser.add_argument("--latency-length", type=int, default=256)
@@ -123,7 +125,7 @@ def main() -> int:
                 rows.setdefault(f"{key}: labels only", []).append(m["models"]["scratch"])
                 rows.setdefault(f"{key}: kd", []).append(m["models"]["distilled"])
 
-        latency = measure_speed(demo, args, console)
+        latency = measure_speed(demo, args, console) if "latency" in args.parts else {}
     teacher = sum(r["score"] for r in rows["teacher"]) / len(rows["teacher"]) if "teacher" in rows else 1.0
     table = Table(title=f"BBC News test accuracy (%), {len(args.seeds)} seed(s), mean ± std")
     for column in ("student", "test acc", "retention", "params", f"speed-up @32×{args.latency_length}"):
