@@ -11,7 +11,8 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -43,12 +44,41 @@ class TextDataSpec(BaseModel):
     limit_train: int | None = Field(None, gt=0)
     labeled: int | None = Field(None, gt=0, description="label budget of the students (the rest train unlabeled)")
     unlabeled: Path | None = Field(None, description="extra texts without labels: .txt (one per line) or JSONL")
+    unit: Literal["text", "sentence"] = Field(
+        "text",
+        description="sentence: every text is split into sentences after the splits are drawn (a text's sentences "
+        "stay in one split) and each keeps its text's label; for sentence embeddings",
+    )
+    min_words: int = Field(
+        3, ge=1, description="with unit: sentence, shorter sentences (titles, fragments) are dropped"
+    )
 
 
 @dataclass
 class Texts:
     texts: list[str]
-    labels: list[str]
+    labels: list[str | None]
+
+
+# a sentence ends at . ! or ? (optionally closed by a quote or bracket) followed by space and a capital,
+# digit or quote; and at every line break. Abbreviations such as "Mr. Brown" split wrongly, rarely.
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[A-Z0-9\"'(])|\s*\n\s*")
+
+
+def split_sentences(text: str, min_words: int = 3) -> list[str]:
+    """The sentences of ``text`` with at least ``min_words`` words, in order."""
+    parts = (part.strip() for part in _SENTENCE_END.split(text))
+    return [part for part in parts if len(part.split()) >= min_words]
+
+
+def to_sentences(texts: Texts, min_words: int) -> Texts:
+    """Every text's sentences, each with the text's label."""
+    out = Texts([], [])
+    for text, label in zip(texts.texts, texts.labels, strict=True):
+        sentences = split_sentences(text, min_words)
+        out.texts.extend(sentences)
+        out.labels.extend([label] * len(sentences))
+    return out
 
 
 def bbc_news_dir() -> Path:
@@ -245,6 +275,12 @@ def load_text_data(spec: TextDataSpec) -> DataBundle:
     code = {name: i for i, name in enumerate(classes)}
 
     def split(texts: list[str], labels: list[str | None]) -> Split:
+        if spec.unit == "sentence":
+            texts, labels = astuple(to_sentences(Texts(texts, labels), spec.min_words))
+            if not texts:
+                raise DistillError(
+                    f"data.unit: no sentence of {spec.min_words}+ words in a split; lower data.min_words"
+                )
         x = tokenize(tokenizer, texts, spec.max_length)
         y = torch.tensor([UNLABELED if label is None else code[label] for label in labels], dtype=torch.long)
         return Split(x, y)
