@@ -265,6 +265,28 @@ def test_bad_text_rows_are_named_in_one_line(teacher_path, tmp_path, content, me
     assert "\n" not in str(err.value)
 
 
+def test_sentence_units_split_after_the_splits_and_keep_each_texts_label(teacher_path, tmp_path):
+    from distill.tasks.text_data import split_sentences
+
+    assert split_sentences('Cat and dog.\n"The cow," it was. Egg is a food! Ok. The 3.5 goals were on the ball?') == [
+        "Cat and dog.",
+        '"The cow," it was.',
+        "Egg is a food!",
+        "The 3.5 goals were on the ball?",
+    ]
+    rows = [{"text": f"cat dog cow {i}. The ball goal {i}! A b", "label": "ab"[i % 2]} for i in range(20)]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    spec = dict(source="jsonl", path=tmp_path / "t.jsonl", tokenizer=teacher_path, val_fraction=0.2)
+    texts = load_text_data(TextDataSpec(**spec))
+    sentences = load_text_data(TextDataSpec(**spec, unit="sentence"))
+    for name in ("train", "val", "test"):  # two sentences of 3+ words per text, the same texts per split
+        whole, parts = getattr(texts, name), getattr(sentences, name)
+        assert len(parts) == 2 * len(whole) and torch.equal(parts.y, whole.y.repeat_interleave(2))
+    assert sentences.test.x["input_ids"].shape[1] < texts.test.x["input_ids"].shape[1]
+    with pytest.raises(DistillError, match="data.unit: no sentence of 9\\+ words"):
+        load_text_data(TextDataSpec(**spec, unit="sentence", min_words=9))
+
+
 def test_a_label_only_in_the_test_split_is_refused(teacher_path, tmp_path):
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"text": "cat dog", "label": c}) for c in "abab"))
     (tmp_path / "test.jsonl").write_text(json.dumps({"text": "cat", "label": "z"}))
@@ -309,7 +331,7 @@ def text_run(teacher_path, texts, tmp_path_factory):
     from distill.cli import main
 
     tmp_path = tmp_path_factory.mktemp("text-run")
-    assert main(["run", str(text_config(tmp_path, teacher_path, texts)), "--quiet"]) == 0
+    assert main(["run", str(text_config(tmp_path, teacher_path, texts, random_baseline=True)), "--quiet"]) == 0
     return tmp_path / "runs" / "text"
 
 
@@ -334,6 +356,38 @@ def test_a_text_run_cuts_distils_and_reports_accuracy_and_macro_f1(text_run):
     weights = load_file(run / "student.safetensors")
     assert {k.split(".")[4] for k in weights if k.startswith("model.bert.encoder.layer.")} == {"0", "1"}
     assert (run / "adapters.safetensors").exists() is False  # same width: no projection to keep
+
+
+def test_the_random_init_baseline_has_the_cut_architecture_but_none_of_the_teachers_weights(text_run, teacher_path):
+    from safetensors.torch import load_file
+
+    metrics = json.loads((text_run / "metrics.json").read_text())
+    fresh, cut = metrics["models"]["random"], metrics["models"]["distilled"]
+    assert fresh["params"] == cut["params"] and metrics["training"]["random"]["history"]
+    assert "gap_closed" not in fresh and "gap_closed" in cut  # gap closed is against the labels-only cut
+    weights = load_file(text_run / "random.safetensors")
+    teacher = load_file(teacher_path / "model.safetensors")
+    word = "bert.embeddings.word_embeddings.weight"
+    assert weights[f"model.{word}"].shape == teacher[word].shape
+    assert not torch.allclose(weights[f"model.{word}"], teacher[word], atol=0.05)
+    report = (text_run / "report.md").read_text()
+    assert "| random-init student |" in report
+    assert "From random weights, the same architecture trained on labels alone reaches" in report
+
+
+def test_an_image_run_refuses_a_random_init_baseline(tmp_path, capsys):
+    from distill.cli import main
+
+    import yaml
+    from conftest import tiny_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path, random_baseline=True)))
+    capsys.readouterr()
+    assert main(["run", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "random_baseline: task image_classification's students start from random weights" in err
+    assert err.count("\n") == 1 and not (tmp_path / "runs").exists()
 
 
 def test_a_student_with_another_tokenizer_is_refused(teacher_path, texts, tmp_path, capsys):

@@ -206,6 +206,11 @@ class ExperimentConfig(Strict):
     distill: DistillSpec = Field(default_factory=DistillSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     baseline: bool = Field(True, description="also train the student from scratch for comparison")
+    random_baseline: bool = Field(
+        False,
+        description="also train the student's architecture from random weights on labels alone: for a student "
+        "initialised from the teacher (cut from its layers), what the teacher's weights are worth",
+    )
     eval: EvalSpec = Field(default_factory=EvalSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     cache: CacheSpec = Field(default_factory=CacheSpec, description="settings of `distill cache`")
@@ -231,6 +236,12 @@ class ExperimentConfig(Strict):
             rule = raw["student"]["from_teacher"]
             raw = {**raw, "student": {"arch": "from_teacher", **(rule if isinstance(rule, dict) else {})}}
         return raw
+
+    @model_validator(mode="after")
+    def _a_random_baseline_has_labels(self) -> ExperimentConfig:
+        if self.random_baseline and self.task == "text_embedding":
+            raise ValueError("random_baseline: an embedding student has no labels to train on alone; drop it")
+        return self
 
     @model_validator(mode="after")
     def _an_embedding_teacher_is_ready(self) -> ExperimentConfig:

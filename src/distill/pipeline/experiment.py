@@ -96,6 +96,14 @@ def seeded_model(
     return model
 
 
+def random_student(config: ExperimentConfig, data: DataBundle, teacher: nn.Module | None) -> nn.Module:
+    """The student's architecture with random weights (seeded apart from the student's own init)."""
+    task = get_task(config.task)
+    student = seeded_model(config.student, data, config.seed, "student", task, teacher)
+    torch.manual_seed(config.seed + 1)
+    return task.random_init(student, "random_baseline")
+
+
 def _train_phase(
     phase_dir: Path,
     distiller: Distiller,
@@ -475,6 +483,11 @@ class _StudentTraining:
                 f"scratch student: {count_parameters(scratch):,} parameters, {len(scratch_data.train)} labeled samples{more}"
             )
             self._train_student("scratch", Distiller(scratch, None, {"ce": HardLabelCE()}), scratch_data, passes)
+        if config.random_baseline:
+            scratch_data, passes = scratch_setup(self.student_data, config)
+            fresh = random_student(config, data, teacher)
+            self.console.print("random-init student: the same architecture from random weights, on labels alone")
+            self._train_student("random", Distiller(fresh, None, {"ce": HardLabelCE()}), scratch_data, passes)
 
         distiller = build_distiller(
             config,
@@ -528,6 +541,8 @@ def _check_inputs(config: ExperimentConfig, data: DataBundle, console: Console) 
             {"student": student, "teacher.model": teacher}, take(data.train.x, slice(0, 1))
         )  # before any batch
     build_distiller(config, student, teacher, data).remove_taps()  # the taps exist and adapters fit
+    if config.random_baseline:
+        task.random_init(student, "random_baseline")  # the task can re-initialise its students
     check_tracker(config.output.tracker)
     if len(data.val) == 0:
         console.print("no validation split (data.val_fraction: 0): every model keeps the weights of its last epoch")
@@ -553,7 +568,7 @@ def _write_run(partial: Path, final: Path, config: ExperimentConfig, metrics: di
     pngs = {name: (partial / f"{name}.png").read_bytes() for name in ("curves", "tradeoff")}  # drawn once
     write_html_report(partial / "report.html", metrics, histories, config_yaml, pngs)
     for phase in partial.iterdir():  # phase checkpoints are no longer needed; tracker logs and exports stay
-        if phase.is_dir() and (phase.name in ("scratch", "distilled") or phase.name.startswith("stage-")):
+        if phase.is_dir() and (phase.name in ROLES or phase.name.startswith("stage-")):
             shutil.rmtree(phase)
     for leftover in partial.rglob(".*.tmp"):  # a temporary file a crash left behind never ships
         leftover.unlink()

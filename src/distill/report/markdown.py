@@ -12,8 +12,13 @@ from rich.table import Table
 from distill.core.io import write_text
 from distill.core.memory import format_bytes
 
-ROLES = ("teacher", "scratch", "distilled")
-ROLE_TITLES = {"teacher": "teacher", "scratch": "scratch student", "distilled": "distilled student"}
+ROLES = ("teacher", "random", "scratch", "distilled")
+ROLE_TITLES = {
+    "teacher": "teacher",
+    "random": "random-init student",
+    "scratch": "scratch student",
+    "distilled": "distilled student",
+}
 
 
 def format_percent(value: float | None) -> str:
@@ -125,7 +130,19 @@ def score_note(metrics: dict[str, Any]) -> str:
 
 
 def verdict(metrics: dict[str, Any]) -> str:
-    """One honest sentence: did distillation beat training the student alone?"""
+    """One honest sentence: did distillation beat training the student alone? (And, with a
+    random-init baseline, what the teacher's weights gave the student.)"""
+    text = _verdict(metrics)
+    models = metrics["models"]
+    if "random" in models:
+        text += (
+            f" From random weights, the same architecture trained on labels alone reaches "
+            f"{format_score(score(models['random']), metrics)}."
+        )
+    return text
+
+
+def _verdict(metrics: dict[str, Any]) -> str:
     models = metrics["models"]
     if "scratch" not in models and "test_acc" not in models["distilled"]:  # an embedding student
         scores = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in sorted(models["distilled"]["metrics"].items()))

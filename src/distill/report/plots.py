@@ -20,8 +20,13 @@ from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
 from distill.core.io import atomic_path  # noqa: E402
 
-COLORS = {"teacher": "tab:gray", "scratch": "tab:blue", "distilled": "tab:orange"}
-TITLES = {"teacher": "teacher", "scratch": "scratch student", "distilled": "distilled student"}
+COLORS = {"teacher": "tab:gray", "random": "tab:purple", "scratch": "tab:blue", "distilled": "tab:orange"}
+TITLES = {
+    "teacher": "teacher",
+    "random": "random-init student",
+    "scratch": "scratch student",
+    "distilled": "distilled student",
+}
 
 
 def _text(label: str) -> str:

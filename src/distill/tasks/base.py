@@ -100,6 +100,14 @@ class Task(ABC):
         so reports show them apart. 0 for models without any."""
         return 0
 
+    def random_init(self, model: nn.Module, field: str) -> nn.Module:
+        """The same architecture as ``model`` with fresh random weights: the second baseline of a
+        student initialised from the teacher (what the teacher's weights are worth). Tasks whose
+        students already start from random weights refuse it."""
+        raise DistillError(
+            f"{field}: task {self.name}'s students start from random weights already; the scratch baseline is that"
+        )
+
     def rewrite_batch(self, batch: Batch, student: nn.Module) -> Batch:
         """A hook to change a training batch before the step (sequence-level and on-policy
         distillation will replace inputs with generated ones); the identity by default."""

@@ -318,11 +318,22 @@ def fresh_student(spec: HFConfigSpec, teacher: nn.Module | None, num_labels: int
             f"{config.num_attention_heads}"
         )
     config.num_labels = num_labels
+    return _from_config(config, like=teacher)
+
+
+def random_init(model: HFModel) -> HFModel:
+    """The architecture of ``model`` (a cut or fresh student) with new random weights, drawn by
+    ``transformers``' own initialisation from the current torch seed."""
+    return _from_config(copy.deepcopy(model.config), like=model)
+
+
+def _from_config(config: Any, like: HFModel) -> HFModel:
+    """A randomly initialised model of ``config``, an encoder or a classifier as ``like`` is."""
     for stale in ("distill_kept_layers", "distill_layer_influence"):
         if hasattr(config, stale):
             delattr(config, stale)
     transformers = _transformers()
-    if isinstance(teacher, HFEncoder):
+    if isinstance(like, HFEncoder):
         return HFEncoder(transformers.AutoModel.from_config(config))
     return HFClassifier(transformers.AutoModelForSequenceClassification.from_config(config))
 

@@ -26,6 +26,7 @@ from distill.tasks.hf import (
     cut_student,
     fresh_student,
     load_classifier,
+    random_init,
     save_pretrained,
 )
 from distill.tasks.text_data import TextDataSpec, has_tokenizer, load_text_data, load_tokenizer
@@ -116,6 +117,11 @@ class TextClassification(Task):
             f"{field}.arch: task {self.name} builds Hugging Face models (arch hf, from_teacher or hf_config), "
             f"not {getattr(spec, 'arch', type(spec).__name__)}"
         )
+
+    def random_init(self, model: nn.Module, field: str) -> nn.Module:
+        if not isinstance(model, HFModel):
+            return super().random_init(model, field)
+        return random_init(model)
 
     def embedding_parameters(self, model: nn.Module) -> int:
         if not isinstance(model, HFModel):
