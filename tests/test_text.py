@@ -2,6 +2,7 @@
 text loaders and their one-line errors, and a whole run on tiny random BERTs."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -376,9 +377,10 @@ def test_the_random_init_baseline_has_the_cut_architecture_but_none_of_the_teach
 
 
 def test_an_image_run_refuses_a_random_init_baseline(tmp_path, capsys):
+    import yaml
+
     from distill.cli import main
 
-    import yaml
     from conftest import tiny_config
 
     config = tmp_path / "c.yaml"
@@ -524,3 +526,39 @@ def test_the_packaged_minilm_is_a_builtin_teacher_and_cuts_like_any_other():
         load_encoder(HFSpec(path="builtin:gpt-5"), "teacher")
     with pytest.raises(DistillError, match="is not a Hugging Face model directory"):
         load_encoder(HFSpec(path="sentence-transformers/all-MiniLM-L6-v2"), "teacher")  # a hub name: never fetched
+
+
+def test_a_pretrained_teacher_directory_is_keyed_by_its_files_digests_read_once(tmp_path, monkeypatch):
+    from distill.core import io
+
+    directory = teacher_dir(tmp_path / "bert", head=False)
+    memo = tmp_path / "digests.json"
+    reads = []
+    real = io.file_sha256
+    monkeypatch.setattr(io, "file_sha256", lambda path: reads.append(Path(path).name) or real(path))
+    first = io.directory_digest(directory, memo)
+    assert "model.safetensors" in reads and len(reads) == len([p for p in directory.iterdir() if p.is_file()])
+    reads.clear()
+    assert io.directory_digest(directory, memo) == first and reads == []  # unchanged files are not read again
+    config = directory / "config.json"
+    config.write_text(config.read_text().replace('"hidden_act"', '"hidden_dropout_prob": 0.2, "hidden_act"'))
+    assert io.directory_digest(directory, memo) != first and reads == ["config.json"]
+    assert io.directory_digest(directory) == io.directory_digest(directory, memo)  # the memo never changes a digest
+
+
+def test_a_fine_tuned_hf_teacher_is_cached_under_its_directory_digest(texts, tmp_path, capsys):
+    import os
+
+    from distill.cli import main
+
+    encoder = teacher_dir(tmp_path / "bert", head=False)
+    teacher = {"kind": "train", "model": {"arch": "hf", "path": str(encoder)}, "train": {"epochs": 1, "lr": 0.01}}
+    config = text_config(tmp_path, encoder, texts, teacher=teacher, baseline=False)
+    config.write_text(config.read_text().replace("epochs: 2", "epochs: 1"))
+    assert main(["run", str(config), "--quiet"]) == 0
+    cache = Path(os.environ["DISTILL_CACHE_DIR"])
+    assert len(list((cache / "teachers").iterdir())) == 1
+    assert str(encoder.resolve() / "model.safetensors") in json.loads((cache / "digests.json").read_text())
+    capsys.readouterr()
+    assert main(["run", str(config), "--overwrite"]) == 0
+    assert "reusing cached teacher" in capsys.readouterr().out

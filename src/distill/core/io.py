@@ -148,5 +148,32 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def directory_digest(directory: str | os.PathLike, memo: str | os.PathLike | None = None) -> str:
+    """A sha256 fingerprint of a model directory from its files' digests (names and contents, not
+    tensors). With ``memo`` (a JSON file), a file whose size and modification time are unchanged
+    is not read again: the second run with a 500 MB teacher costs a ``stat`` per file."""
+    directory = Path(directory).resolve()
+    known: dict[str, Any] = {}
+    if memo is not None and Path(memo).is_file():
+        try:
+            known = json.loads(Path(memo).read_text())
+        except ValueError:
+            known = {}  # a damaged memo is only a slower run
+    digests, changed = {}, False
+    for file in sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")):
+        stat = file.stat()
+        stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+        entry = known.get(str(file))
+        if not (isinstance(entry, dict) and entry.get("stamp") == stamp):
+            entry, changed = {"stamp": stamp, "sha256": file_sha256(file)}, True
+            known[str(file)] = entry
+        digests[file.name] = entry["sha256"]
+    if memo is not None and changed:
+        Path(memo).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(Path(memo)) as tmp:
+            tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+    return hash_json(digests)
+
+
 def hash_json(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()

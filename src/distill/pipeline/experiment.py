@@ -39,6 +39,7 @@ from distill.core.evaluate import (
 )
 from distill.core.inputs import take
 from distill.core.io import (
+    directory_digest,
     file_sha256,
     hash_json,
     hash_tensors,
@@ -64,7 +65,7 @@ from distill.pipeline.rundir import finish_dir, prepare_dir, run_dir_paths
 from distill.report.html import write_html_report
 from distill.report.markdown import ROLES, print_summary, write_markdown, write_plots
 from distill.tasks import Task, get_task
-from distill.tasks.hf import resolve_model_dir
+from distill.tasks.hf import HFSpec, resolve_model_dir
 from distill.tasks.models import count_parameters
 from distill.train.distributed import parallel_from_environment
 from distill.train.loop import EpochLog, TrainResult, pick_device, rng_states, set_rng_states, train
@@ -192,10 +193,13 @@ def obtain_teacher(
         console.print(f"teacher: {spec.path} ({count_parameters(model):,} parameters)")
         return model, hf_weights_file(spec.path), None
     assert isinstance(spec, TrainedTeacher)
+    if isinstance(spec.model, HFSpec):  # a pretrained directory: its files' digests, memoised by size and time
+        initial = directory_digest(resolve_model_dir(spec.model.path, "teacher.model.path"), cache_dir / "digests.json")
+    else:
+        initial = hash_tensors(*model.state_dict().values())  # a changed factory gives a new key
     key = hash_json({
         "teacher": spec.model_dump(mode="json"), "seed": config.seed, "data": data.fingerprint,
-        "initial_weights": hash_tensors(*model.state_dict().values()),  # a changed factory gives a new key
-        "distill": __version__,
+        "initial_weights": initial, "distill": __version__,
     })  # fmt: skip
     final = cache_dir / "teachers" / key[:20]
     if (final / "model.safetensors").exists():
