@@ -1,6 +1,7 @@
 """Sentence-embedding students: the scores against reference implementations, the embedding terms
 against hand-computed values, and a whole run on tiny random BERT encoders."""
 
+import importlib.util
 import json
 
 import pytest
@@ -137,6 +138,15 @@ def test_the_exported_encoder_loads_with_sentence_transformers(encoder_path, tex
     )
     theirs = torch.as_tensor(exported.encode(sentences, normalize_embeddings=False))
     assert torch.allclose(mine, theirs, atol=1e-5)
+    if importlib.util.find_spec("onnxruntime") is not None:  # the ONNX export is the encoder too, pooled alike
+        from distill.pipeline.export import OnnxRuntimeModel
+
+        out = tmp_path / "onnx"
+        assert main(["export", str(tmp_path / "runs" / "emb"), "--format", "onnx", "--out", str(out)]) == 0
+        pooled = OnnxRuntimeModel(out / "model.onnx")(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+        )
+        assert pooled.shape == mine.shape and torch.allclose(pooled, mine, atol=1e-4)
 
 
 def test_an_embedding_teacher_must_be_a_ready_encoder(encoder_path, texts, tmp_path, capsys):

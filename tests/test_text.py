@@ -1,6 +1,7 @@
 """Text encoders: students cut from the teacher, transformer terms against hand-computed values,
 text loaders and their one-line errors, and a whole run on tiny random BERTs."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -332,7 +333,12 @@ def text_run(teacher_path, texts, tmp_path_factory):
     from distill.cli import main
 
     tmp_path = tmp_path_factory.mktemp("text-run")
-    assert main(["run", str(text_config(tmp_path, teacher_path, texts, random_baseline=True)), "--quiet"]) == 0
+    onnx = importlib.util.find_spec("onnxruntime") is not None
+    config = text_config(
+        tmp_path, teacher_path, texts, random_baseline=True,
+        eval={"latency_batch_sizes": [1, 4], "latency_repeats": 3, "onnx": onnx},
+    )  # fmt: skip
+    assert main(["run", str(config), "--quiet"]) == 0
     return tmp_path / "runs" / "text"
 
 
@@ -376,7 +382,7 @@ def test_the_random_init_baseline_has_the_cut_architecture_but_none_of_the_teach
     assert "From random weights, the same architecture trained on labels alone reaches" in report
 
 
-def test_an_image_run_refuses_a_random_init_baseline(tmp_path, capsys):
+def test_an_image_run_refuses_a_random_init_baseline_and_eval_onnx(tmp_path, capsys):
     import yaml
 
     from distill.cli import main
@@ -390,6 +396,11 @@ def test_an_image_run_refuses_a_random_init_baseline(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "random_baseline: task image_classification's students start from random weights" in err
     assert err.count("\n") == 1 and not (tmp_path / "runs").exists()
+    if importlib.util.find_spec("onnxruntime") is not None:
+        config.write_text(yaml.safe_dump(tiny_config(tmp_path, eval={"onnx": True})))
+        assert main(["run", str(config), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "eval.onnx: task image_classification has no ONNX export" in err and err.count("\n") == 1
 
 
 def test_a_student_with_another_tokenizer_is_refused(teacher_path, texts, tmp_path, capsys):
@@ -425,6 +436,19 @@ def test_the_hf_export_loads_with_transformers_alone_and_predicts_like_the_stude
         theirs = exported(**inputs).logits
     assert torch.allclose(ours, theirs, atol=1e-5) and torch.equal(ours.argmax(-1), theirs.argmax(-1))
     assert main(["export", str(text_run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2  # never overwrites
+
+
+def test_a_run_with_eval_onnx_times_its_student_under_onnxruntime_beside_pytorch(text_run):
+    pytest.importorskip("onnxruntime")
+    metrics = json.loads((text_run / "metrics.json").read_text())
+    onnx = metrics["models"]["distilled"]["onnx"]
+    assert onnx["max_abs_difference"] <= 1e-4 and set(onnx["onnxruntime_ms"]) == {"1", "4"}
+    assert all(v > 0 for v in onnx["onnxruntime_ms"].values())
+    report = (text_run / "report.md").read_text()
+    assert "Under onnxruntime the distilled student takes" in report
+    d = metrics["models"]["distilled"]["latency_ms"]["4"]
+    length = metrics["data"]["input_shape"][0]
+    assert f"distilled {4000 / d:,.0f}" in report and f"sequences of {length} tokens per second" in report
 
 
 def test_the_onnx_export_matches_pytorch(text_run, tmp_path):

@@ -169,6 +169,11 @@ class EvalSpec(Strict):
         "null = always latency_repeats",
     )
     latency_threads: int | None = Field(None, gt=0, description="CPU threads for latency; default: torch's")
+    onnx: bool = Field(
+        False,
+        description="also export the distilled student to ONNX (in a temporary file), check it against PyTorch and "
+        "time it under onnxruntime with the same inputs (text tasks; needs the text extra)",
+    )
 
 
 class OutputSpec(Strict):

@@ -37,7 +37,7 @@ from distill.core.evaluate import (
     per_class_agreement,
     predict,
 )
-from distill.core.inputs import take
+from distill.core.inputs import batch_len, take
 from distill.core.io import (
     directory_digest,
     file_sha256,
@@ -61,6 +61,7 @@ from distill.pipeline.config import (
     TrainSpec,
     config_to_dict,
 )
+from distill.pipeline.export import onnx_timings, require_onnxruntime
 from distill.pipeline.rundir import finish_dir, prepare_dir, run_dir_paths
 from distill.report.html import write_html_report
 from distill.report.markdown import ROLES, print_summary, write_markdown, write_plots
@@ -545,6 +546,10 @@ def _check_inputs(config: ExperimentConfig, data: DataBundle, console: Console) 
             {"student": student, "teacher.model": teacher}, take(data.train.x, slice(0, 1))
         )  # before any batch
     build_distiller(config, student, teacher, data).remove_taps()  # the taps exist and adapters fit
+    if config.eval.onnx:
+        require_onnxruntime("eval.onnx")
+        if task.onnx_module(student) is None:
+            raise DistillError(f"eval.onnx: task {task.name} has no ONNX export; drop eval.onnx")
     if config.random_baseline:
         task.random_init(student, "random_baseline")  # the task can re-initialise its students
     check_tracker(config.output.tracker)
@@ -650,6 +655,17 @@ def evaluate_models(
         m["retention"] = retention(m["score"], teacher["score"], task.higher_is_better)
         m["speedup"] = {b: teacher["latency_ms"][b] / m["latency_ms"][b] for b in m["latency_ms"]}
         m["compression"] = teacher["params"] / m["params"]
+    if spec.onnx:  # the distilled student under onnxruntime, timed like the PyTorch models
+        out["distilled"]["onnx"] = onnx_timings(
+            task.onnx_module(models["distilled"]),
+            [take(data.test.x, slice(0, 4)), take(data.test.x, slice(4, 5))],
+            {b: task.latency_inputs(data, b) for b in spec.latency_batch_sizes},
+            lambda model, inputs: measure_latencies(
+                {"onnx": model}, data.input_shape, batch_len(inputs), spec.latency_repeats,
+                threads=spec.latency_threads, max_seconds=spec.latency_seconds, inputs=inputs,
+            )["onnx"],
+            threads=spec.latency_threads,
+        )  # fmt: skip
     if "scratch" in out:
         gap = teacher["score"] - out["scratch"]["score"]
         ahead = gap > 0 if task.higher_is_better else gap < 0  # the teacher is better than the scratch student

@@ -14,6 +14,7 @@ from distill.report.markdown import (
     latency_samples_text,
     score,
     score_gain,
+    speed_notes,
     table_rows,
     training_warnings,
     validation_note,
@@ -115,6 +116,7 @@ def render_html(
         f"score; gap closed = (distilled − scratch) / (teacher − scratch); latency = median of "
         f"{latency_samples_text(metrics)} timed CPU samples with {metrics['latency_threads']} thread(s). "
         f"{escape(validation_note(data))}</p>",
+        *[f"<p>{escape(note)}</p>" for note in speed_notes(metrics)],
         _image(figure("tradeoff", lambda: tradeoff_figure(metrics)), "accuracy against size and latency"),
         "<h2>Training</h2>",
         _image(

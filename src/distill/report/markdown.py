@@ -190,6 +190,32 @@ def validation_note(data: dict[str, Any]) -> str:
     return "Best epochs chosen on validation."
 
 
+def speed_notes(metrics: dict[str, Any]) -> list[str]:
+    """Throughput at the largest timed batch, and the distilled student's onnxruntime latency
+    beside PyTorch's when the run measured it (``eval.onnx``)."""
+    models, sizes = metrics["models"], metrics["latency_batch_sizes"]
+    biggest = str(max(sizes))
+    text = metrics.get("task", "").startswith("text")
+    unit = f"sequences of {metrics['data']['input_shape'][0]} tokens" if text else "samples"
+    rates = ", ".join(
+        f"{ROLE_TITLES[role].removesuffix(' student')} {1000 * int(biggest) / m['latency_ms'][biggest]:,.0f}"
+        for role in ROLES
+        if (m := models.get(role)) and m["latency_ms"].get(biggest)
+    )
+    notes = [f"Throughput at batch {biggest}, {unit} per second: {rates}."]
+    onnx = models.get("distilled", {}).get("onnx")
+    if onnx:
+        pairs = ", ".join(
+            f"{onnx['onnxruntime_ms'][b]:.2f} ms at batch {b} (PyTorch {models['distilled']['latency_ms'][b]:.2f} ms)"
+            for b in map(str, sizes)
+        )
+        notes.append(
+            f"Under onnxruntime the distilled student takes {pairs}; its outputs differ from PyTorch's by at most "
+            f"{onnx['max_abs_difference']:.1e}."
+        )
+    return notes
+
+
 def write_markdown(path: Path, metrics: dict[str, Any], config_yaml: str) -> None:
     data = metrics["data"]
     lines = [
@@ -205,6 +231,8 @@ def write_markdown(path: Path, metrics: dict[str, Any], config_yaml: str) -> Non
         f"(distilled − scratch) / (teacher − scratch). Latency: median of {latency_samples_text(metrics)} timed samples of CPU "
         f"forward passes with {metrics['latency_threads']} thread(s); speed-up is relative to the teacher. "
         f"{validation_note(data)}",
+        "",
+        " ".join(speed_notes(metrics)),
         "",
         *[f"**Warning:** {w}\n" for w in training_warnings(metrics)],
         f"Trained on {metrics['device']} in {metrics['seconds']:.0f} s.",
@@ -235,6 +263,8 @@ def print_summary(console: Console, metrics: dict[str, Any], run_dir: Path) -> N
     console.print()
     console.print(console_table(metrics, f"distill: {metrics['name']} ({metrics['data']['name']}, test split)"))
     console.print(verdict(metrics))
+    for note in speed_notes(metrics):
+        console.print(note)
     for warning in training_warnings(metrics):
         console.print(f"[yellow]warning: {warning}[/]")
     if metrics["data"].get("val", 1) == 0:

@@ -108,6 +108,11 @@ class Task(ABC):
             f"{field}: task {self.name}'s students start from random weights already; the scratch baseline is that"
         )
 
+    def onnx_module(self, model: nn.Module) -> nn.Module | None:
+        """A traceable module that maps the task's inputs (as keyword arguments) to one output
+        tensor, named by its ``output_name``, for ONNX export; None: the task has no ONNX export."""
+        return None
+
     def rewrite_batch(self, batch: Batch, student: nn.Module) -> Batch:
         """A hook to change a training batch before the step (sequence-level and on-policy
         distillation will replace inputs with generated ones); the identity by default."""

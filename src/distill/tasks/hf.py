@@ -166,11 +166,31 @@ class HFEncoder(HFModel):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **other: Tensor) -> ModelOutputs:
         out, mask = self.run(input_ids, attention_mask, other)
-        last = out.last_hidden_state
-        weights = torch.ones(last.shape[:2], device=last.device) if mask is None else mask.to(last.dtype)
-        pooled = (last * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True).clamp_min(1e-9)
         hidden = out.hidden_states if "hidden_states" in self.kinds else None
-        return ModelOutputs(embedding=pooled, hidden_states=hidden, attentions=out.attentions)
+        return ModelOutputs(
+            embedding=mean_pool(out.last_hidden_state, mask), hidden_states=hidden, attentions=out.attentions
+        )
+
+
+def mean_pool(last: Tensor, mask: Tensor | None) -> Tensor:
+    """The mean of ``last`` ``[batch, seq, hidden]`` over the real tokens of ``mask``."""
+    weights = torch.ones(last.shape[:2], device=last.device) if mask is None else mask.to(last.dtype)
+    return (last * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True).clamp_min(1e-9)
+
+
+class OnnxReady(nn.Module):
+    """The traceable core of an :class:`HFModel` for ONNX: ``(input_ids, attention_mask)`` to one
+    tensor, logits for a classifier or the mean-pooled embedding for an encoder. It does not cut
+    batches to their longest sequence (a traced graph would freeze that length)."""
+
+    def __init__(self, model: HFModel) -> None:
+        super().__init__()
+        self.model, self.pool = model.model, isinstance(model, HFEncoder)
+        self.output_name = "embedding" if self.pool else "logits"
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return mean_pool(out.last_hidden_state, attention_mask) if self.pool else out.logits
 
 
 def load_encoder(spec: HFSpec, field: str) -> HFEncoder:

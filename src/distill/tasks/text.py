@@ -23,6 +23,7 @@ from distill.tasks.hf import (
     HFConfigSpec,
     HFModel,
     HFSpec,
+    OnnxReady,
     cut_student,
     fresh_student,
     load_classifier,
@@ -122,6 +123,9 @@ class TextClassification(Task):
         if not isinstance(model, HFModel):
             return super().random_init(model, field)
         return random_init(model)
+
+    def onnx_module(self, model: nn.Module) -> nn.Module | None:
+        return OnnxReady(model) if isinstance(model, HFModel) else None
 
     def embedding_parameters(self, model: nn.Module) -> int:
         if not isinstance(model, HFModel):
