@@ -586,3 +586,22 @@ def test_a_fine_tuned_hf_teacher_is_cached_under_its_directory_digest(texts, tmp
     capsys.readouterr()
     assert main(["run", str(config), "--overwrite"]) == 0
     assert "reusing cached teacher" in capsys.readouterr().out
+
+
+def test_evaluation_batches_texts_longest_first_and_returns_them_in_their_order(teacher_path, texts):
+    from distill.core.evaluate import predict
+    from distill.tasks import get_task
+
+    data = load_text_data(TextDataSpec(source="text_folder", path=texts, tokenizer=teacher_path, max_length=16))
+    task, x = get_task("text_classification"), data.test.x
+    order = task.eval_order(x)
+    lengths = x["attention_mask"].sum(1)
+    assert sorted(order.tolist()) == list(range(len(lengths))) and torch.all(lengths[order].diff() <= 0)
+    model = load_teacher(teacher_path)
+    plain = predict(model, x, batch_size=4)
+    seen = []  # the lengths the inner model runs at: each batch is cut to its longest text
+    model.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    chunks = predict(model, x, batch_size=4, order=order)
+    assert torch.allclose(chunks, plain, atol=1e-5)  # the same logits, in the samples' own order
+    assert seen == sorted(seen, reverse=True) and seen[0] > seen[-1]  # longest batches first
+    assert torch.allclose(task.predict(model, x), plain, atol=1e-5)

@@ -21,17 +21,33 @@ def predict_batch_size(device: torch.device | str) -> int:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, x: Inputs, batch_size: int | None = None, device: torch.device | str = "cpu") -> Tensor:
-    """Logits of ``model`` for all of ``x`` (in eval mode), on the CPU."""
+def predict(
+    model: nn.Module,
+    x: Inputs,
+    batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+    order: Tensor | None = None,
+    output=logits_of,
+) -> Tensor:
+    """Logits of ``model`` for all of ``x`` (in eval mode), on the CPU, in the order of ``x``.
+
+    ``order`` (a permutation) is the order the samples are batched in: texts sorted by length
+    share batches with texts of their length, so little of each batch is padding. ``output``
+    picks the tensor to keep from the model's outputs (the logits by default)."""
     batch_size = batch_size or predict_batch_size(device)
     was_training = model.training
     model.eval()
+    n = batch_len(x)
+    index = torch.arange(n) if order is None else order
     outputs = [
-        logits_of(call_model(model, to_device(take(x, slice(i, i + batch_size)), device))).float().cpu()
-        for i in range(0, batch_len(x), batch_size)
+        output(call_model(model, to_device(take(x, index[i : i + batch_size]), device))).float().cpu()
+        for i in range(0, n, batch_size)
     ]
     model.train(was_training)
-    return torch.cat(outputs)
+    if not outputs:
+        return torch.zeros(0)
+    ordered = torch.cat(outputs)
+    return ordered if order is None else ordered[torch.argsort(order)]
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:

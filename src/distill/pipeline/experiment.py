@@ -35,7 +35,6 @@ from distill.core.evaluate import (
     measure_latencies,
     per_class_accuracy,
     per_class_agreement,
-    predict,
 )
 from distill.core.inputs import batch_len, take
 from distill.core.io import (
@@ -611,7 +610,7 @@ def evaluate_models(
         predictions = {role: task.predict(model, data.test.x) for role, model in models.items()}
         logits = {}
     else:
-        logits = {role: predict(model, data.test.x) for role, model in models.items()}
+        logits = {role: task.predict(model, data.test.x) for role, model in models.items()}
     if cached_teacher is not None:
         logits["teacher"] = cached_teacher["test_logits"]
     latencies = {

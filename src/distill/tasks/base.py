@@ -88,7 +88,12 @@ class Task(ABC):
 
     def predict(self, model: nn.Module, x: Inputs, device: torch.device | str = "cpu") -> Tensor:
         """What the task scores: the model's logits (an embedding task: its embeddings)."""
-        return predict(model, x, device=device)
+        return predict(model, x, device=device, order=self.eval_order(x))
+
+    def eval_order(self, x: Inputs) -> Tensor | None:
+        """The order to batch samples in for evaluation (None: as they are); the results come back
+        in the original order either way."""
+        return None
 
     @abstractmethod
     def metrics(self, logits: Tensor, split: Split, reference: Tensor | None = None) -> dict[str, float]:

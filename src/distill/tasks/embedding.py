@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from distill.core.data import DataBundle, Split
 from distill.core.errors import DistillError
-from distill.core.inputs import Inputs, batch_len, call_model, take, to_device
+from distill.core.evaluate import predict
+from distill.core.inputs import Inputs, call_model
 from distill.core.losses.base import outputs_of
 from distill.tasks.base import register_task
 from distill.tasks.hf import HFModel, HFSpec, load_encoder
@@ -114,14 +115,9 @@ class TextEmbedding(TextClassification):
             raise DistillError(f"{field}: the model returns no embedding; task text_embedding needs an encoder")
 
     def predict(self, model: nn.Module, x: Inputs, device: torch.device | str = "cpu") -> Tensor:
-        model.to(device).eval()
-        n = batch_len(x)
-        with torch.inference_mode():
-            parts = [
-                outputs_of(call_model(model, to_device(take(x, slice(i, i + 64)), device))).embedding.float().cpu()
-                for i in range(0, n, 64)
-            ]
-        return torch.cat(parts) if parts else torch.zeros(0)
+        return predict(
+            model.to(device), x, 64, device, self.eval_order(x), output=lambda out: outputs_of(out).embedding
+        )
 
     def metrics(self, logits: Tensor, split: Split, reference: Tensor | None = None) -> dict[str, float]:
         scores = {"linear_probe": linear_probe(logits, split.y)}

@@ -124,6 +124,13 @@ class TextClassification(Task):
             return super().random_init(model, field)
         return random_init(model)
 
+    def eval_order(self, x: Inputs) -> Tensor | None:
+        """Longest texts first: batches of similar lengths, cut to their longest text, waste little
+        compute on padding (and the biggest batch comes first, so memory peaks at once)."""
+        if isinstance(x, dict) and "attention_mask" in x:
+            return torch.argsort(x["attention_mask"].sum(1), descending=True, stable=True)
+        return None
+
     def onnx_module(self, model: nn.Module) -> nn.Module | None:
         return OnnxReady(model) if isinstance(model, HFModel) else None
 

@@ -402,7 +402,11 @@ def train(
             val_metrics = task.metrics(task.predict(distiller.student, data.val.x, device=device), data.val, reference)
             val_acc = val_loss = float("nan")
         elif validating:
-            val_logits = predict(distiller.student, data.val.x, device=device)
+            val_logits = (
+                task.predict(distiller.student, data.val.x, device=device)
+                if task is not None
+                else predict(distiller.student, data.val.x, device=device)
+            )
             val_acc = accuracy(val_logits, data.val.y)
             val_loss = float(hard_label_ce(val_logits, data.val.y, data.val.mask))
             val_metrics = task.metrics(val_logits, data.val) if task is not None else {"accuracy": val_acc}
