@@ -605,3 +605,25 @@ def test_evaluation_batches_texts_longest_first_and_returns_them_in_their_order(
     assert torch.allclose(chunks, plain, atol=1e-5)  # the same logits, in the samples' own order
     assert seen == sorted(seen, reverse=True) and seen[0] > seen[-1]  # longest batches first
     assert torch.allclose(task.predict(model, x), plain, atol=1e-5)
+
+
+def test_tokenised_texts_are_cached_on_disk_under_the_tokenizer_length_and_texts(teacher_path, texts, monkeypatch):
+    import os
+
+    from distill.tasks import text_data
+
+    spec = TextDataSpec(source="text_folder", path=texts, tokenizer=teacher_path, max_length=16)
+    first = load_text_data(spec)
+    entries = sorted((Path(os.environ["DISTILL_CACHE_DIR"]) / "tokens").glob("*.safetensors"))
+    assert len(entries) == 3  # train, val, test
+    calls = []
+    real = text_data.tokenize
+    monkeypatch.setattr(text_data, "tokenize", lambda *a: calls.append(a[2]) or real(*a))
+    second = load_text_data(spec)
+    assert calls == [] and torch.equal(first.train.x["input_ids"], second.train.x["input_ids"])
+    load_text_data(spec.model_copy(update={"max_length": 8}))
+    assert calls == [8, 8, 8]  # another length: tokenised afresh
+    entries[0].write_bytes(b"damaged")
+    calls.clear()
+    again = load_text_data(spec)
+    assert len(calls) == 1 and torch.equal(again.test.x["input_ids"], first.test.x["input_ids"])

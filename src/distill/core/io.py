@@ -148,10 +148,23 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def directory_digest(directory: str | os.PathLike, memo: str | os.PathLike | None = None) -> str:
+def default_cache_dir() -> Path:
+    """Where trained teachers and tokenised texts are kept between runs ($DISTILL_CACHE_DIR, or
+    distill/ in $XDG_CACHE_HOME or ~/.cache)."""
+    env = os.environ.get("DISTILL_CACHE_DIR")
+    return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distill"
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".h5", ".msgpack", ".gguf")
+
+
+def directory_digest(
+    directory: str | os.PathLike, memo: str | os.PathLike | None = None, skip: tuple[str, ...] = ()
+) -> str:
     """A sha256 fingerprint of a model directory from its files' digests (names and contents, not
     tensors). With ``memo`` (a JSON file), a file whose size and modification time are unchanged
-    is not read again: the second run with a 500 MB teacher costs a ``stat`` per file."""
+    is not read again: the second run with a 500 MB teacher costs a ``stat`` per file. Files whose
+    names end with one of ``skip`` are left out (e.g. :data:`WEIGHT_SUFFIXES` for a tokenizer)."""
     directory = Path(directory).resolve()
     known: dict[str, Any] = {}
     if memo is not None and Path(memo).is_file():
@@ -160,7 +173,8 @@ def directory_digest(directory: str | os.PathLike, memo: str | os.PathLike | Non
         except ValueError:
             known = {}  # a damaged memo is only a slower run
     digests, changed = {}, False
-    for file in sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")):
+    files = (p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".") and not p.name.endswith(skip))
+    for file in sorted(files):
         stat = file.stat()
         stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
         entry = known.get(str(file))

@@ -38,6 +38,7 @@ from distill.core.evaluate import (
 )
 from distill.core.inputs import batch_len, take
 from distill.core.io import (
+    default_cache_dir,
     directory_digest,
     file_sha256,
     hash_json,
@@ -70,12 +71,6 @@ from distill.tasks.models import count_parameters
 from distill.train.distributed import parallel_from_environment
 from distill.train.loop import EpochLog, TrainResult, pick_device, rng_states, set_rng_states, train
 from distill.train.tracking import RunTracker, check_tracker
-
-
-def default_cache_dir() -> Path:
-    """Where trained teachers are kept between runs ($DISTILL_CACHE_DIR or ~/.cache/distill)."""
-    env = os.environ.get("DISTILL_CACHE_DIR")
-    return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distill"
 
 
 @dataclass

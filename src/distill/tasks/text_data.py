@@ -9,6 +9,7 @@ each batch to the longest sequence in it, so padding costs no compute. Splits de
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import json
 import re
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from distill.core.data import UNLABELED, DataBundle, Split
 from distill.core.errors import DistillError
+from distill.core.io import WEIGHT_SUFFIXES, atomic_path, default_cache_dir, directory_digest, hash_json
 
 MAX_TEXT_CHARS = 1_000_000  # a "text" longer than this is a wrong column or a binary file
 
@@ -240,11 +242,38 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Te
     return {"input_ids": encoded["input_ids"].long(), "attention_mask": encoded["attention_mask"].long()}
 
 
+def cached_tokenize(tokenizer, tokenizer_dir: Path, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """:func:`tokenize`, kept on disk (``<cache>/tokens/``) under a key of the tokenizer's file
+    digests, ``max_length`` and the texts: a second run, a sweep or a chain reads the token ids
+    instead of tokenising again. A damaged entry is tokenised afresh."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    cache = default_cache_dir()
+    texts_digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+    key = hash_json(
+        {"tokenizer": directory_digest(tokenizer_dir, cache / "digests.json", skip=WEIGHT_SUFFIXES), "max_length": max_length,
+         "texts": texts_digest, "count": len(texts)}
+    )  # fmt: skip
+    path = cache / "tokens" / f"{key[:24]}.safetensors"
+    if path.is_file():
+        try:
+            return load_file(path)
+        except (OSError, SafetensorError):
+            pass
+    tokens = tokenize(tokenizer, texts, max_length)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(tokens, tmp)
+    return tokens
+
+
 def load_text_data(spec: TextDataSpec) -> DataBundle:
     """Read, split and tokenise: the same splits for every run with the same ``split_seed``."""
     if spec.tokenizer is None:
         raise DistillError("data.tokenizer: no tokenizer; set data.tokenizer or use a Hugging Face teacher")
     tokenizer = load_tokenizer(spec.tokenizer)
+    tokenizer_dir = resolve_tokenizer_dir(spec.tokenizer)
     train = read_texts(spec.path, spec, "data.path")
     rng = np.random.default_rng(spec.split_seed)
     if spec.test_path is not None:
@@ -281,7 +310,7 @@ def load_text_data(spec: TextDataSpec) -> DataBundle:
                 raise DistillError(
                     f"data.unit: no sentence of {spec.min_words}+ words in a split; lower data.min_words"
                 )
-        x = tokenize(tokenizer, texts, spec.max_length)
+        x = cached_tokenize(tokenizer, tokenizer_dir, texts, spec.max_length)
         y = torch.tensor([UNLABELED if label is None else code[label] for label in labels], dtype=torch.long)
         return Split(x, y)
 
@@ -299,5 +328,5 @@ def load_text_data(spec: TextDataSpec) -> DataBundle:
         num_classes=len(classes),
         class_names=classes,
         normalize="none",
-        info={"tokenizer": str(resolve_tokenizer_dir(spec.tokenizer)), "max_length": spec.max_length},
+        info={"tokenizer": str(tokenizer_dir), "max_length": spec.max_length},
     )
