@@ -74,6 +74,30 @@ def test_embedding_terms_match_hand_computed_values_and_project_a_smaller_studen
     assert float(TERMS["sp"]()(s, t, batch).detach()) > 0
 
 
+def test_a_pca_projection_reconstructs_teacher_embeddings_from_their_principal_coordinates():
+    from distill.core.losses import build_term
+
+    g = torch.Generator().manual_seed(0)
+    basis, mean = torch.linalg.qr(torch.randn(8, 3, generator=g))[0], torch.randn(8, generator=g)
+    codes = torch.randn(40, 3, generator=g) * torch.tensor([3.0, 2.0, 1.0])
+    teacher = ModelOutputs(embedding=codes @ basis.T + mean)  # rank 3 around a mean, in 8 dimensions
+    term = build_term("embed_mse", {"init": "pca", "calibration": 40})
+    assert term.calibration_samples == 40 and TERMS["embed_mse"]().calibration_samples == 0
+    term.setup(ModelOutputs(embedding=torch.zeros(40, 3)), teacher)
+    weight, bias = term.projection.weight.detach(), term.projection.bias.detach()
+    assert torch.allclose(weight.T @ weight, torch.eye(3), atol=1e-5)  # orthonormal principal directions
+    assert torch.allclose(bias, teacher.embedding.mean(0), atol=1e-5)
+    student = ModelOutputs(embedding=(teacher.embedding - bias) @ weight)  # the teacher's principal coordinates
+    assert float(term(student, teacher, Batch(None)).detach()) < 1e-9  # reconstructed exactly
+    random = build_term("embed_mse")
+    random.setup(student, teacher)
+    assert float(random(student, teacher, Batch(None)).detach()) > 0.1
+    with pytest.raises(DistillError, match="a PCA to 3 dimensions needs at least 3 calibration samples, got 2"):
+        build_term("embed_cosine", {"init": "pca"}).setup(
+            ModelOutputs(embedding=torch.zeros(2, 3)), ModelOutputs(embedding=teacher.embedding[:2])
+        )
+
+
 def embedding_config(tmp_path, encoder, texts, **changes):
     import yaml
 
@@ -177,3 +201,14 @@ def test_a_narrower_embedding_student_learns_through_a_projection(encoder_path, 
     adapters = load_file(run / "adapters.safetensors")
     assert {tuple(v.shape) for k, v in adapters.items() if k.endswith("weight")} == {(16, 8)}  # 8 -> the teacher's 16
     assert json.loads((run / "student-hf" / "config.json").read_text())["hidden_size"] == 8
+    # init: pca starts the projection from the teacher's principal directions: a lower first-epoch loss
+    pca = embedding_config(
+        tmp_path, encoder_path, texts, student=student, output={"dir": str(tmp_path / "runs"), "name": "pca"},
+        distill={"terms": [{"type": "embed_cosine", "init": "pca", "calibration": 64}, {"type": "embed_mse", "init": "pca"}]},
+    )  # fmt: skip
+    assert main(["run", str(pca), "--quiet"]) == 0
+    first = {
+        name: json.loads((tmp_path / "runs" / name / "metrics.json").read_text())["training"]["distilled"]["history"][0]
+        for name in ("emb", "pca")
+    }
+    assert first["pca"]["terms"]["embed_mse"] < first["emb"]["terms"]["embed_mse"]

@@ -306,7 +306,10 @@ def build_distiller(config: ExperimentConfig, student: nn.Module, teacher: nn.Mo
     for spec in config.distill.resolved_terms():
         terms[spec.key] = build_term(spec.type, spec.params)
         weights[spec.key] = LinearWarmup(spec.weight, spec.warmup_epochs) if spec.warmup_epochs else spec.weight
-    return Distiller(student, teacher, terms, weights, example_inputs=get_task(config.task).example_inputs(data))
+    samples = max([2] + [term.calibration_samples for term in terms.values()])  # a PCA's calibration set
+    return Distiller(
+        student, teacher, terms, weights, example_inputs=get_task(config.task).example_inputs(data, samples)
+    )
 
 
 def hint_stages(distiller: Distiller) -> list[tuple[str, LossTerm]]:

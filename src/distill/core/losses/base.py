@@ -133,6 +133,9 @@ class LossTerm(nn.Module):
     Params: ClassVar[type[TermParams]] = TermParams
     # what the term reads from both models besides logits and taps: a subset of OUTPUT_KINDS
     needs_outputs: ClassVar[frozenset[str]] = frozenset()
+    # how many training samples ``setup`` wants to see (e.g. a PCA); the Distiller's example batch
+    # holds at least this many
+    calibration_samples: int = 0
 
     def student_taps(self) -> list[str]:
         return []
