@@ -98,6 +98,35 @@ def test_a_pca_projection_reconstructs_teacher_embeddings_from_their_principal_c
         )
 
 
+def test_a_remembered_embedding_teacher_runs_once_and_trains_like_a_live_one(encoder_path, texts):
+    """Embedding terms read only the teacher's embedding, which the remembered teacher keeps (the
+    pass runs longest texts first; outputs agree with the live teacher's to float precision)."""
+    from distill.core.distiller import Distiller
+    from distill.core.losses import build_term
+    from distill.pipeline.config import TrainSpec
+    from distill.tasks import get_task
+    from distill.tasks.hf import FromTeacherSpec, HFSpec, cut_student, load_encoder
+    from distill.tasks.text_data import TextDataSpec, load_text_data
+    from distill.train.loop import train
+
+    data = load_text_data(TextDataSpec(source="text_folder", path=texts, tokenizer=encoder_path, max_length=16))
+    task, spec = get_task("text_embedding"), TrainSpec(epochs=2, batch_size=16, lr=0.1)  # SGD: Adam would amplify noise
+    students, calls = {}, {}
+    for remember in (False, True):
+        teacher = load_encoder(HFSpec(path=encoder_path), "teacher")
+        student = cut_student(FromTeacherSpec(layers=[1, 3]), teacher, "student")
+        calls[remember] = 0
+        teacher.register_forward_hook(lambda *_, r=remember: calls.__setitem__(r, calls[r] + 1))
+        terms = {"cos": build_term("embed_cosine"), "mse": build_term("embed_mse")}
+        distiller = Distiller(student, teacher, terms, example_inputs=task.example_inputs(data))
+        train(distiller, data, spec, remember_teacher=remember, task=task, select_best=False)
+        students[remember] = student.state_dict()
+    steps = -(-len(data.train) // 16)
+    # a probe and the validation reference (one batch), then every step, or: a size check and one pass
+    assert calls[False] == 2 + 2 * steps and calls[True] == 2 + 1 + steps
+    assert all(torch.allclose(students[False][k], students[True][k], atol=1e-5) for k in students[False])
+
+
 def embedding_config(tmp_path, encoder, texts, **changes):
     import yaml
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from distill.core.errors import DistillError
 from distill.core.inputs import Inputs, batch_len, call_model, take, to_device
 from distill.core.losses import Batch, LossTerm, ModelOutputs
-from distill.core.losses.base import OutputsOnRequest, TeacherLogits, TeacherSignals, logits_of, outputs_of
+from distill.core.losses.base import OutputsOnRequest, TeacherLogits, TeacherSignals, outputs_of
 from distill.core.taps import FeatureTaps
 
 
@@ -82,6 +82,10 @@ def probing(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+REMEMBERED_OUTPUTS = frozenset({"embedding"})
+"""Outputs besides logits that a remembered teacher keeps (small: one vector per sample)."""
 
 
 def _has_setup(term: LossTerm) -> bool:
@@ -239,12 +243,18 @@ class Distiller(nn.Module):
         self._prepared = True
 
     def can_remember_teacher(self) -> bool:
-        """A live teacher whose logits are all the terms read (no feature taps, hidden states, ...)."""
+        """A live teacher whose logits or embeddings are all the terms read (no feature taps,
+        hidden states, attention maps)."""
         return (
-            self.uses_teacher and not self.teacher_is_cached and self._teacher_taps is None and not self._needs_outputs
+            self.uses_teacher
+            and not self.teacher_is_cached
+            and self._teacher_taps is None
+            and set(self._needs_outputs) <= REMEMBERED_OUTPUTS
         )
 
-    def remember_teacher(self, inputs: Inputs, batch_size: int, max_bytes: int | None = None) -> bool:
+    def remember_teacher(
+        self, inputs: Inputs, batch_size: int, max_bytes: int | None = None, order: Tensor | None = None
+    ) -> bool:
         """Run the live teacher once over ``inputs`` (the training split, in order) and answer every
         later batch from memory by the samples' positions (``forward(..., index=)``).
 
@@ -253,23 +263,31 @@ class Distiller(nn.Module):
         teacher's forward pass, which is most of a distillation step. The outputs are those of the
         same forward passes (on this machine's CPU, bit for bit: a sample's logits do not depend on
         the batch it runs in). Not done with teacher feature taps (features are not kept), nor when
-        the logits would take more than ``max_bytes``. Returns whether the teacher is remembered.
+        the logits would take more than ``max_bytes``. ``order`` is the order to batch the samples
+        in (texts sorted by length waste less on padding). Returns whether the teacher is remembered.
         """
         if not self.can_remember_teacher():
             return False
         device = next(self.student.parameters(), torch.empty(0)).device
+
+        def kept(inputs: Inputs) -> list[Tensor | None]:
+            out = outputs_of(call_model(self.teacher, to_device(inputs, device)))
+            return [out.logits, out.embedding if "embedding" in self._needs_outputs else None]
+
         with torch.no_grad():
-            first = logits_of(call_model(self.teacher, to_device(take(inputs, slice(0, 1)), device)))
-            if max_bytes is not None and batch_len(inputs) * first.numel() * first.element_size() > max_bytes:
+            first = [t for t in kept(take(inputs, slice(0, 1))) if t is not None]
+            per_sample = sum(t.numel() * t.element_size() for t in first)
+            if max_bytes is not None and batch_len(inputs) * per_sample > max_bytes:
                 return False
-            self._remembered = TeacherLogits(
-                torch.cat(
-                    [
-                        logits_of(call_model(self.teacher, to_device(take(inputs, slice(i, i + batch_size)), device)))
-                        for i in range(0, batch_len(inputs), batch_size)
-                    ]
-                )
+            n = batch_len(inputs)
+            index = torch.arange(n) if order is None else order
+            parts = [kept(take(inputs, index[i : i + batch_size])) for i in range(0, n, batch_size)]
+            restore = torch.argsort(index)
+            logits, embedding = (
+                torch.cat([p[j] for p in parts])[restore] if parts and parts[0][j] is not None else None
+                for j in range(2)
             )
+            self._remembered = TeacherLogits(logits, embedding)
         return True
 
     def forget_teacher(self) -> None:

@@ -311,7 +311,8 @@ def train(
         started = time.perf_counter()
         free = available_memory()
         with autocast():
-            distiller.remember_teacher(data.train.x, spec.batch_size, free // 4 if free else None)
+            order = task.eval_order(data.train.x) if task is not None else None
+            distiller.remember_teacher(data.train.x, spec.batch_size, free // 4 if free else None, order)
         remembered = time.perf_counter() - started
     for epoch in range(start_epoch, spec.epochs):
         started, remembered = time.perf_counter() - remembered, 0.0

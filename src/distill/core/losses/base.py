@@ -81,16 +81,22 @@ class TeacherSignals(Protocol):
 
 
 class TeacherLogits:
-    """A teacher's logits on the training split, computed once and looked up by sample index
-    (:class:`TeacherSignals`): the remembered teacher of a run and the teacher of tuning trials,
-    which then never run it again. Only for objectives that read nothing but the logits."""
+    """A teacher's logits (and, for embedding students, its embeddings) on the training split,
+    computed once and looked up by sample index (:class:`TeacherSignals`): the remembered teacher
+    of a run and the teacher of tuning trials, which then never run it again. Only for objectives
+    that read nothing else (no features, hidden states or attention maps)."""
 
-    def __init__(self, logits: Tensor) -> None:
-        self.logits = logits
+    def __init__(self, logits: Tensor | None, embedding: Tensor | None = None) -> None:
+        self.logits, self.embedding = logits, embedding
 
     def lookup(self, index: Tensor, *, device: torch.device | str | None = None) -> ModelOutputs:
-        rows = self.logits[index.to(self.logits.device)]
-        return ModelOutputs(logits=rows if device is None else rows.to(device))
+        def rows(values: Tensor | None) -> Tensor | None:
+            if values is None:
+                return None
+            picked = values[index.to(values.device)]
+            return picked if device is None else picked.to(device)
+
+        return ModelOutputs(logits=rows(self.logits), embedding=rows(self.embedding))
 
     def check_features(self, names: list[str]) -> None:
         raise DistillError(f"the teacher's logits were computed once; they hold no features ({names[0]})")
