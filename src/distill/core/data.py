@@ -34,7 +34,12 @@ class Split:
 
     @property
     def labeled(self) -> int:
-        return int((self.y >= 0).sum())
+        """Samples with a label (a token sequence counts when any of its positions has one)."""
+        return int(self.labeled_rows().sum())
+
+    def labeled_rows(self) -> Tensor:
+        """Which samples have a label: ``[n]`` booleans, for per-sample or per-position labels."""
+        return (self.y >= 0).reshape(len(self.y), -1).any(1)
 
     def tensors(self) -> list[Tensor]:
         """Every tensor of the split, in a fixed order (inputs by key, labels, mask), for hashing."""
@@ -86,7 +91,7 @@ class DataBundle:
         """A copy whose training split holds only its labeled samples."""
         if self.train.labeled == len(self.train):
             return self
-        return replace(self, train=self.train.subset(torch.nonzero(self.train.y >= 0).flatten()))
+        return replace(self, train=self.train.subset(torch.nonzero(self.train.labeled_rows()).flatten()))
 
     def summary(self) -> dict:
         return {

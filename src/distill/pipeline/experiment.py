@@ -473,9 +473,9 @@ class _StudentTraining:
     def run(self, teacher: nn.Module) -> str:
         """Train both students; return the distillation objective as text."""
         config, data = self.config, self.data
-        if config.baseline and not get_task(config.task).has_logits:
+        if config.baseline and not get_task(config.task).trains_on_labels:
             self.console.print("no scratch baseline: an embedding student has no labels to train on alone")
-        if config.baseline and get_task(config.task).has_logits:
+        if config.baseline and get_task(config.task).trains_on_labels:
             scratch_data, passes = scratch_setup(self.student_data, config)
             scratch = seeded_model(config.student, data, config.seed, "student", get_task(config.task), teacher)
             more = (
@@ -604,8 +604,12 @@ def evaluate_models(
     architecture, used to time it and count its parameters (latency does not need its weights).
     """
     spec, task = config.eval, get_task(config.task)
-    if not task.has_logits:  # embeddings: scored against the teacher's, nothing per class
-        predictions = {role: task.predict(model, data.test.x) for role, model in models.items()}
+    if not task.has_logits:  # embeddings, token scores: scored against the teacher's, nothing per class
+        test = data.test
+        predictions = {"teacher": task.predict(models["teacher"], test.x, labels=test.y)}
+        for role, model in models.items():
+            if role != "teacher":
+                predictions[role] = task.predict(model, test.x, labels=test.y, reference=predictions["teacher"])
         logits = {}
     else:
         logits = {role: task.predict(model, data.test.x) for role, model in models.items()}
@@ -634,7 +638,9 @@ def evaluate_models(
             "latency_ms": {str(b): latencies[b][role] for b in spec.latency_batch_sizes},
         }
         if not task.has_logits:
-            out[role] = {"metrics": task.metrics(predictions[role], data.test, predictions["teacher"]), **common}
+            scores = task.metrics(predictions[role], data.test, predictions["teacher"])
+            agrees = {"agreement": scores["agreement"]} if "agreement" in scores else {}  # top-1 tokens, for LMs
+            out[role] = {"metrics": scores, **agrees, **common}
             continue
         out[role] = {
             "test_acc": accuracy(logits[role], data.test.y),

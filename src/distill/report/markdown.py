@@ -68,7 +68,10 @@ def score_gain(better: float, worse: float, metrics: dict[str, Any]) -> float:
 
 
 def gain_text(gain: float, metrics: dict[str, Any]) -> str:
-    return f"{gain:.2f} points" if primary_metric(metrics)["percent"] else f"{gain:.4f}"
+    info = primary_metric(metrics)
+    if info["percent"]:
+        return f"{gain:.2f} points"
+    return f"{gain:.4f} in {info['name'].replace('_', ' ')} ({'higher' if info['higher_is_better'] else 'lower'} is better)"
 
 
 def table_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -195,10 +198,13 @@ def speed_notes(metrics: dict[str, Any]) -> list[str]:
     beside PyTorch's when the run measured it (``eval.onnx``)."""
     models, sizes = metrics["models"], metrics["latency_batch_sizes"]
     biggest = str(max(sizes))
-    text = metrics.get("task", "").startswith("text")
-    unit = f"sequences of {metrics['data']['input_shape'][0]} tokens" if text else "samples"
+    task, length = metrics.get("task", ""), (metrics["data"]["input_shape"] or [1])[0]
+    per_sample = length if task == "causal_lm" else 1  # a language model's throughput is in tokens
+    unit = (
+        "tokens" if task == "causal_lm" else f"sequences of {length} tokens" if task.startswith("text") else "samples"
+    )
     rates = ", ".join(
-        f"{ROLE_TITLES[role].removesuffix(' student')} {1000 * int(biggest) / m['latency_ms'][biggest]:,.0f}"
+        f"{ROLE_TITLES[role].removesuffix(' student')} {1000 * int(biggest) * per_sample / m['latency_ms'][biggest]:,.0f}"
         for role in ROLES
         if (m := models.get(role)) and m["latency_ms"].get(biggest)
     )

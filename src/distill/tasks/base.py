@@ -52,6 +52,8 @@ class Task(ABC):
     # models end in class (or vocabulary) logits; False: an embedding model, scored against the
     # teacher's outputs (no labels-only baseline, no accuracy, agreement or calibration)
     has_logits: ClassVar[bool] = True
+    # the student can train on the data's labels alone (the scratch baseline); False: embeddings
+    trains_on_labels: ClassVar[bool] = True
 
     @abstractmethod
     def load_data(self, spec: Any) -> DataBundle:
@@ -86,8 +88,17 @@ class Task(ABC):
                 f"teacher, student and data must share the class set"
             )
 
-    def predict(self, model: nn.Module, x: Inputs, device: torch.device | str = "cpu") -> Tensor:
-        """What the task scores: the model's logits (an embedding task: its embeddings)."""
+    def predict(
+        self,
+        model: nn.Module,
+        x: Inputs,
+        device: torch.device | str = "cpu",
+        labels: Tensor | None = None,
+        reference: Any = None,
+    ) -> Any:
+        """What the task scores: the model's logits (an embedding task: its embeddings; a language
+        model: per-token scores). ``labels`` are the split's labels and ``reference`` the
+        teacher's predictions on the same inputs, for tasks that need them while predicting."""
         return predict(model, x, device=device, order=self.eval_order(x))
 
     def eval_order(self, x: Inputs) -> Tensor | None:
@@ -96,7 +107,7 @@ class Task(ABC):
         return None
 
     @abstractmethod
-    def metrics(self, logits: Tensor, split: Split, reference: Tensor | None = None) -> dict[str, float]:
+    def metrics(self, logits: Any, split: Split, reference: Any = None) -> dict[str, float]:
         """Scores of predictions ``logits`` on ``split``; holds :attr:`primary_metric`. ``reference``
         is the teacher's predictions on the same split, for tasks scored against the teacher."""
 

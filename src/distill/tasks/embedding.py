@@ -102,6 +102,7 @@ class TextEmbedding(TextClassification):
     higher_is_better = True
     primary_percent = False
     has_logits = False
+    trains_on_labels = False
 
     def load_model(self, spec: HFSpec, data: DataBundle, field: str) -> HFModel:
         """A model directory as a sentence encoder (its base model; any head is left out)."""
@@ -114,7 +115,9 @@ class TextEmbedding(TextClassification):
         if outputs.embedding is None:
             raise DistillError(f"{field}: the model returns no embedding; task text_embedding needs an encoder")
 
-    def predict(self, model: nn.Module, x: Inputs, device: torch.device | str = "cpu") -> Tensor:
+    def predict(
+        self, model: nn.Module, x: Inputs, device: torch.device | str = "cpu", labels=None, reference=None
+    ) -> Tensor:
         return predict(
             model.to(device), x, 64, device, self.eval_order(x), output=lambda out: outputs_of(out).embedding
         )

@@ -64,6 +64,7 @@ class HFConfigSpec(_HFSpec):
     hidden_size: int | None = Field(None, gt=0)
     num_attention_heads: int | None = Field(None, gt=0)
     intermediate_size: int | None = Field(None, gt=0)
+    num_key_value_heads: int | None = Field(None, gt=0, description="grouped-query attention (Llama-style models)")
 
 
 HF_SPECS = (HFSpec, FromTeacherSpec, HFConfigSpec)
@@ -130,6 +131,10 @@ class HFModel(nn.Module):
     def config(self) -> Any:
         return self.model.config
 
+    def rewrap(self, model: nn.Module) -> HFModel:
+        """``model`` (a changed copy of this one's, e.g. cut) wrapped like this one."""
+        return type(self)(model)
+
     def request_outputs(self, kinds: set[str]) -> None:
         self.kinds = set(kinds)
         wanted = "eager" if "attentions" in self.kinds else self._attention
@@ -158,6 +163,26 @@ class HFClassifier(HFModel):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **other: Tensor) -> ModelOutputs:
         out, _ = self.run(input_ids, attention_mask, other)
         return ModelOutputs(logits=out.logits, hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+class HFCausalLM(HFModel):
+    """A causal language model (``AutoModelForCausalLM``): next-token logits ``[batch, seq, vocab]``.
+
+    ``vocab`` is the tokenizer's size: a model whose ``vocab_size`` is padded beyond it (to a
+    multiple of 64, say) has its extra logit columns cut off, so they are never scored or
+    softmaxed over, and teacher and student line up column for column."""
+
+    def __init__(self, model: nn.Module, vocab: int | None = None) -> None:
+        super().__init__(model)
+        self.vocab = vocab
+
+    def rewrap(self, model: nn.Module) -> HFCausalLM:
+        return HFCausalLM(model, self.vocab)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **other: Tensor) -> ModelOutputs:
+        out, _ = self.run(input_ids, attention_mask, other)
+        logits = out.logits if self.vocab is None else out.logits[..., : self.vocab]
+        return ModelOutputs(logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 class HFEncoder(HFModel):
@@ -205,6 +230,25 @@ def load_encoder(spec: HFSpec, field: str) -> HFEncoder:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DistillError(f"{field}.path: cannot load {path} as an encoder: {first}") from None
     return HFEncoder(model)
+
+
+def load_causal_lm(spec: HFSpec, field: str, vocab: int | None = None) -> HFCausalLM:
+    """A local causal-LM directory (``builtin:`` names resolved), its logits cut to ``vocab``."""
+    path = check_model_dir(spec.path, f"{field}.path")
+    transformers = _transformers()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=spec.trust_remote_code, local_files_only=True, dtype=torch.float32
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DistillError(f"{field}.path: cannot load {path} as a causal language model: {first}") from None
+    if vocab is not None and model.config.vocab_size < vocab:
+        raise DistillError(
+            f"{field}.path: its vocabulary has {model.config.vocab_size} rows but the tokenizer {vocab} tokens; "
+            f"teacher, student and data must share a tokenizer"
+        )
+    return HFCausalLM(model, vocab)
 
 
 def load_classifier(spec: HFSpec, num_labels: int, field: str) -> HFClassifier:
@@ -320,16 +364,18 @@ def cut_student(
     if spec.layers == "auto" and influence is None:
         raise DistillError(f"{field}.layers: auto needs training data to measure the teacher's layers on")
     keep = chosen_layers(spec, count, field, influence)
-    return type(teacher)(cut_layers(teacher.model, keep, influence))
+    return teacher.rewrap(cut_layers(teacher.model, keep, influence))
 
 
-def fresh_student(spec: HFConfigSpec, teacher: nn.Module | None, num_labels: int, field: str) -> HFModel:
+def fresh_student(spec: HFConfigSpec, teacher: nn.Module | None, num_labels: int | None, field: str) -> HFModel:
+    """A random model of the teacher's configuration with the spec's sizes (and ``num_labels``
+    classes for a classifier; None keeps the configuration's)."""
     if not isinstance(teacher, HFModel):
         raise DistillError(
             f"{field}: a fresh configuration starts from the teacher's, which must be a Hugging Face model"
         )
     config = copy.deepcopy(teacher.config)
-    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"):
         if getattr(spec, key) is not None:
             setattr(config, key, getattr(spec, key))
     if config.hidden_size % config.num_attention_heads:
@@ -337,7 +383,16 @@ def fresh_student(spec: HFConfigSpec, teacher: nn.Module | None, num_labels: int
             f"{field}: hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
             f"{config.num_attention_heads}"
         )
-    config.num_labels = num_labels
+    if getattr(config, "head_dim", None) is not None:  # Llama-style configs store it; keep it consistent
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    groups = getattr(config, "num_key_value_heads", None)
+    if groups is not None and config.num_attention_heads % groups:
+        raise DistillError(
+            f"{field}: num_attention_heads {config.num_attention_heads} is not a multiple of num_key_value_heads "
+            f"{groups}; set num_key_value_heads"
+        )
+    if num_labels is not None:
+        config.num_labels = num_labels
     return _from_config(config, like=teacher)
 
 
@@ -354,8 +409,10 @@ def _from_config(config: Any, like: HFModel) -> HFModel:
             delattr(config, stale)
     transformers = _transformers()
     if isinstance(like, HFEncoder):
-        return HFEncoder(transformers.AutoModel.from_config(config))
-    return HFClassifier(transformers.AutoModelForSequenceClassification.from_config(config))
+        return like.rewrap(transformers.AutoModel.from_config(config))
+    if isinstance(like, HFCausalLM):
+        return like.rewrap(transformers.AutoModelForCausalLM.from_config(config))
+    return like.rewrap(transformers.AutoModelForSequenceClassification.from_config(config))
 
 
 def save_pretrained(model: HFModel, directory: Path, tokenizer_dir: Path | None = None) -> Path:

@@ -47,11 +47,13 @@ def macro_f1(logits: Tensor, labels: Tensor, num_classes: int) -> float:
     return sum(scores) / len(scores) if scores else float("nan")
 
 
-def check_same_tokenizer(student_dir: Path, teacher: HFModel, field: str) -> None:
+def check_same_tokenizer(student_dir: Path, teacher: HFModel, field: str, chat: bool = False) -> None:
     """A student with its own directory must read the same token ids as the teacher: the data are
-    tokenised once. Refused in one line saying what differs (vocabulary size, tokens, specials)."""
+    tokenised once. Refused in one line saying what differs (vocabulary size, tokens, specials,
+    and with ``chat`` the chat template). Language models (``chat``) may pad ``vocab_size``
+    differently: their logits are cut to the tokenizer's size, so only the tokenizers must agree."""
     s_vocab, t_vocab = _vocab_size(student_dir), teacher.config.vocab_size
-    if s_vocab != t_vocab:
+    if s_vocab != t_vocab and not chat:
         raise DistillError(
             f"{field}.path: its vocabulary has {s_vocab} rows, the teacher's {t_vocab}; teacher and student must "
             f"share a tokenizer (a padded vocab_size counts too)"
@@ -69,6 +71,8 @@ def check_same_tokenizer(student_dir: Path, teacher: HFModel, field: str) -> Non
         raise DistillError(
             f"{field}.path: its special tokens {ours.all_special_tokens} differ from the teacher's {theirs.all_special_tokens}"
         )
+    if chat and getattr(ours, "chat_template", None) != getattr(theirs, "chat_template", None):
+        raise DistillError(f"{field}.path: its chat template differs from the teacher's; use the teacher's tokenizer")
 
 
 def _vocab_size(directory: Path) -> int | None:
@@ -97,6 +101,9 @@ class TextClassification(Task):
     def load_data(self, spec: Any) -> DataBundle:
         if not isinstance(spec, TextDataSpec):
             raise DistillError(f"data.source: task {self.name} reads text (text_folder, csv, jsonl, hf_disk, bbc_news)")
+        if spec.source == "text_file" or spec.format != "text" or spec.block_length is not None:
+            field = "source" if spec.source == "text_file" else "format" if spec.format != "text" else "block_length"
+            raise DistillError(f"data.{field}: is for language models (task: causal_lm), not task {self.name}")
         return load_text_data(spec)
 
     def load_model(self, spec: HFSpec, data: DataBundle, field: str) -> HFModel:

@@ -33,8 +33,12 @@ class TextDataSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: Literal["text_folder", "csv", "jsonl", "hf_disk", "bbc_news"]
-    path: Path | None = Field(None, description="folder of <class>/*.txt, a .csv/.jsonl file, or a save_to_disk folder")
+    source: Literal["text_folder", "csv", "jsonl", "hf_disk", "bbc_news", "text_file"]
+    path: Path | None = Field(
+        None,
+        description="folder of <class>/*.txt, a .csv/.jsonl file, a save_to_disk folder, or (text_file) a .txt file "
+        "of documents separated by blank lines",
+    )
     test_path: Path | None = Field(None, description="separate test file or folder (else split off)")
     text_column: str = "text"
     label_column: str = "label"
@@ -54,6 +58,18 @@ class TextDataSpec(BaseModel):
     min_words: int = Field(
         3, ge=1, description="with unit: sentence, shorter sentences (titles, fragments) are dropped"
     )
+    # language models (task: causal_lm)
+    format: Literal["text", "prompt_response", "chat"] = Field(
+        "text",
+        description="causal_lm: text (documents packed into blocks), prompt_response (JSONL; the loss covers the "
+        "response) or chat (JSONL messages under the tokenizer's chat template; the loss covers assistant turns)",
+    )
+    block_length: int | None = Field(
+        None, gt=1, le=8192, description="causal_lm, format text: tokens per packed block (default: max_length)"
+    )
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    messages_column: str = "messages"
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
 
 from distill.core.data import DataBundle, iterate_batches
 from distill.core.distiller import Distiller, DistillOutput
@@ -398,9 +399,11 @@ def train(
             seen, correct, labeled = (int(v) for v in totals[len(keys) :])
         val_metrics: dict[str, float] = {}
         if validating and task is not None and not task.has_logits:  # scored against the teacher
-            if reference is None:
-                reference = task.predict(distiller.teacher, data.val.x, device=device)
-            val_metrics = task.metrics(task.predict(distiller.student, data.val.x, device=device), data.val, reference)
+            val = data.val
+            if reference is None and isinstance(distiller.teacher, nn.Module):  # none for a student alone
+                reference = task.predict(distiller.teacher, val.x, device=device, labels=val.y)
+            scored = task.predict(distiller.student, val.x, device=device, labels=val.y, reference=reference)
+            val_metrics = task.metrics(scored, val, reference)
             val_acc = val_loss = float("nan")
         elif validating:
             val_logits = (

@@ -1,0 +1,187 @@
+"""Causal language models: students whose next-token distributions match the teacher's.
+
+Teachers and students are local Hugging Face causal LMs (``AutoModelForCausalLM``): a model
+directory, a student cut from the teacher's layers (embeddings, final norm and tied head copied),
+or a fresh smaller configuration with the same tokenizer. Data are packed text blocks,
+prompt/response pairs or chats (:mod:`distill.tasks.lm_data`); the mask says which positions
+count. Scores on held-out text, over the counted positions:
+
+- ``perplexity`` (primary, lower is better): exp of the mean next-token cross-entropy;
+- ``token_accuracy``: how often the top-1 next token is the right one;
+- ``agreement``: how often the top-1 next token is the teacher's;
+- ``kl``: KL(teacher ‖ student) per position, over the teacher's top-:data:`REFERENCE_K` tokens
+  plus one bucket for the rest of the vocabulary (the bucketed KL is a lower bound of the full
+  one and close to it when the teacher's mass sits in its top tokens).
+
+Predictions are per-position scores, not logits: ``[tokens, vocabulary]`` for a held-out split
+would not fit in memory, so each batch's logits are reduced as soon as they are computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distill.core.data import DataBundle, Split
+from distill.core.errors import DistillError
+from distill.core.inputs import Inputs, batch_len, call_model, take, to_device
+from distill.core.losses.base import logits_of
+from distill.tasks.base import register_task
+from distill.tasks.hf import FromTeacherSpec, HFCausalLM, HFConfigSpec, HFModel, HFSpec, fresh_student, load_causal_lm
+from distill.tasks.lm_data import load_lm_data
+from distill.tasks.text import TextClassification, check_same_tokenizer
+from distill.tasks.text_data import TextDataSpec
+
+REFERENCE_K = 64
+"""Teacher tokens per position kept to score students' KL against."""
+
+
+@dataclass
+class TokenScores:
+    """Per-position scores of a model on a split (``[n, seq]``, and ``[n, seq, k]`` for the
+    teacher's top tokens): what language-model metrics need, without the vocabulary."""
+
+    label_logprob: Tensor
+    argmax: Tensor
+    top_ids: Tensor | None = None
+    top_logprobs: Tensor | None = None
+    kl: Tensor | None = None
+
+
+def bucketed_kl(teacher_ids: Tensor, teacher_logprobs: Tensor, student_logprobs: Tensor) -> Tensor:
+    """KL(teacher ‖ student) per position over the teacher's top tokens and one tail bucket.
+
+    ``teacher_ids`` / ``teacher_logprobs``: ``[..., k]``; ``student_logprobs``: ``[..., vocab]``.
+    """
+    p = teacher_logprobs.double().exp()
+    q_log = student_logprobs.gather(-1, teacher_ids).double()
+    p_tail = (1 - p.sum(-1)).clamp_min(0)
+    q_tail = (1 - q_log.exp().sum(-1)).clamp_min(1e-30)
+    head = (p * (teacher_logprobs.double() - q_log)).sum(-1)
+    tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(1e-30).log() - q_tail.log()), torch.zeros_like(p_tail))
+    return (head + tail).clamp_min(0).float()
+
+
+@torch.inference_mode()
+def score_tokens(
+    model: nn.Module,
+    x: Inputs,
+    labels: Tensor,
+    reference: TokenScores | None = None,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    k: int = REFERENCE_K,
+) -> TokenScores:
+    """Run ``model`` over ``x`` batch by batch and keep per-position scores: the log-probability
+    of each label, the top-1 token, and either the model's own top-``k`` (no ``reference``: it is
+    the teacher) or its bucketed KL from the ``reference``'s top-``k``."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[Tensor]] = {"label_logprob": [], "argmax": [], "top_ids": [], "top_logprobs": [], "kl": []}
+    n = batch_len(x)
+    for start in range(0, n, batch_size):
+        rows = slice(start, start + batch_size)
+        logits = logits_of(call_model(model, to_device(take(x, rows), device))).float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        width = logprobs.shape[1]  # batches are cut to their longest sequence
+        y = labels[rows, :width].to(logprobs.device)
+        picked = logprobs.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1).masked_fill(y < 0, 0.0)
+        parts["label_logprob"].append(_pad(picked.cpu(), labels.shape[1]))
+        parts["argmax"].append(_pad(logprobs.argmax(-1).cpu(), labels.shape[1]))
+        if reference is None:
+            top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+            parts["top_ids"].append(_pad(top.indices.cpu(), labels.shape[1]))
+            parts["top_logprobs"].append(_pad(top.values.cpu(), labels.shape[1]))
+        else:
+            ids = reference.top_ids[rows, :width].to(logprobs.device)
+            values = reference.top_logprobs[rows, :width].to(logprobs.device)
+            parts["kl"].append(_pad(bucketed_kl(ids, values, logprobs).cpu(), labels.shape[1]))
+    model.train(was_training)
+    joined = {key: torch.cat(value) if value else None for key, value in parts.items()}
+    return TokenScores(**joined)
+
+
+def _pad(values: Tensor, width: int) -> Tensor:
+    """``values`` ``[b, s, ...]`` padded with zeros to ``[b, width, ...]``."""
+    if values.shape[1] == width:
+        return values
+    shape = (values.shape[0], width - values.shape[1], *values.shape[2:])
+    return torch.cat([values, values.new_zeros(shape)], dim=1)
+
+
+def token_metrics(scores: TokenScores, split: Split, reference: TokenScores | None = None) -> dict[str, float]:
+    mask = split.mask.bool() if split.mask is not None else split.y >= 0
+    count = int(mask.sum())
+    if count == 0:
+        return {"perplexity": float("nan"), "token_accuracy": float("nan")}
+    nll = -scores.label_logprob[mask].double().mean()
+    out = {
+        "perplexity": float(nll.exp()),
+        "token_accuracy": float((scores.argmax[mask] == split.y[mask]).float().mean()),
+    }
+    if reference is not None:
+        out["agreement"] = float((scores.argmax[mask] == reference.argmax[mask]).float().mean())
+        out["kl"] = float(scores.kl[mask].mean()) if scores.kl is not None else 0.0  # the teacher against itself
+    return out
+
+
+@register_task("causal_lm")
+class CausalLM(TextClassification):
+    """Next-token prediction with Hugging Face causal LMs, scored by held-out perplexity."""
+
+    primary_metric = "perplexity"
+    higher_is_better = False
+    primary_percent = False
+    has_logits = False  # per-token scores, not class logits: nothing per class
+
+    def load_data(self, spec: Any) -> DataBundle:
+        if not isinstance(spec, TextDataSpec):
+            raise DistillError(
+                "data.source: task causal_lm reads text (text_file, text_folder, jsonl, hf_disk, bbc_news)"
+            )
+        if spec.unit != "text" or spec.labeled is not None or spec.unlabeled is not None:
+            field = "unit" if spec.unit != "text" else "labeled" if spec.labeled is not None else "unlabeled"
+            raise DistillError(f"data.{field}: is for text classification and embeddings, not task causal_lm")
+        return load_lm_data(spec)
+
+    def load_model(self, spec: HFSpec, data: DataBundle, field: str) -> HFCausalLM:
+        return load_causal_lm(spec, field, vocab=data.num_classes)
+
+    def build_model(self, spec: Any, data: DataBundle, field: str, teacher: nn.Module | None = None) -> nn.Module:
+        if isinstance(spec, HFConfigSpec):
+            return fresh_student(spec, teacher, None, field)
+        if isinstance(spec, HFSpec):
+            model = self.load_model(spec, data, field)
+            if isinstance(teacher, HFModel):
+                check_same_tokenizer(spec.path, teacher, field, chat=True)
+            return model
+        if isinstance(spec, FromTeacherSpec):
+            return super().build_model(spec, data, field, teacher)
+        raise DistillError(
+            f"{field}.arch: task causal_lm builds Hugging Face models (arch hf, from_teacher or hf_config), "
+            f"not {getattr(spec, 'arch', type(spec).__name__)}"
+        )
+
+    def eval_order(self, x: Inputs) -> Tensor | None:
+        return None  # scores are gathered batch by batch in the split's order
+
+    def predict(
+        self,
+        model: nn.Module,
+        x: Inputs,
+        device: torch.device | str = "cpu",
+        labels: Tensor | None = None,
+        reference: Any = None,
+    ) -> TokenScores:
+        if labels is None:
+            raise ValueError("causal_lm predictions need the split's labels (the next tokens)")
+        return score_tokens(model.to(device), x, labels, reference, device=device)
+
+    def metrics(self, logits: Any, split: Split, reference: Any = None) -> dict[str, float]:
+        return token_metrics(logits, split, reference)
+
+    def onnx_module(self, model: nn.Module) -> nn.Module | None:
+        return None

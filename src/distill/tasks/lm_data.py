@@ -1,0 +1,253 @@
+"""Language-modelling data: documents packed into fixed-length blocks, prompt/response pairs, or
+chat conversations, tokenised into ``input_ids`` / ``attention_mask`` with next-token labels.
+
+Every row is one sequence; ``labels[t]`` is the token at ``t + 1`` (-1 where nothing is
+predicted) and ``mask[t]`` says whether position ``t`` counts: every position of a packed block,
+the response tokens of a prompt/response pair or the assistant turns of a chat, never padding.
+The mask reaches every term, the cache and the distributed share weighting through ``Split.mask``.
+
+Documents are split into train / val / test before packing (by ``split_seed``), so no document
+is in two splits. Bad input ends in one line naming the file and row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill.core.data import UNLABELED, DataBundle, Split
+from distill.core.errors import DistillError
+from distill.tasks.text_data import (
+    TextDataSpec,
+    _decode,
+    _read_records,
+    load_tokenizer,
+    read_texts,
+    resolve_tokenizer_dir,
+)
+
+
+def read_documents(spec: TextDataSpec, path: Path | None, field: str) -> list[Any]:
+    """Texts (format ``text``), ``(prompt, response)`` pairs, or message lists (``chat``)."""
+    if spec.format == "text":
+        if spec.source in ("bbc_news", "text_folder", "hf_disk"):
+            return read_texts(path, spec, field).texts
+        if path is None:
+            raise DistillError(f"{field}: data.source {spec.source} needs data.path")
+        if spec.source == "text_file" or path.suffix.lower() == ".txt":
+            return _read_plain(path, field)
+        return _read_records(path, spec, field, labeled=False).texts
+    if spec.source not in ("jsonl", "text_file") or path is None or path.suffix.lower() != ".jsonl":
+        raise DistillError(f"data.format: {spec.format} data are read from a .jsonl file (data.source: jsonl)")
+    import json
+
+    rows = []
+    for i, line in enumerate(_decode(path.read_bytes(), str(path)).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {i}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DistillError(f"{where}: not JSON ({err.msg})") from None
+        rows.append(
+            _prompt_pair(record, spec, where) if spec.format == "prompt_response" else _chat(record, spec, where)
+        )
+    if not rows:
+        raise DistillError(f"{field}: {path} holds no rows")
+    return rows
+
+
+def _read_plain(path: Path, field: str) -> list[str]:
+    """A ``.txt`` file: documents separated by blank lines."""
+    if not path.is_file():
+        raise DistillError(f"{field}: {path} is not a file")
+    text = _decode(path.read_bytes(), str(path))
+    documents = [part.strip() for part in text.replace("\r\n", "\n").split("\n\n") if part.strip()]
+    if not documents:
+        raise DistillError(f"{field}: {path} holds no text")
+    return documents
+
+
+def _text_value(record: dict, column: str, where: str, what: str) -> str:
+    value = record.get(column)
+    if not isinstance(value, str) or not value.strip():
+        raise DistillError(f"{where}: no {what} text in column {column!r} (set data.{what}_column)")
+    return value
+
+
+def _prompt_pair(record: object, spec: TextDataSpec, where: str) -> tuple[str, str]:
+    if not isinstance(record, dict):
+        raise DistillError(f"{where}: expected an object with {spec.prompt_column!r} and {spec.response_column!r}")
+    return (
+        _text_value(record, spec.prompt_column, where, "prompt"),
+        _text_value(record, spec.response_column, where, "response"),
+    )
+
+
+def _chat(record: object, spec: TextDataSpec, where: str) -> list[dict[str, str]]:
+    messages = record.get(spec.messages_column) if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise DistillError(
+            f"{where}: no list of messages in column {spec.messages_column!r} (set data.messages_column)"
+        )
+    for j, message in enumerate(messages):
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            raise DistillError(f"{where}: message {j} is not {{role: ..., content: ...}} with text values")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DistillError(f"{where}: the conversation has no assistant message; nothing would be learned from it")
+    return messages
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def pack_documents(tokenizer, documents: list[str], block_length: int) -> list[list[int]]:
+    """Documents tokenised, joined by the end-of-text token and cut into blocks of
+    ``block_length + 1`` tokens that overlap by one (a block's inputs are its first
+    ``block_length`` tokens and its labels the last ``block_length``); the remainder is dropped."""
+    separator = tokenizer.eos_token_id
+    stream: list[int] = []
+    for document in documents:
+        if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != separator:
+            stream.append(tokenizer.bos_token_id)
+        stream.extend(_ids(tokenizer, document))
+        if separator is not None:
+            stream.append(separator)
+    return [stream[i : i + block_length + 1] for i in range(0, len(stream) - block_length, block_length)]
+
+
+def _pair_tokens(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
+    """Token ids of prompt + response (+ end of text) and where the response starts."""
+    head = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + _ids(tokenizer, prompt)
+    tail = _ids(tokenizer, response) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    return head + tail, len(head)
+
+
+def _chat_tokens(tokenizer, messages: list[dict[str, str]], where: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of the conversation under the tokenizer's chat template and the spans of the
+    assistant's turns (found by rendering the conversation up to each turn)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DistillError(f"{where}: the tokenizer has no chat template; use data.format: prompt_response")
+
+    def render(upto: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(upto, tokenize=False, add_generation_prompt=generation_prompt)
+        return _ids(tokenizer, text)
+
+    ids = render(messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start = len(render(messages[:i], True))
+            end = len(render(messages[: i + 1], False))
+            if ids[:end] != render(messages[: i + 1], False) or start > end:
+                raise DistillError(f"{where}: the chat template does not render turns as prefixes; use prompt_response")
+            spans.append((start, end))
+    return ids, spans
+
+
+def _rows(tokenizer, documents: list[Any], spec: TextDataSpec, where: str) -> tuple[list[list[int]], list[list[bool]]]:
+    """Token ids of every row and, per token, whether it is a target (predicted, counted)."""
+    if spec.format == "text":
+        blocks = pack_documents(tokenizer, documents, spec.block_length or spec.max_length)
+        return blocks, [[True] * len(b) for b in blocks]
+    rows, targets = [], []
+    for i, item in enumerate(documents):
+        if spec.format == "prompt_response":
+            ids, start = _pair_tokens(tokenizer, *item)
+            spans = [(start, len(ids))]
+        else:
+            ids, spans = _chat_tokens(tokenizer, item, f"{where}, row {i + 1}")
+        target = [False] * len(ids)
+        for start, end in spans:
+            target[start:end] = [True] * (end - start)
+        ids, target = ids[: spec.max_length + 1], target[: spec.max_length + 1]
+        if not any(target[1:]):
+            raise DistillError(
+                f"{where}, row {i + 1}: the prompt fills all {spec.max_length} tokens and leaves none of the "
+                f"response; raise data.max_length or shorten the prompt"
+            )
+        rows.append(ids)
+        targets.append(target)
+    return rows, targets
+
+
+def to_split(rows: list[list[int]], targets: list[list[bool]], pad_id: int) -> Split:
+    """Inputs are each row but its last token; ``labels[t]`` is token ``t + 1`` where that token is a
+    target (else -1); ``mask`` = the positions with a label. Rows are padded to the longest."""
+    width = max((len(r) - 1 for r in rows), default=1)
+    n = len(rows)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), UNLABELED, dtype=torch.long)
+    for i, (row, target) in enumerate(zip(rows, targets, strict=True)):
+        length = len(row) - 1
+        ids[i, :length] = torch.tensor(row[:-1])
+        attention[i, :length] = 1
+        following = torch.tensor(row[1:])
+        wanted = torch.tensor(target[1:], dtype=torch.bool)
+        labels[i, :length] = torch.where(wanted, following, torch.full_like(following, UNLABELED))
+    return Split({"input_ids": ids, "attention_mask": attention}, labels, labels >= 0)
+
+
+def load_lm_data(spec: TextDataSpec) -> DataBundle:
+    """Read, split by document, tokenise and pack: the same splits for every run with the same
+    ``split_seed``."""
+    if spec.tokenizer is None:
+        raise DistillError("data.tokenizer: no tokenizer; set data.tokenizer or use a Hugging Face teacher")
+    tokenizer = load_tokenizer(spec.tokenizer)
+    documents = read_documents(spec, spec.path, "data.path")
+    rng = np.random.default_rng(spec.split_seed)
+    if spec.test_path is not None:
+        test_docs = read_documents(spec, spec.test_path, "data.test_path")
+        train_docs = documents
+    else:
+        order = rng.permutation(len(documents))
+        cut = int(round(len(order) * spec.test_fraction))
+        test_docs, train_docs = [documents[i] for i in order[:cut]], [documents[i] for i in order[cut:]]
+    order = rng.permutation(len(train_docs))
+    n_val = int(round(len(order) * spec.val_fraction))
+    val_docs = [train_docs[i] for i in order[:n_val]]
+    train_docs = [train_docs[i] for i in order[n_val:]]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    splits = {}
+    for name, docs in (("train", train_docs), ("val", val_docs), ("test", test_docs)):
+        rows, targets = _rows(tokenizer, docs, spec, f"data ({name} split)")
+        if spec.limit_train is not None and name == "train":
+            rows, targets = rows[: spec.limit_train], targets[: spec.limit_train]
+        if not rows and name != "val":
+            raise DistillError(
+                f"data.path: the {name} split holds no {'block' if spec.format == 'text' else 'row'} of "
+                f"{(spec.block_length or spec.max_length)} tokens; give more text or lower data.block_length"
+            )
+        splits[name] = to_split(rows, targets, pad) if rows else _empty_split(spec)
+    name = "bbc_news" if spec.source == "bbc_news" and spec.path is None else Path(spec.path or "texts").stem
+    return DataBundle(
+        name=name,
+        train=splits["train"],
+        val=splits["val"],
+        test=splits["test"],
+        num_classes=len(tokenizer),
+        class_names=[],
+        normalize="none",
+        info={
+            "tokenizer": str(resolve_tokenizer_dir(spec.tokenizer)),
+            "max_length": spec.max_length,
+            "format": spec.format,
+            "tokens": {name: int(split.mask.sum()) for name, split in splits.items()},
+        },
+    )
+
+
+def _empty_split(spec: TextDataSpec) -> Split:
+    width = spec.block_length or spec.max_length
+    zeros = torch.zeros((0, width), dtype=torch.long)
+    return Split({"input_ids": zeros, "attention_mask": zeros.clone()}, zeros.clone(), zeros.bool())

@@ -1,0 +1,246 @@
+"""Causal language models: data with masks, per-token scores, cutting a Llama, whole runs."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+
+from tiny_lm import chat_file, llama_dir, lm_tokenizer, prompt_file, text_file  # noqa: E402
+
+from distill.core.errors import DistillError  # noqa: E402
+from distill.tasks.lm_data import load_lm_data, pack_documents, to_split  # noqa: E402
+from distill.tasks.text_data import TextDataSpec  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama_path(tmp_path_factory):
+    return llama_dir(tmp_path_factory.mktemp("llama") / "llama")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return text_file(tmp_path_factory.mktemp("corpus") / "docs.txt")
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def test_packing_joins_documents_with_end_of_text_and_labels_are_the_next_tokens(llama_path):
+    tokenizer = lm_tokenizer(llama_path.parent / "tok")
+    ids = {w: tokenizer.convert_tokens_to_ids(w) for w in ("cat", "dog", "egg", "<s>", "</s>")}
+    blocks = pack_documents(tokenizer, ["cat dog", "egg"], block_length=3)
+    s, e = ids["<s>"], ids["</s>"]
+    assert blocks == [[s, ids["cat"], ids["dog"], e], [e, s, ids["egg"], e]]  # 4-token windows overlapping by one
+    split = to_split(blocks, [[True] * 4] * 2, pad_id=0)
+    assert split.x["input_ids"].tolist() == [[s, ids["cat"], ids["dog"]], [e, s, ids["egg"]]]
+    assert split.y.tolist() == [[ids["cat"], ids["dog"], e], [s, ids["egg"], e]] and bool(split.mask.all())
+
+
+def test_prompt_response_rows_count_only_the_response_and_never_padding(llama_path, tmp_path):
+    data = load_lm_data(
+        TextDataSpec(
+            source="jsonl", path=prompt_file(tmp_path / "p.jsonl"), tokenizer=llama_path, format="prompt_response"
+        )
+    )
+    tokenizer = lm_tokenizer(tmp_path / "tok")
+    row = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])
+    for split in (data.train, data.val, data.test):
+        assert not bool((split.mask & (split.x["attention_mask"] == 0)).any())  # padding never counts
+        assert bool((split.y[~split.mask] == -1).all())
+    # a row: <s> + 6 prompt words + 6 response words + </s>; positions 6..12 predict the response and </s>
+    ids = [tokenizer.bos_token_id] + tokenizer(row["prompt"] + " " + row["response"], add_special_tokens=False)[
+        "input_ids"
+    ]
+    matches = [i for i in range(len(data.train)) if data.train.x["input_ids"][i, :13].tolist() == ids]
+    matches += [-1]  # the first row may have gone to val or test
+    if matches[0] >= 0:
+        mask = data.train.mask[matches[0]]
+        assert mask.nonzero().flatten().tolist() == list(range(6, 13))
+    assert int(data.train.mask.sum(1).min()) == 7 and int(data.train.mask.sum(1).max()) == 7
+
+
+def test_chat_rows_count_only_the_assistant_turns(llama_path, tmp_path):
+    data = load_lm_data(
+        TextDataSpec(source="jsonl", path=chat_file(tmp_path / "c.jsonl"), tokenizer=llama_path, format="chat")
+    )
+    tokenizer = lm_tokenizer(tmp_path / "tok")
+    x, y, mask = data.train.x["input_ids"][0], data.train.y[0], data.train.mask[0]
+    targets = y[mask].tolist()
+    text = tokenizer.decode(targets)
+    # each assistant turn: its 4 and 3 words and the end-of-turn token; nothing of system or user turns
+    assert targets.count(tokenizer.convert_tokens_to_ids("<|end|>")) == 2 and len(targets) == 4 + 1 + 3 + 1
+    assert "<|user|>" not in text and "<|system|>" not in text
+    assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
+    first = int((x == assistant).nonzero()[0])
+    assert bool(mask[first]) and not bool(mask[first - 1])  # the header predicts the reply's first word
+
+
+def test_bad_lm_data_is_named_in_one_line(llama_path, tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"messages": [{"role": "user", "content": "cat"}]}\n')
+    with pytest.raises(DistillError, match=r"c.jsonl, line 1: the conversation has no assistant message"):
+        load_lm_data(TextDataSpec(source="jsonl", path=tmp_path / "c.jsonl", tokenizer=llama_path, format="chat"))
+    (tmp_path / "p.jsonl").write_text('{"prompt": "cat dog cat dog", "response": "egg"}\n' * 10)
+    with pytest.raises(DistillError, match=r"row 1: the prompt fills all 4 tokens"):
+        load_lm_data(
+            TextDataSpec(
+                source="jsonl", path=tmp_path / "p.jsonl", tokenizer=llama_path, format="prompt_response", max_length=4
+            )
+        )
+    (tmp_path / "short.txt").write_text("cat dog\n")
+    with pytest.raises(DistillError, match="holds no block of 64 tokens"):
+        load_lm_data(
+            TextDataSpec(source="text_file", path=tmp_path / "short.txt", tokenizer=llama_path, block_length=64)
+        )
+
+
+# ---------------------------------------------------------------------------- scores
+
+
+def test_bucketed_kl_is_the_exact_kl_with_every_token_and_a_lower_bound_with_fewer():
+    from distill.tasks.lm import bucketed_kl
+
+    g = torch.Generator().manual_seed(0)
+    t, s = (
+        torch.log_softmax(torch.randn(3, 5, 20, generator=g) * 2, -1),
+        torch.log_softmax(torch.randn(3, 5, 20, generator=g), -1),
+    )
+    exact = (t.exp() * (t - s)).sum(-1)
+    full = t.topk(20, -1)
+    assert torch.allclose(bucketed_kl(full.indices, full.values, s), exact, atol=1e-5)
+    top = t.topk(4, -1)
+    bucketed = bucketed_kl(top.indices, top.values, s)
+    assert bool((bucketed <= exact + 1e-6).all()) and bool((bucketed > 0).all())
+
+
+def test_perplexity_agreement_and_kl_match_values_computed_from_full_logits(llama_path, corpus):
+    from distill.tasks import get_task
+    from distill.tasks.hf import HFSpec, load_causal_lm
+
+    task = get_task("causal_lm")
+    data = load_lm_data(TextDataSpec(source="text_file", path=corpus, tokenizer=llama_path, block_length=16))
+    teacher = load_causal_lm(HFSpec(path=llama_path), "teacher", vocab=data.num_classes)
+    torch.manual_seed(1)
+    student = task.random_init(teacher, "student")
+    test = data.test
+    ref = task.predict(teacher, test.x, labels=test.y)
+    scores = task.predict(student, test.x, labels=test.y, reference=ref)
+    metrics = task.metrics(scores, test, ref)
+    with torch.no_grad():
+        s_logits, t_logits = student(**test.x).logits, teacher(**test.x).logits
+    mask = test.mask
+    ce = F.cross_entropy(s_logits[mask], test.y[mask])
+    assert metrics["perplexity"] == pytest.approx(math.exp(float(ce)), rel=1e-5)
+    assert metrics["token_accuracy"] == pytest.approx(float((s_logits.argmax(-1)[mask] == test.y[mask]).float().mean()))
+    assert metrics["agreement"] == pytest.approx(
+        float((s_logits.argmax(-1) == t_logits.argmax(-1))[mask].float().mean())
+    )
+    t_log, s_log = torch.log_softmax(t_logits, -1), torch.log_softmax(s_logits, -1)
+    exact = (t_log.exp() * (t_log - s_log)).sum(-1)[mask].mean()  # vocabulary 53 < 64: the KL is exact
+    assert metrics["kl"] == pytest.approx(float(exact), abs=1e-5)
+    own = task.metrics(ref, test, ref)
+    assert own["agreement"] == 1.0 and own["kl"] == 0.0
+
+
+# ---------------------------------------------------------------------------- students
+
+
+def test_a_cut_llama_copies_the_chosen_layers_renumbers_them_and_keeps_the_head_tied(llama_path):
+    from distill.tasks.hf import FromTeacherSpec, HFSpec, cut_student, load_causal_lm
+
+    teacher = load_causal_lm(HFSpec(path=llama_path), "teacher", vocab=53)
+    student = cut_student(FromTeacherSpec(layers=[0, 3]), teacher, "student")
+    t, s = teacher.model.state_dict(), student.model.state_dict()
+    for j, i in enumerate([0, 3]):
+        for key in [k for k in t if k.startswith(f"model.layers.{i}.")]:
+            assert torch.equal(s[key.replace(f"layers.{i}.", f"layers.{j}.")], t[key])
+    for key in ("model.embed_tokens.weight", "model.norm.weight"):
+        assert torch.equal(s[key], t[key])
+    assert student.model.lm_head.weight is student.model.model.embed_tokens.weight  # still tied
+    assert [layer.self_attn.layer_idx for layer in student.model.model.layers] == [0, 1]
+    assert student.model.config.distill_kept_layers == [0, 3] and student.vocab == 53
+    ids = torch.tensor([[1, 9, 12, 30, 7]])
+    out = student.model.generate(ids, max_new_tokens=4, do_sample=False)  # the key/value cache works after a cut
+    assert out.shape == (1, 9)
+
+
+def test_a_padded_vocabulary_is_cut_to_the_tokenizer_and_a_different_tokenizer_is_refused(llama_path, tmp_path):
+    from distill.tasks import get_task
+    from distill.tasks.hf import HFSpec, load_causal_lm
+
+    padded = llama_dir(tmp_path / "padded", vocab=64)  # 53 tokens, 64 rows
+    model = load_causal_lm(HFSpec(path=padded), "student", vocab=53)
+    assert model(input_ids=torch.tensor([[1, 5, 9]])).logits.shape == (1, 3, 53)
+    teacher = load_causal_lm(HFSpec(path=llama_path), "teacher", vocab=53)
+    from distill.tasks.text import check_same_tokenizer
+
+    check_same_tokenizer(padded, teacher, "student", chat=True)  # the same tokenizer: accepted
+    other = llama_dir(tmp_path / "other")
+    lm_tokenizer(other, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(DistillError, match="student.path: its chat template differs from the teacher's"):
+        check_same_tokenizer(other, teacher, "student", chat=True)
+    with pytest.raises(DistillError, match="its vocabulary has 53 rows but the tokenizer 60 tokens"):
+        load_causal_lm(HFSpec(path=llama_path), "student", vocab=60)
+    assert get_task("causal_lm").higher_is_better is False
+
+
+# ---------------------------------------------------------------------------- whole runs
+
+
+def lm_config(tmp_path, teacher, corpus, **changes):
+    import yaml
+
+    config = {
+        "task": "causal_lm",
+        "data": {"source": "text_file", "path": str(corpus), "block_length": 16},
+        "teacher": {
+            "kind": "train",
+            "model": {"arch": "hf", "path": str(teacher)},
+            "train": {"epochs": 3, "batch_size": 8, "optimizer": "adamw", "lr": 0.01, "schedule": "constant"},
+        },
+        "student": {"from_teacher": {"layers": [0, 3]}},
+        "distill": {"terms": [{"type": "kd", "weight": 0.5, "temperature": 1}, {"type": "ce", "weight": 0.5}]},
+        "train": {"epochs": 2, "batch_size": 8, "optimizer": "adamw", "lr": 0.01, "schedule": "constant"},
+        "eval": {"latency_batch_sizes": [1, 4], "latency_repeats": 3},
+        "output": {"dir": str(tmp_path / "runs"), "name": "lm"},
+    } | changes
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm_run(llama_path, corpus, tmp_path_factory):
+    from distill.cli import main
+
+    tmp_path = tmp_path_factory.mktemp("lm-run")
+    assert main(["run", str(lm_config(tmp_path, llama_path, corpus)), "--quiet"]) == 0
+    return tmp_path / "runs" / "lm"
+
+
+def test_an_lm_run_cuts_distils_and_scores_perplexity_against_the_lm_loss_baseline(lm_run):
+    metrics = json.loads((lm_run / "metrics.json").read_text())
+    assert metrics["task"] == "causal_lm"
+    assert metrics["primary_metric"] == {"name": "perplexity", "higher_is_better": False, "percent": False}
+    models = metrics["models"]
+    for role in ("teacher", "scratch", "distilled"):
+        m = models[role]
+        assert set(m["metrics"]) == {"perplexity", "token_accuracy", "agreement", "kl"}
+        assert m["score"] == m["metrics"]["perplexity"] > 1
+    assert models["teacher"]["metrics"]["kl"] == 0.0 and models["distilled"]["metrics"]["kl"] > 0
+    t, s, d = (models[r]["score"] for r in ("teacher", "scratch", "distilled"))
+    gap = models["distilled"]["gap_closed"]  # perplexity: lower is better, so the gap is scratch − teacher
+    assert gap == pytest.approx((s - d) / (s - t)) if s > t else gap is None  # None: the teacher is not ahead
+    assert models["distilled"]["retention"] == pytest.approx(t / d)
+    history = metrics["training"]["distilled"]["history"]
+    assert "perplexity" in history[0]["val_metrics"] and history[-1]["loss"] < history[0]["loss"]
+    report = (lm_run / "report.md").read_text()
+    assert "test perplexity" in report and "at batch 4, tokens per second" in report
+    assert "in perplexity (lower is better)" in report.splitlines()[2]  # the verdict names the metric
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(lm_run / "student-hf")
+    assert exported.config.num_hidden_layers == 2
