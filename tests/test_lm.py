@@ -145,6 +145,100 @@ def test_perplexity_agreement_and_kl_match_values_computed_from_full_logits(llam
     assert own["agreement"] == 1.0 and own["kl"] == 0.0
 
 
+# ---------------------------------------------------------------------------- token-level terms
+
+
+def reference_divergence(s, t, kind, temperature, mask, beta=0.5):
+    """The divergences written out in float64, position by position."""
+    total, rows = 0.0, 0
+    for b in range(s.shape[0]):
+        for i in range(s.shape[1]):
+            if not mask[b, i]:
+                continue
+            q = torch.softmax(s[b, i].double() / temperature, -1)
+            p = torch.softmax(t[b, i].double() / temperature, -1)
+            m = beta * p + (1 - beta) * q
+            value = {
+                "forward": (p * (p / q).log()).sum(),
+                "reverse": (q * (q / p).log()).sum(),
+                "jsd": beta * (p * (p / m).log()).sum() + (1 - beta) * (q * (q / m).log()).sum(),
+                "tv": 0.5 * (p - q).abs().sum(),
+            }[kind]
+            total, rows = total + float(value.detach()), rows + 1
+    return total / rows * (1 if kind == "tv" else temperature**2)
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd", "tv"])
+def test_token_divergences_match_hand_computed_values_with_mask_and_temperature(kind):
+    from distill.core.losses.divergence import token_divergence
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 5, 7, generator=g, requires_grad=True)
+    t = torch.randn(2, 5, 7, generator=g) * 2
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    value = token_divergence(s, t, kind, temperature=2.0, mask=mask, beta=0.3)
+    assert float(value.detach()) == pytest.approx(reference_divergence(s.detach(), t, kind, 2.0, mask, beta=0.3), rel=1e-5)
+    grad = torch.autograd.grad(value, s)[0]
+    assert grad[~mask].abs().max() == 0 and grad[mask].abs().sum() > 0  # padding gets no gradient
+    # chunked over positions (checkpointed) gives the same value and gradient as one chunk
+    s2 = s.detach().clone().requires_grad_(True)
+    chunked = token_divergence(s2, t, kind, temperature=2.0, mask=mask, beta=0.3, chunk=3)
+    assert float(chunked.detach()) == pytest.approx(float(value.detach()), rel=1e-6)
+    assert torch.allclose(torch.autograd.grad(chunked, s2)[0], grad, atol=1e-7)
+
+
+def test_jsd_is_forward_kl_at_beta_0_reverse_kl_at_1_and_forward_kl_is_kd():
+    from distill.core.losses import build_term
+    from distill.core.losses.base import Batch, ModelOutputs
+    from distill.core.losses.divergence import token_divergence
+    from distill.core.losses.response import soft_target_kl
+
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(3, 4, 9, generator=g), torch.randn(3, 4, 9, generator=g)
+    mask = torch.rand(3, 4, generator=g) > 0.3
+    for beta, kind in ((0.0, "forward"), (1.0, "reverse")):
+        assert float(token_divergence(s, t, "jsd", 1.5, mask, beta=beta)) == pytest.approx(
+            float(token_divergence(s, t, kind, 1.5, mask))
+        )
+    half = float(token_divergence(s, t, "jsd", 1.0, mask, beta=0.5))
+    assert half == pytest.approx(float(token_divergence(t, s, "jsd", 1.0, mask, beta=0.5)), rel=1e-6)  # symmetric
+    assert 0 < half <= math.log(2)
+    term = build_term("forward_kl", {"temperature": 2.0})
+    out = term(ModelOutputs(logits=s), ModelOutputs(logits=t), Batch(None, mask=mask))
+    assert float(out) == pytest.approx(float(soft_target_kl(s, t, 2.0, mask)), rel=1e-6)
+    assert build_term("jsd", {"beta": 0.9}).beta == 0.9
+    with pytest.raises(Exception, match="beta"):
+        build_term("jsd", {"beta": 1.5})
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd", "tv"])
+def test_token_divergences_from_cached_top_k_use_the_teachers_buckets(kind):
+    from distill.core.losses.divergence import divergence_rows, token_divergence
+    from distill.core.signals import TopKLogits
+
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(2, 3, 8, generator=g, requires_grad=True)
+    t = torch.randn(2, 3, 8, generator=g) * 3
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    dense = token_divergence(s, t, kind, 1.0, mask)
+    assert float(token_divergence(s, TopKLogits.from_dense(t, 8), kind, 1.0, mask).detach()) == pytest.approx(
+        float(dense.detach()), rel=1e-5
+    )
+    cached = TopKLogits.from_dense(t, 3)
+    value = token_divergence(s, cached, kind, 1.0, mask)
+    # by hand: both distributions over the teacher's 3 tokens and one bucket for the other 5
+    log_t, log_s = torch.log_softmax(t, -1)[mask], torch.log_softmax(s.detach(), -1)[mask]
+    idx = t[mask].topk(3, -1).indices
+
+    def buckets(log_p):
+        head = log_p.gather(-1, idx)
+        return torch.cat([head, torch.log1p(-head.exp().sum(-1, keepdim=True))], -1)
+
+    expected = divergence_rows(buckets(log_s), buckets(log_t), kind).mean()
+    assert float(value.detach()) == pytest.approx(float(expected), rel=1e-4)
+    assert torch.autograd.grad(value, s)[0][~mask].abs().max() == 0
+
+
 # ---------------------------------------------------------------------------- students
 
 

@@ -3,6 +3,7 @@ to configs by name (``distill methods`` lists them)."""
 
 from distill.core.losses import (  # noqa: F401  (registration)
     decoupled,
+    divergence,
     embedding,
     features,
     relations,
@@ -22,6 +23,7 @@ from distill.core.losses.base import (
     register_term,
 )
 from distill.core.losses.decoupled import DecoupledKD, decoupled_kd
+from distill.core.losses.divergence import ForwardKL, GeneralisedJSD, ReverseKL, TotalVariation, token_divergence
 from distill.core.losses.embedding import EmbeddingCosine, EmbeddingMSE
 from distill.core.losses.features import AttentionTransfer, FitNetsHint, attention_map
 from distill.core.losses.relations import (
@@ -53,6 +55,8 @@ __all__ = [
     "EmbeddingCosine",
     "EmbeddingMSE",
     "FitNetsHint",
+    "ForwardKL",
+    "GeneralisedJSD",
     "HardLabelCE",
     "LossTerm",
     "MiniLMAttention",
@@ -61,6 +65,7 @@ __all__ = [
     "ProbabilisticTransfer",
     "RKDAngle",
     "RKDDistance",
+    "ReverseKL",
     "SimilarityPreserving",
     "SoftTargetKD",
     "TappedPairParams",
@@ -69,12 +74,14 @@ __all__ = [
     "TinyBERTAttention",
     "TinyBERTEmbedding",
     "TinyBERTHidden",
+    "TotalVariation",
     "attention_map",
     "build_term",
     "decoupled_kd",
     "hard_label_ce",
     "masked_mean",
     "probabilistic_transfer",
+    "token_divergence",
     "register_term",
     "rkd_angle",
     "rkd_distance",
