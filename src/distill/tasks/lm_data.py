@@ -110,15 +110,21 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _bos(tokenizer) -> list[int]:
+    """The beginning-of-text token if the tokenizer puts one before every text itself (Llama's
+    does, SmolLM2's does not): documents start the way the model saw them in training."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else []
+
+
 def pack_documents(tokenizer, documents: list[str], block_length: int) -> list[list[int]]:
     """Documents tokenised, joined by the end-of-text token and cut into blocks of
     ``block_length + 1`` tokens that overlap by one (a block's inputs are its first
     ``block_length`` tokens and its labels the last ``block_length``); the remainder is dropped."""
-    separator = tokenizer.eos_token_id
+    separator, bos = tokenizer.eos_token_id, _bos(tokenizer)
     stream: list[int] = []
     for document in documents:
-        if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != separator:
-            stream.append(tokenizer.bos_token_id)
+        stream.extend(bos)
         stream.extend(_ids(tokenizer, document))
         if separator is not None:
             stream.append(separator)
@@ -127,7 +133,7 @@ def pack_documents(tokenizer, documents: list[str], block_length: int) -> list[l
 
 def _pair_tokens(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
     """Token ids of prompt + response (+ end of text) and where the response starts."""
-    head = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + _ids(tokenizer, prompt)
+    head = _bos(tokenizer) + _ids(tokenizer, prompt)
     tail = _ids(tokenizer, response) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
     return head + tail, len(head)
 
