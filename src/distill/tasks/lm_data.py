@@ -227,8 +227,9 @@ def load_lm_data(spec: TextDataSpec) -> DataBundle:
     splits = {}
     for name, docs in (("train", train_docs), ("val", val_docs), ("test", test_docs)):
         rows, targets = _rows(tokenizer, docs, spec, f"data ({name} split)")
-        if spec.limit_train is not None and name == "train":
-            rows, targets = rows[: spec.limit_train], targets[: spec.limit_train]
+        limit = spec.limit_train if name == "train" else spec.limit_eval
+        if limit is not None:
+            rows, targets = rows[:limit], targets[:limit]
         if not rows and name != "val":
             raise DistillError(
                 f"data.path: the {name} split holds no {'block' if spec.format == 'text' else 'row'} of "

@@ -67,6 +67,9 @@ class TextDataSpec(BaseModel):
     block_length: int | None = Field(
         None, gt=1, le=8192, description="causal_lm, format text: tokens per packed block (default: max_length)"
     )
+    limit_eval: int | None = Field(
+        None, gt=0, description="causal_lm: at most this many validation and test rows (blocks or pairs)"
+    )
     prompt_column: str = "prompt"
     response_column: str = "response"
     messages_column: str = "messages"
