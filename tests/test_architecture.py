@@ -335,7 +335,7 @@ def test_the_image_task_is_the_default_and_configs_name_tasks(tmp_path):
     assert parse_config(tiny_config(tmp_path)).task == "image_classification"
     with pytest.raises(
         DistillError,
-        match=r"^config: task: unknown task 'poetry'; available: image_classification, text_classification, text_embedding$",
+        match=r"^config: task: unknown task 'poetry'; available: causal_lm, image_classification, text_classification, text_embedding$",
     ):
         parse_config(tiny_config(tmp_path, task="poetry"))
     data = task.load_data(DataSpec(source="digits"))

@@ -288,7 +288,7 @@ def test_a_padded_vocabulary_is_cut_to_the_tokenizer_and_a_different_tokenizer_i
 # ---------------------------------------------------------------------------- whole runs
 
 
-def lm_config(tmp_path, teacher, corpus, **changes):
+def lm_config(tmp_path, model_dir, corpus, **changes):
     import yaml
 
     config = {
@@ -296,7 +296,7 @@ def lm_config(tmp_path, teacher, corpus, **changes):
         "data": {"source": "text_file", "path": str(corpus), "block_length": 16},
         "teacher": {
             "kind": "train",
-            "model": {"arch": "hf", "path": str(teacher)},
+            "model": {"arch": "hf", "path": str(model_dir)},
             "train": {"epochs": 3, "batch_size": 8, "optimizer": "adamw", "lr": 0.01, "schedule": "constant"},
         },
         "student": {"from_teacher": {"layers": [0, 3]}},
@@ -369,3 +369,47 @@ def test_the_packaged_smollm2_converts_once_from_gguf_and_cuts_every_fifth_layer
     ids = tokenizer("The BBC reported that", return_tensors="pt")
     with torch.no_grad():
         assert student(**ids).logits.shape == (1, ids["input_ids"].shape[1], 49152)
+
+
+def test_an_lm_teacher_cache_stores_counted_positions_serves_a_run_and_refuses_another_block_length(
+    llama_path, corpus, tmp_path, capsys
+):
+    from distill.cache import CachedTeacher
+    from distill.cli import main
+    from distill.tasks import get_task
+    from distill.tasks.hf import HFSpec, load_causal_lm
+
+    student = llama_dir(tmp_path / "student", seed=3, layers=2)
+    common = dict(
+        teacher={"kind": "hf", "path": str(llama_path)}, student={"arch": "hf", "path": str(student)},
+        distill={"terms": [{"type": "forward_kl", "weight": 0.5}, {"type": "ce", "weight": 0.5}]},
+        cache={"k": 64, "dtype": "float32"},
+    )  # fmt: skip
+    assert main(["cache", str(lm_config(tmp_path, llama_path, corpus, **common)), "--quiet"]) == 0
+    path = tmp_path / "runs" / "lm-teacher-cache"
+    cache = CachedTeacher(path)
+    data = load_lm_data(TextDataSpec(source="text_file", path=corpus, tokenizer=llama_path, block_length=16))
+    assert (
+        cache.manifest["data_info"]["block_length"] == 16 and len(cache.manifest["data_info"]["tokenizer_sha256"]) == 64
+    )
+    # the teacher's held-out scores from the cache equal the live teacher's (k covers the vocabulary)
+    task, test = get_task("causal_lm"), data.test
+    live = task.metrics(
+        task.predict(load_causal_lm(HFSpec(path=llama_path), "t", vocab=53), test.x, labels=test.y), test
+    )
+    cached = task.metrics(task.predict_cached(cache.split_logits("test"), test.y), test)
+    assert cached["perplexity"] == pytest.approx(live["perplexity"], rel=1e-5)
+    run = lm_config(tmp_path, llama_path, corpus, **common | {"teacher": {"kind": "cache", "path": str(path)}})
+    assert main(["run", str(run), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "runs" / "lm" / "metrics.json").read_text())
+    assert metrics["models"]["teacher"]["score"] == pytest.approx(live["perplexity"], rel=1e-5)
+    assert metrics["models"]["distilled"]["metrics"]["kl"] > 0
+    # a run over blocks of another length is refused in one line naming what differs
+    other = lm_config(
+        tmp_path, llama_path, corpus, **common | {"teacher": {"kind": "cache", "path": str(path)}},
+    )  # fmt: skip
+    other.write_text(other.read_text().replace("block_length: 16", "block_length: 12"))
+    capsys.readouterr()
+    assert main(["run", str(other), "--quiet", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "was made with another block length (16 here: 12)" in err and err.count("\n") == 1

@@ -112,6 +112,13 @@ class CachedTeacher:
     def check_data(self, data: DataBundle, field: str = "teacher.path") -> None:
         """Refuse a cache made for other data: signals for sample i must be about sample i."""
         if self.manifest.get("data") != data.fingerprint:
+            made = self.manifest.get("data_info") or {}
+            differs = next((key for key in made if key in data.info and made[key] != data.info[key]), None)
+            if differs is not None:
+                raise DistillError(
+                    f"{field}: cache {self.path} was made with another {differs.replace('_', ' ')} "
+                    f"({made[differs]} here: {data.info[differs]}); rebuild it with `distill cache` for this config"
+                )
             raise DistillError(
                 f"{field}: cache {self.path} was made for different data (fingerprint differs from data: "
                 f"{data.name}, {len(data.train)} train samples); rebuild it with `distill cache` for this config"

@@ -259,7 +259,7 @@ def cache_teacher(
         raise DistillError(
             "teacher.kind: 'cache' reads a cache; to make one, give the teacher as kind train or checkpoint"
         )
-    if not get_task(config.task).has_logits:
+    if not get_task(config.task).cacheable:
         raise DistillError(f"task: {config.task} has no logits to cache; its students learn from the live teacher")
     device = pick_device(config.device)
     data = get_task(config.task).load_data(config.data)
@@ -284,7 +284,7 @@ def cache_teacher(
         shard_rows=spec.shard_rows, batch_size=spec.batch_size, device=device, overwrite=overwrite,
         console=console, on_shard=on_shard,
         info={"teacher_facts": {"params": count_parameters(teacher), "weights_bytes": Path(weights).stat().st_size,
-                                "source": str(weights)}, "data_summary": data.summary()},
+                                "source": str(weights)}, "data_summary": data.summary(), "data_info": data.info},
     )  # fmt: skip
     return path
 
@@ -401,7 +401,7 @@ def run_experiment(
             models = {"teacher": _cached_teacher_architecture(teacher, data, config), **session.students}
             weights_paths["teacher"] = None
             cached = {
-                "test_logits": teacher.split_logits("test").to_dense(),
+                "test_signals": teacher.split_logits("test"),
                 "size_bytes": teacher.teacher.get("weights_bytes"),
                 "weights_sha256": teacher.teacher.get("weights_sha256"),
             }
@@ -599,22 +599,26 @@ def evaluate_models(
     """The task's test metrics (``score``: its primary metric), agreement, retention, gap closed, size
     and latency for each model.
 
-    With ``cached_teacher`` (``test_logits``, ``size_bytes``, ``weights_sha256`` from a cache),
+    With ``cached_teacher`` (``test_signals``, ``size_bytes``, ``weights_sha256`` from a cache),
     the teacher's predictions come from the cache and ``models["teacher"]`` is only its
     architecture, used to time it and count its parameters (latency does not need its weights).
     """
     spec, task = config.eval, get_task(config.task)
     if not task.has_logits:  # embeddings, token scores: scored against the teacher's, nothing per class
         test = data.test
-        predictions = {"teacher": task.predict(models["teacher"], test.x, labels=test.y)}
+        predictions = {
+            "teacher": task.predict_cached(cached_teacher["test_signals"], test.y)
+            if cached_teacher is not None
+            else task.predict(models["teacher"], test.x, labels=test.y)
+        }
         for role, model in models.items():
             if role != "teacher":
                 predictions[role] = task.predict(model, test.x, labels=test.y, reference=predictions["teacher"])
         logits = {}
     else:
         logits = {role: task.predict(model, data.test.x) for role, model in models.items()}
-    if cached_teacher is not None:
-        logits["teacher"] = cached_teacher["test_logits"]
+    if cached_teacher is not None and task.has_logits:
+        logits["teacher"] = task.predict_cached(cached_teacher["test_signals"], data.test.y)
     latencies = {
         b: measure_latencies(
             models,

@@ -9,6 +9,7 @@ sequence axes, checks it against PyTorch on sample texts, and times both on the 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import shutil
 import statistics
 import tempfile
@@ -94,6 +95,10 @@ def write_onnx(module: nn.Module, inputs: dict[str, Tensor], path: Path) -> None
     """``module`` (keyword inputs to one tensor named ``module.output_name``) traced to ``path``,
     with dynamic batch and sequence axes."""
     output = getattr(module, "output_name", "output")
+    # the tracer passes inputs by position: put them in the order of forward's parameters (a mapping
+    # read back from safetensors is sorted by name, which once traced attention_mask as input_ids)
+    order = [name for name in inspect.signature(module.forward).parameters if name in inputs]
+    inputs = {name: inputs[name] for name in order}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notes on branches the parity checks cover
         torch.onnx.export(

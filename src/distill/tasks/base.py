@@ -16,6 +16,7 @@ from distill.core.inputs import Inputs, call_model, take
 from distill.core.io import save_weights
 from distill.core.losses import Batch
 from distill.core.losses.base import logits_of
+from distill.core.signals import TopKLogits
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -54,6 +55,8 @@ class Task(ABC):
     has_logits: ClassVar[bool] = True
     # the student can train on the data's labels alone (the scratch baseline); False: embeddings
     trains_on_labels: ClassVar[bool] = True
+    # `distill cache` can store the teacher's top-k logits (False: embeddings, which have none)
+    cacheable: ClassVar[bool] = True
 
     @abstractmethod
     def load_data(self, spec: Any) -> DataBundle:
@@ -100,6 +103,11 @@ class Task(ABC):
         model: per-token scores). ``labels`` are the split's labels and ``reference`` the
         teacher's predictions on the same inputs, for tasks that need them while predicting."""
         return predict(model, x, device=device, order=self.eval_order(x))
+
+    def predict_cached(self, signals: TopKLogits, labels: Tensor) -> Any:
+        """The teacher's predictions when only its cached top-k signals exist (what :meth:`predict`
+        gives for a live teacher): the reconstructed logits by default."""
+        return signals.to_dense()
 
     def eval_order(self, x: Inputs) -> Tensor | None:
         """The order to batch samples in for evaluation (None: as they are); the results come back

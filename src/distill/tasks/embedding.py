@@ -103,6 +103,7 @@ class TextEmbedding(TextClassification):
     primary_percent = False
     has_logits = False
     trains_on_labels = False
+    cacheable = False
 
     def load_model(self, spec: HFSpec, data: DataBundle, field: str) -> HFModel:
         """A model directory as a sentence encoder (its base model; any head is left out)."""

@@ -19,6 +19,7 @@ would not fit in memory, so each batch's logits are reduced as soon as they are 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from distill.core.data import DataBundle, Split
 from distill.core.errors import DistillError
 from distill.core.inputs import Inputs, batch_len, call_model, take, to_device
 from distill.core.losses.base import logits_of
+from distill.core.signals import TopKLogits
 from distill.tasks.base import register_task
 from distill.tasks.hf import FromTeacherSpec, HFCausalLM, HFConfigSpec, HFModel, HFSpec, fresh_student, load_causal_lm
 from distill.tasks.lm_data import load_lm_data
@@ -104,6 +106,23 @@ def score_tokens(
     return TokenScores(**joined)
 
 
+def scores_from_signals(signals: TopKLogits, labels: Tensor, k: int = REFERENCE_K) -> TokenScores:
+    """:class:`TokenScores` of a teacher known only by its top-k signals ``[n, seq, k]``."""
+    logprobs = signals.values.float() - signals.logsumexp.unsqueeze(-1).float()
+    y = labels.clamp_min(0).unsqueeze(-1)
+    hit = signals.indices == y
+    rest = max(signals.vocab_size - signals.k, 1)
+    tail_each = signals.tail.float() - math.log(rest)  # the tail's mass shared evenly by the unseen tokens
+    label = torch.where(hit.any(-1), (logprobs * hit).sum(-1), tail_each).masked_fill(labels < 0, 0.0)
+    order = logprobs.argsort(-1, descending=True)[..., :k]  # stored top-k need not be sorted
+    return TokenScores(
+        label_logprob=label,
+        argmax=signals.indices.gather(-1, order[..., :1]).squeeze(-1).long(),
+        top_ids=signals.indices.gather(-1, order).long(),
+        top_logprobs=logprobs.gather(-1, order),
+    )
+
+
 def _pad(values: Tensor, width: int) -> Tensor:
     """``values`` ``[b, s, ...]`` padded with zeros to ``[b, width, ...]``."""
     if values.shape[1] == width:
@@ -136,6 +155,7 @@ class CausalLM(TextClassification):
     higher_is_better = False
     primary_percent = False
     has_logits = False  # per-token scores, not class logits: nothing per class
+    cacheable = True  # per-position top-k signals (packed: only the positions that count)
 
     def load_data(self, spec: Any) -> DataBundle:
         if not isinstance(spec, TextDataSpec):
@@ -179,6 +199,11 @@ class CausalLM(TextClassification):
         if labels is None:
             raise ValueError("causal_lm predictions need the split's labels (the next tokens)")
         return score_tokens(model.to(device), x, labels, reference, device=device)
+
+    def predict_cached(self, signals: TopKLogits, labels: Tensor) -> TokenScores:
+        """The teacher's scores from its cached top-k: exact where the next token is among them;
+        elsewhere its log-probability is the tail bucket's mass shared evenly by the other tokens."""
+        return scores_from_signals(signals, labels)
 
     def metrics(self, logits: Any, split: Split, reference: Any = None) -> dict[str, float]:
         return token_metrics(logits, split, reference)

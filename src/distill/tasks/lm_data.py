@@ -27,6 +27,7 @@ from distill.tasks.text_data import (
     load_tokenizer,
     read_texts,
     resolve_tokenizer_dir,
+    tokenizer_digest,
 )
 
 
@@ -247,7 +248,9 @@ def load_lm_data(spec: TextDataSpec) -> DataBundle:
         normalize="none",
         info={
             "tokenizer": str(resolve_tokenizer_dir(spec.tokenizer)),
+            "tokenizer_sha256": tokenizer_digest(resolve_tokenizer_dir(spec.tokenizer)),
             "max_length": spec.max_length,
+            "block_length": spec.block_length or spec.max_length,
             "format": spec.format,
             "tokens": {name: int(split.mask.sum()) for name, split in splits.items()},
         },

@@ -261,6 +261,11 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Te
     return {"input_ids": encoded["input_ids"].long(), "attention_mask": encoded["attention_mask"].long()}
 
 
+def tokenizer_digest(directory: Path) -> str:
+    """A fingerprint of a tokenizer's files (weights in the same directory are left out)."""
+    return directory_digest(directory, default_cache_dir() / "digests.json", skip=WEIGHT_SUFFIXES)
+
+
 def cached_tokenize(tokenizer, tokenizer_dir: Path, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
     """:func:`tokenize`, kept on disk (``<cache>/tokens/``) under a key of the tokenizer's file
     digests, ``max_length`` and the texts: a second run, a sweep or a chain reads the token ids
@@ -271,7 +276,7 @@ def cached_tokenize(tokenizer, tokenizer_dir: Path, texts: list[str], max_length
     cache = default_cache_dir()
     texts_digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
     key = hash_json(
-        {"tokenizer": directory_digest(tokenizer_dir, cache / "digests.json", skip=WEIGHT_SUFFIXES), "max_length": max_length,
+        {"tokenizer": tokenizer_digest(tokenizer_dir), "max_length": max_length,
          "texts": texts_digest, "count": len(texts)}
     )  # fmt: skip
     path = cache / "tokens" / f"{key[:24]}.safetensors"
