@@ -627,3 +627,25 @@ def test_tokenised_texts_are_cached_on_disk_under_the_tokenizer_length_and_texts
     calls.clear()
     again = load_text_data(spec)
     assert len(calls) == 1 and torch.equal(again.test.x["input_ids"], first.test.x["input_ids"])
+
+
+def test_speed_notes_give_throughput_and_flag_an_onnx_model_that_does_not_match():
+    from distill.report.markdown import speed_notes
+
+    def metrics(difference):
+        return {
+            "task": "text_classification", "latency_batch_sizes": [1, 32], "data": {"input_shape": [128]},
+            "models": {
+                "teacher": {"latency_ms": {"1": 20.0, "32": 640.0}},
+                "distilled": {"latency_ms": {"1": 5.0, "32": 160.0},
+                              "onnx": {"max_abs_difference": difference, "onnxruntime_ms": {"1": 2.0, "32": 100.0}}},
+            },
+        }  # fmt: skip
+
+    good = speed_notes(metrics(1e-6))
+    assert good[0] == "Throughput at batch 32, sequences of 128 tokens per second: teacher 50, distilled 200."
+    assert good[1].startswith("Under onnxruntime the distilled student takes 2.00 ms at batch 1 (PyTorch 5.00 ms)")
+    assert good[1].endswith("by at most 1.0e-06.")
+    assert "does not compute what the student does" in speed_notes(metrics(3e-2))[1]
+    lm = metrics(1e-6) | {"task": "causal_lm"}
+    assert speed_notes(lm)[0].startswith("Throughput at batch 32, tokens per second: teacher 6,400, distilled 25,600")

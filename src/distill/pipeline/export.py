@@ -23,8 +23,7 @@ from torch import Tensor, nn
 
 from distill.core.errors import DistillError
 from distill.core.io import atomic_dir, write_json
-
-ONNX_TOLERANCE = 1e-4
+from distill.report.markdown import ONNX_TOLERANCE
 
 
 def student_dir(run: Path) -> Path:
