@@ -338,6 +338,12 @@ def test_an_lm_run_cuts_distils_and_scores_perplexity_against_the_lm_loss_baseli
     report = (lm_run / "report.md").read_text()
     assert "test perplexity" in report and "at batch 4, tokens per second" in report
     assert "in perplexity (lower is better)" in report.splitlines()[2]  # the verdict names the metric
+    speed = metrics["generation"]["tokens_per_second"]
+    assert set(speed) == {"teacher", "scratch", "distilled"} and all(set(v) == {"1", "8"} for v in speed.values())
+    assert len(metrics["samples"]) == 3 and set(metrics["samples"][0]) == {"prompt", "teacher", "scratch", "distilled"}
+    assert all(len(s["distilled"].split()) > 0 for s in metrics["samples"])
+    assert "Greedy generation of 32 new tokens, tokens per second at batch 1 / 8: teacher" in report
+    assert "Sample generations" in (lm_run / "report.html").read_text()
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(lm_run / "student-hf")

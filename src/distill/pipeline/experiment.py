@@ -680,6 +680,7 @@ def evaluate_models(
             (out["distilled"]["score"] - out["scratch"]["score"]) / gap if ahead else float("nan")
         )
     return {
+        **task.extra_evaluation(models, data, teacher_has_weights=cached_teacher is None),
         "task": task.name,
         "primary_metric": {
             "name": task.primary_metric,

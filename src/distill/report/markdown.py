@@ -212,6 +212,19 @@ def speed_notes(metrics: dict[str, Any]) -> list[str]:
         if (m := models.get(role)) and m["latency_ms"].get(biggest)
     )
     notes = [f"Throughput at batch {biggest}, {unit} per second: {rates}."]
+    generation = metrics.get("generation")
+    if generation:
+        speeds = generation["tokens_per_second"]
+        batches = sorted({b for v in speeds.values() for b in v}, key=int)
+        text = ", ".join(
+            f"{ROLE_TITLES[role].removesuffix(' student')} " + " / ".join(f"{speeds[role][b]:,.1f}" for b in batches)
+            for role in ROLES
+            if role in speeds
+        )
+        notes.append(
+            f"Greedy generation of {generation['new_tokens']} new tokens, tokens per second at batch "
+            f"{' / '.join(batches)}: {text}."
+        )
     onnx = models.get("distilled", {}).get("onnx")
     if onnx:
         pairs = ", ".join(

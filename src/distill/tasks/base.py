@@ -104,6 +104,14 @@ class Task(ABC):
         teacher's predictions on the same inputs, for tasks that need them while predicting."""
         return predict(model, x, device=device, order=self.eval_order(x))
 
+    def extra_evaluation(
+        self, models: dict[str, nn.Module], data: DataBundle, teacher_has_weights: bool = True
+    ) -> dict[str, Any]:
+        """Task-specific facts for ``metrics.json`` beyond scores and latency (a language model:
+        generation speed and sample generations); JSON-safe; none by default. Without
+        ``teacher_has_weights`` (a cached teacher) ``models["teacher"]`` is only its architecture."""
+        return {}
+
     def predict_cached(self, signals: TopKLogits, labels: Tensor) -> Any:
         """The teacher's predictions when only its cached top-k signals exist (what :meth:`predict`
         gives for a live teacher): the reconstructed logits by default."""

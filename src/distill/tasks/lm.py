@@ -20,7 +20,9 @@ would not fit in memory, so each batch's logits are reduced as soon as they are 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -123,6 +125,36 @@ def scores_from_signals(signals: TopKLogits, labels: Tensor, k: int = REFERENCE_
     )
 
 
+PROMPT_TOKENS, NEW_TOKENS, SAMPLES = 32, 32, 3
+"""Generation checks: held-out openings of this many tokens, continued greedily by this many."""
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, prompts: Tensor, tokenizer, new_tokens: int) -> Tensor:
+    """Greedy continuations of ``prompts`` ``[batch, length]`` (no padding) by a Hugging Face LM."""
+    inner = model.model if isinstance(model, HFModel) else model
+    inner.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return inner.generate(
+        input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, pad_token_id=pad,
+    )  # fmt: skip
+
+
+def generation_speed(
+    model: nn.Module, prompts: Tensor, tokenizer, batches: tuple[int, ...] = (1, 8)
+) -> dict[str, float]:
+    """New tokens per second of greedy generation at each batch size (after one warm-up call)."""
+    out = {}
+    for batch in batches:
+        rows = prompts[torch.arange(batch) % len(prompts)]
+        generate(model, rows[:, :4], tokenizer, 2)  # warm-up
+        started = time.perf_counter()
+        generate(model, rows, tokenizer, NEW_TOKENS)
+        out[str(batch)] = batch * NEW_TOKENS / (time.perf_counter() - started)
+    return out
+
+
 def _pad(values: Tensor, width: int) -> Tensor:
     """``values`` ``[b, s, ...]`` padded with zeros to ``[b, width, ...]``."""
     if values.shape[1] == width:
@@ -199,6 +231,30 @@ class CausalLM(TextClassification):
         if labels is None:
             raise ValueError("causal_lm predictions need the split's labels (the next tokens)")
         return score_tokens(model.to(device), x, labels, reference, device=device)
+
+    def extra_evaluation(
+        self, models: dict[str, nn.Module], data: DataBundle, teacher_has_weights: bool = True
+    ) -> dict[str, Any]:
+        """Greedy generation speed (new tokens per second at batch 1 and 8) and a few continuations
+        of held-out openings by every model, side by side in ``report.html``."""
+        from distill.tasks.text_data import load_tokenizer
+
+        test = data.test if len(data.test) else data.val
+        if not len(test):
+            return {}
+        tokenizer = load_tokenizer(Path(data.info["tokenizer"]))
+        prompts = test.x["input_ids"][:, :PROMPT_TOKENS]
+        speed = {role: generation_speed(model, prompts, tokenizer) for role, model in models.items()}
+        samples = []
+        for row in range(min(SAMPLES, len(prompts))):
+            sample = {"prompt": tokenizer.decode(prompts[row])}
+            for role, model in models.items():
+                if role == "teacher" and not teacher_has_weights:
+                    continue  # a cached teacher's architecture has random weights: its speed is real, its text not
+                out = generate(model, prompts[row : row + 1], tokenizer, NEW_TOKENS)
+                sample[role] = tokenizer.decode(out[0, prompts.shape[1] :], skip_special_tokens=True)
+            samples.append(sample)
+        return {"generation": {"new_tokens": NEW_TOKENS, "tokens_per_second": speed}, "samples": samples}
 
     def predict_cached(self, signals: TopKLogits, labels: Tensor) -> TokenScores:
         """The teacher's scores from its cached top-k: exact where the next token is among them;
