@@ -146,3 +146,15 @@ def test_run_configs_may_hold_the_workflow_sections(tmp_path):
     assert load_config(tmp_path / "all.yaml") == load_config(tmp_path / "plain.yaml")
     with pytest.raises(DistillError, match="sweeps: Extra inputs"):  # a misspelt section is still refused
         parse_config({**tiny_config(tmp_path), "sweeps": {}})
+
+
+def test_every_packaged_demo_config_loads_and_names_its_task():
+    from importlib import resources
+
+    from distill.cli import DEMOS
+
+    tasks = {}
+    for which, (file, quick, _) in DEMOS.items():
+        with resources.as_file(resources.files("distill") / "configs" / file) as path:
+            tasks[which] = load_config(path, quick).task
+    assert tasks == {"image": "image_classification", "text": "text_classification", "lm": "causal_lm"}

@@ -30,6 +30,20 @@ DEMO_TEXT_QUICK_OVERRIDES = [
     "eval.latency_repeats=5",
 ]
 
+DEMO_LM_QUICK_OVERRIDES = [
+    # a smoke test of the language-model path: 32 blocks of 64 tokens, 8 held-out blocks
+    "data.block_length=64",
+    "data.limit_train=32",
+    "data.limit_eval=8",
+    "eval.latency_repeats=3",
+]
+
+DEMOS = {  # `distill demo WHICH`: the config, its --quick overrides, the run's name
+    "image": ("demo.yaml", DEMO_QUICK_OVERRIDES, "demo"),
+    "text": ("demo_text.yaml", DEMO_TEXT_QUICK_OVERRIDES, "demo-text"),
+    "lm": ("demo_lm.yaml", DEMO_LM_QUICK_OVERRIDES, "demo-lm"),
+}
+
 
 def _add_max_memory(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -74,9 +88,10 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="distil a CNN on Fashion-MNIST (or, with `text`, MiniLM on BBC News) and compare with scratch"
     )
     demo.add_argument(
-        "which", nargs="?", choices=("image", "text"), default="image",
+        "which", nargs="?", choices=("image", "text", "lm"), default="image",
         help="image: a CNN on Fashion-MNIST (default); text: all-MiniLM-L6-v2 on BBC News, a 2-layer student cut "
-        "from it (needs the text extra)",
+        "from it (needs the text extra); lm: SmolLM2-135M on BBC News text, a 15-layer student cut from it "
+        "(needs `make setup`)",
     )  # fmt: skip
     demo.add_argument(
         "--quick", action="store_true", help="a smoke test (well under 2 minutes) instead of the full demo"
@@ -269,12 +284,11 @@ def main(argv: list[str] | None = None) -> int:
                 return launch(args.processes, _without_processes(argv if argv is not None else sys.argv[1:]))
             result = run_experiment(config, resume=args.resume, overwrite=args.overwrite, console=console)
         else:
-            text = args.which == "text"
-            demo_file = resources.files("distill") / "configs" / ("demo_text.yaml" if text else "demo.yaml")
-            quick = (DEMO_TEXT_QUICK_OVERRIDES if text else DEMO_QUICK_OVERRIDES) if args.quick else []
+            file, quick, name = DEMOS[args.which]
+            demo_file = resources.files("distill") / "configs" / file
             with resources.as_file(demo_file) as path:
-                config = load_config(path, quick + args.overrides)
-            name = ("demo-text" if text else "demo") + ("-quick" if args.quick else "")
+                config = load_config(path, (quick if args.quick else []) + args.overrides)
+            name += "-quick" if args.quick else ""
             config.output.dir, config.output.name = args.out.resolve(), name
             # the demo resumes an interrupted demo by itself and replaces an earlier one
             result = run_experiment(config, resume=True, overwrite=True, console=console)
