@@ -71,8 +71,9 @@ def test_terms_are_checked_against_the_registry(tmp_path):
     del raw["distill"]
     raw["distill"] = {"terms": [{"type": "kd", "weight": 0.5, "temperature": 2}, {"type": "fitnet"}]}
     assert (
-        "unknown loss term 'fitnet'; available: at, ce, distilbert_cosine, dkd, embed_cosine, embed_mse, hint, kd, minilm_attention, minilm_relation, pkt, rkd_angle, rkd_distance, sp, tinybert_attention, tinybert_embedding, tinybert_hidden"
-        in error_of(raw)
+        "unknown loss term 'fitnet'; available: at, ce, distilbert_cosine, dkd, embed_cosine, embed_mse, forward_kl, "
+        "hint, jsd, kd, minilm_attention, minilm_relation, pkt, reverse_kl, rkd_angle, rkd_distance, sp, "
+        "tinybert_attention, tinybert_embedding, tinybert_hidden, tv" in error_of(raw)
     )
     raw["distill"] = {"terms": [{"type": "kd", "temprature": 2}]}
     assert "distill.terms.0.temprature: Extra inputs are not permitted" in error_of(raw)

@@ -266,7 +266,8 @@ def test_scores_where_lower_is_better_read_the_right_way_round():
     }
     assert score_gain(15.0, 20.0, metrics) == 5.0 and format_score(15.0, metrics) == "15.0000"
     assert verdict(metrics) == (
-        "Distillation helped: the distilled student beats the same student trained from scratch by 5.0000."
+        "Distillation helped: the distilled student beats the same student trained from scratch by 5.0000 in "
+        "perplexity (lower is better)."
     )
     header, rows = table_rows(metrics)
     assert header[1] == "test perplexity" and [r[1] for r in rows] == ["10.0000", "20.0000", "15.0000"]
