@@ -154,8 +154,9 @@ def _chat_tokens(tokenizer, messages: list[dict[str, str]], where: str) -> tuple
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
             start = len(render(messages[:i], True))
-            end = len(render(messages[: i + 1], False))
-            if ids[:end] != render(messages[: i + 1], False) or start > end:
+            upto = render(messages[: i + 1], False)  # rendered once: its length is the turn's end
+            end = len(upto)
+            if ids[:end] != upto or start > end:
                 raise DistillError(f"{where}: the chat template does not render turns as prefixes; use prompt_response")
             spans.append((start, end))
     return ids, spans

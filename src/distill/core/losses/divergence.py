@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from distill.core.losses.base import Batch, LossTerm, ModelOutputs, TermParams, register_term, same_shape, upcast
+from distill.core.losses.response import _check_rows
 from distill.core.signals import TopKLogits
 
 Kind = Literal["forward", "reverse", "jsd", "tv"]
@@ -79,20 +80,9 @@ def token_divergence(
     keep = mask.bool().reshape(-1) if mask is not None else None
     s_rows = student_logits.reshape(-1, vocab)
     if isinstance(teacher, TopKLogits):
-        if teacher.vocab_size != vocab or tuple(teacher.values.shape[:-1]) != tuple(student_logits.shape[:-1]):
-            raise ValueError(
-                f"student logits {tuple(student_logits.shape)} do not match the teacher's top-k signals "
-                f"({tuple(teacher.values.shape[:-1])} rows over {teacher.vocab_size} classes)"
-            )
-        rows = TopKLogits(
-            teacher.values.reshape(-1, teacher.k),
-            teacher.indices.reshape(-1, teacher.k),
-            teacher.logsumexp.reshape(-1),
-            teacher.tail.reshape(-1),
-            vocab,
-        )
-        if keep is not None:
-            rows = rows.select(keep)
+        _check_rows(student_logits, teacher)
+        kept = mask.bool() if mask is not None else torch.ones(teacher.values.shape[:-1], dtype=torch.bool)
+        rows = teacher.select(kept)  # [kept rows, k]
         t_parts: tuple[Tensor, ...] = (rows.bucket_log_probs(temperature).float(), rows.indices)
     else:
         same_shape(student_logits, teacher)
