@@ -216,9 +216,18 @@ def test_a_failing_process_ends_the_launch_with_one_line_errors(tmp_path):
     assert all(line.startswith("distill: error:") for line in lines)
 
 
-def test_two_processes_weight_tokens_like_one_process(tmp_path):
+@pytest.mark.parametrize(
+    "flags",
+    [[], ["--fsdp"], ["--fsdp", "--resume"]],
+    ids=["ddp", "fsdp", "fsdp-resumed"],
+)
+def test_two_processes_weight_tokens_like_one_process(tmp_path, flags):
     """A keyword-input token model with padding: each process's share holds a different number of
-    tokens; weighted by the tokens each term averages over (Batch.mask), 2 processes follow 1."""
+    tokens; weighted by the tokens each term averages over (Batch.mask), 2 processes follow 1.
+    With FSDP the student is sharded (the teacher is not: the driver checks it stays whole, frozen
+    and in eval mode), gathered for checkpoints and unwrapped at the end; a run stopped after its
+    first epoch and resumed from the checkpoint (full weights, optimiser state gathered from the
+    shards) ends where an uninterrupted one does."""
     driver = Path(__file__).with_name("token_driver.py")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
@@ -233,6 +242,7 @@ def test_two_processes_weight_tokens_like_one_process(tmp_path):
         "2",
         str(driver),
         str(two),
+        *flags,
     ]
     done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

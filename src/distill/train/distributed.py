@@ -6,11 +6,19 @@ A run becomes distributed when it is launched by ``accelerate launch -m distill 
 (``train.batch_size`` is the global batch, so 1 and N processes see the same batches), the
 student's gradients are averaged by DDP, and process 0 alone writes checkpoints, caches and
 reports. The teacher is never wrapped or synchronised: it is frozen and only runs forward.
+
+With an Accelerate config whose ``distributed_type`` is ``FSDP`` (``accelerate launch
+--config_file fsdp.yaml -m distill run CONFIG``), the student is sharded instead (FSDP version 1,
+``use_orig_params``): its own FSDP unit, and one per transformer block, while the teacher stays
+out of the wrapping, whole on every process and in eval mode. Validation runs the sharded
+student; checkpoints gather the full weights and optimiser state; when training ends the student
+is gathered and unwrapped, so evaluation, reports and export see a plain model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -35,6 +43,7 @@ class Parallel:
 
     def __init__(self, cpu: bool) -> None:
         from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
+        from accelerate.utils import DistributedType
 
         self.accelerator = Accelerator(
             cpu=cpu,
@@ -47,6 +56,9 @@ class Parallel:
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.device = self.accelerator.device
+        state = self.accelerator.state
+        #: Accelerate's FSDP settings when its config asks for FSDP (GPUs only), else None
+        self.fsdp = state.fsdp_plugin if state.distributed_type == DistributedType.FSDP else None
 
     @property
     def is_main(self) -> bool:
@@ -54,13 +66,117 @@ class Parallel:
 
     def wrap(self, distiller: nn.Module) -> nn.Module:
         """DDP around the student and the terms' learnable parts; the teacher is left out
-        (frozen, never synchronised), so only what trains is reduced."""
+        (frozen, never synchronised), so only what trains is reduced. FSDP: see :meth:`_shard`."""
         teacher = getattr(distiller, "teacher", None)
+        if self.fsdp is not None:
+            return self._shard(distiller, teacher if isinstance(teacher, nn.Module) else None)
         if isinstance(teacher, nn.Module):
             ignored = [f"teacher.{name}" for name, _ in teacher.named_parameters()]
             ignored += [f"teacher.{name}" for name, _ in teacher.named_buffers()]
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(distiller, ignored)
         return self.accelerator.prepare_model(distiller)
+
+    def _shard(self, distiller: nn.Module, teacher: nn.Module | None) -> nn.Module:
+        """FSDP (version 1) around the distiller with the teacher as an ignored module: the
+        teacher is neither sharded nor gathered, stays in eval mode and costs no communication.
+        The student is a unit of its own (so validation can call it directly) and so is each of its
+        transformer blocks (Accelerate's ``fsdp_transformer_layer_cls_to_wrap``, by default the
+        model's ``_no_split_modules``). ``use_orig_params`` is always on: the optimiser and the
+        terms hold the student's own parameters."""
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+        plugin = self.fsdp
+        if getattr(plugin, "fsdp_version", 1) != 1:
+            raise DistillError(
+                "FSDP: distill shards students with FSDP version 1; set fsdp_version: 1 in the Accelerate config"
+            )
+        student = distiller.student
+        inner = getattr(student, "model", student)  # the Hugging Face model inside distill's wrapper
+        blocks: tuple[type, ...] = ()
+        if plugin.transformer_cls_names_to_wrap or getattr(inner, "_no_split_modules", None):
+            names = plugin.transformer_cls_names_to_wrap or list(inner._no_split_modules)
+            blocks = tuple({type(m) for m in student.modules() if type(m).__name__ in names})
+
+        def unit(module: nn.Module) -> bool:
+            return module is student or isinstance(module, blocks)
+
+        if teacher is not None:
+            teacher.eval()
+        return FSDP(
+            distiller,
+            sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
+            cpu_offload=plugin.cpu_offload,
+            auto_wrap_policy=functools.partial(lambda_auto_wrap_policy, lambda_fn=unit),
+            mixed_precision=plugin.mixed_precision_policy,
+            backward_prefetch=plugin.backward_prefetch,
+            forward_prefetch=plugin.forward_prefetch,
+            limit_all_gathers=plugin.limit_all_gathers,
+            use_orig_params=True,
+            ignored_modules=[teacher] if teacher is not None else None,
+            device_id=self.device if self.device.type != "cpu" else torch.device("cpu"),
+        )
+
+    def whole(self, model: nn.Module):
+        """A context in which a sharded model's parameters are whole on every process (a
+        collective: every process enters it); nothing to do without FSDP."""
+        if self.fsdp is None:
+            return contextlib.nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP.summon_full_params(model, writeback=False)
+
+    def clip_grad_norm(self, model: nn.Module, parameters: list[nn.Parameter], max_norm: float) -> None:
+        """Clip by the norm of the whole gradient (under FSDP, over every process's shard)."""
+        if self.fsdp is None:
+            torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        else:
+            model.clip_grad_norm_(max_norm)
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimiser's full state for a checkpoint (under FSDP gathered from every shard: a collective)."""
+        if self.fsdp is None:
+            return optimizer.state_dict()
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP.optim_state_dict(model, optimizer)
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Restore :meth:`optimizer_state`'s result (under FSDP, each process takes its shard)."""
+        if self.fsdp is not None:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            state = FSDP.optim_state_dict_to_load(model, optimizer, state)
+        optimizer.load_state_dict(state)
+
+    def unwrap(self, model: nn.Module) -> None:
+        """After training under FSDP: gather the full weights on every process and strip the FSDP
+        units, so that the distiller (student and terms) is a plain module again. A collective;
+        tied weights (an LM's embedding and head) stay tied."""
+        if self.fsdp is None:
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(model, writeback=False):
+            full = {name: p.detach().clone() for name, p in _unsharded_parameters(model)}
+        root = model.module
+
+        def strip(module: nn.Module) -> None:
+            for name, child in list(module.named_children()):
+                if isinstance(child, FSDP):
+                    child = child.module
+                    setattr(module, name, child)
+                strip(child)
+
+        strip(root)
+        replaced: dict[int, nn.Parameter] = {}
+        for name, old in list(root.named_parameters(remove_duplicate=False)):
+            if name not in full:  # the ignored teacher
+                continue
+            owner, _, attr = name.rpartition(".")
+            if id(old) not in replaced:
+                replaced[id(old)] = nn.Parameter(full[name], requires_grad=old.requires_grad)
+            root.get_submodule(owner)._parameters[attr] = replaced[id(old)]
 
     def shard(self, *tensors: Tensor | Mapping[str, Tensor] | None) -> tuple:
         """This process's contiguous share of one global batch (tensors, mappings of tensors, or None)."""
@@ -107,6 +223,16 @@ class Parallel:
         self.barrier()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _unsharded_parameters(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """(name, whole tensor) of every parameter FSDP manages, named as in the unwrapped module."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    ignored = {id(p) for m in getattr(model, "_ignored_modules", ()) for p in m.parameters()}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in ignored:
+            yield name.replace(f"{FSDP.__name__}.", "").replace("_fsdp_wrapped_module.", ""), p
 
 
 def parallel_from_environment(device: torch.device) -> Parallel | None:

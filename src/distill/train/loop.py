@@ -276,7 +276,18 @@ def train(
     distiller.prepare(
         to_device(take(data.train.x, slice(0, 2)), device), torch.arange(2)
     )  # adapters exist before the optimiser does
+    state = load_checkpoint(checkpoint) if resume and checkpoint is not None and checkpoint.exists() else None
+    if state is not None:  # before wrapping: FSDP shards what it wraps
+        distiller.student.load_state_dict(state["student"])
+        distiller.terms.load_state_dict(state["terms"])
+    validating = len(data.val) > 0  # without a validation split the last epoch is kept
+    best_state = copy.deepcopy(distiller.state_dict_to_keep()) if validating else {}
     model = parallel.wrap(distiller) if parallel is not None else distiller
+
+    def kept_state() -> dict[str, torch.Tensor]:  # a collective under FSDP: every process calls it
+        with parallel.whole(model) if parallel is not None else contextlib.nullcontext():
+            return {k: v.detach().cpu().clone() for k, v in distiller.state_dict_to_keep().items()}
+
     optimizer = make_optimizer(distiller.trainable_parameters(), spec)
     micro_steps = passes_per_epoch * math.ceil(len(data.train) / spec.batch_size)
     steps_per_epoch = math.ceil(micro_steps / spec.grad_accumulation)  # optimiser steps
@@ -284,19 +295,17 @@ def train(
     autocast, scaler = _mixed_precision(spec, device)
     is_main = parallel is None or parallel.is_main
     result = TrainResult()
-    validating = len(data.val) > 0  # without a validation split the last epoch is kept
     primary, higher_is_better = (task.primary_metric, task.higher_is_better) if task is not None else ("accuracy", True)
     measured_on = "validation" if validating else "training"
     chance = chance_level(data.val.y if validating else data.train.y)
-    best_state = copy.deepcopy(distiller.state_dict_to_keep()) if validating else {}
     start_epoch = 0
     reference = None  # the teacher's validation predictions, for tasks scored against them
 
-    if resume and checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint)
-        distiller.student.load_state_dict(state["student"])
-        distiller.terms.load_state_dict(state["terms"])
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        if parallel is not None:
+            parallel.load_optimizer_state(model, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -374,7 +383,10 @@ def train(
                 if last_micro:
                     if spec.grad_clip:
                         scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(list(distiller.trainable_parameters()), spec.grad_clip)
+                        if parallel is not None:
+                            parallel.clip_grad_norm(model, list(distiller.trainable_parameters()), spec.grad_clip)
+                        else:
+                            torch.nn.utils.clip_grad_norm_(list(distiller.trainable_parameters()), spec.grad_clip)
                     scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
@@ -436,7 +448,7 @@ def train(
             score > result.best_val_score if higher_is_better else score < result.best_val_score
         ):  # the task's primary metric picks the best epoch (accuracy, higher is better, for images)
             result.best_val_acc, result.best_val_score, result.best_epoch = val_acc, score, epoch + 1
-            best_state = {k: v.detach().cpu().clone() for k, v in distiller.state_dict_to_keep().items()}
+            best_state = kept_state()
         terms = "  ".join(f"{k} {v:.4f}" for k, v in log.terms.items())
         shown = "acc" if primary == "accuracy" else primary.replace("_", " ")
         val_text = f"  val {shown} {score:.4f}" if validating else ""
@@ -449,13 +461,17 @@ def train(
             result.warnings.append(warning)
             console.print(f"[yellow]warning: {warning}[/]")
         rng = rng_states(parallel)  # every process's: dropout draws differ between shares
+        sharded = parallel is not None and parallel.fsdp is not None
+        if checkpoint is not None:  # gathered from every shard under FSDP (collectives)
+            kept = kept_state() if sharded else distiller.state_dict_to_keep()
+            optimizer_state = parallel.optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
         if checkpoint is not None and is_main:
             save_checkpoint(
                 {
                     "epoch": epoch + 1,
-                    "student": distiller.student.state_dict(),
-                    "terms": distiller.terms.state_dict(),
-                    "optimizer": optimizer.state_dict(),
+                    "student": {k.removeprefix("student."): v for k, v in kept.items() if k.startswith("student.")},
+                    "terms": {k.removeprefix("terms."): v for k, v in kept.items() if k.startswith("terms.")},
+                    "optimizer": optimizer_state,
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
                     **rng,
@@ -471,7 +487,8 @@ def train(
         if on_epoch_end is not None:
             on_epoch_end(log)
     distiller.forget_teacher()
-
+    if parallel is not None:
+        parallel.unwrap(model)  # FSDP: the full student again, as a plain module
     if select_best and validating:
         distiller.load_state_dict(best_state, strict=False)  # student and adapters of the best epoch
     return result
