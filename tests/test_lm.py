@@ -12,6 +12,7 @@ pytest.importorskip("transformers")
 from tiny_lm import chat_file, llama_dir, lm_tokenizer, prompt_file, text_file  # noqa: E402
 
 from distill.core.errors import DistillError  # noqa: E402
+from distill.tasks.lm import sample_prompt  # noqa: E402
 from distill.tasks.lm_data import load_lm_data, pack_documents, to_split  # noqa: E402
 from distill.tasks.text_data import TextDataSpec  # noqa: E402
 
@@ -63,6 +64,8 @@ def test_prompt_response_rows_count_only_the_response_and_never_padding(llama_pa
     assert split.mask[i].nonzero().flatten().tolist() == list(range(5, 12))
     assert split.y[i, 5:12].tolist() == ids[6:].tolist() + [tokenizer.eos_token_id]
     assert int(data.train.mask.sum(1).min()) == 7 and int(data.train.mask.sum(1).max()) == 7
+    # the report's generation samples continue the prompt itself, so the model answers it
+    assert sample_prompt(split, i).tolist() == [ids[:6].tolist()]
 
 
 def test_chat_rows_count_only_the_assistant_turns(llama_path, tmp_path):

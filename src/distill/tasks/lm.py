@@ -155,6 +155,17 @@ def generation_speed(
     return out
 
 
+def sample_prompt(split: Split, row: int) -> Tensor:
+    """The opening a generation sample continues: for prompt/response and chat rows the prompt
+    (every token before the first counted position's target, so the model answers it), for packed
+    text the first :data:`PROMPT_TOKENS` tokens. ``[1, length]``."""
+    ids = split.x["input_ids"][row]
+    counted = split.mask[row].nonzero() if split.mask is not None else None
+    if counted is not None and len(counted) and int(counted[0]) > 0:  # a row whose start is not scored
+        return ids[: int(counted[0]) + 1].unsqueeze(0)
+    return ids[:PROMPT_TOKENS].unsqueeze(0)
+
+
 def _pad(values: Tensor, width: int) -> Tensor:
     """``values`` ``[b, s, ...]`` padded with zeros to ``[b, width, ...]``."""
     if values.shape[1] == width:
@@ -247,12 +258,13 @@ class CausalLM(TextClassification):
         speed = {role: generation_speed(model, prompts, tokenizer) for role, model in models.items()}
         samples = []
         for row in range(min(SAMPLES, len(prompts))):
-            sample = {"prompt": tokenizer.decode(prompts[row])}
+            prompt = sample_prompt(test, row)
+            sample = {"prompt": tokenizer.decode(prompt[0])}
             for role, model in models.items():
                 if role == "teacher" and not teacher_has_weights:
                     continue  # a cached teacher's architecture has random weights: its speed is real, its text not
-                out = generate(model, prompts[row : row + 1], tokenizer, NEW_TOKENS)
-                sample[role] = tokenizer.decode(out[0, prompts.shape[1] :], skip_special_tokens=True)
+                out = generate(model, prompt, tokenizer, NEW_TOKENS)
+                sample[role] = tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)
             samples.append(sample)
         return {"generation": {"new_tokens": NEW_TOKENS, "tokens_per_second": speed}, "samples": samples}
 
