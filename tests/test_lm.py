@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 pytest.importorskip("transformers")
 
@@ -422,3 +423,46 @@ def test_an_lm_teacher_cache_stores_counted_positions_serves_a_run_and_refuses_a
     assert main(["run", str(other), "--quiet", "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert "was made with another block length (16 here: 12)" in err and err.count("\n") == 1
+
+
+def test_a_student_cut_from_a_cached_teacher_takes_the_teachers_own_weights_and_a_changed_teacher_is_refused(
+    llama_path, corpus, tmp_path, capsys
+):
+    """The cache holds signals, not weights: a student cut from the teacher loads them from the
+    directory the cache records, checked against the digest recorded then (the teacher never runs)."""
+    import shutil
+
+    from distill.cache import CachedTeacher
+    from distill.cli import main
+    from distill.pipeline.config import load_config
+    from distill.pipeline.experiment import teacher_for_students
+    from distill.tasks import get_task
+    from distill.tasks.hf import HFSpec, load_causal_lm
+
+    teacher_dir = tmp_path / "teacher"
+    shutil.copytree(llama_path, teacher_dir)
+    common = dict(
+        teacher={"kind": "hf", "path": str(teacher_dir)}, student={"from_teacher": {"layers": [0, 3]}},
+        distill={"terms": [{"type": "forward_kl"}]}, cache={"k": 8}, baseline=False,
+    )  # fmt: skip
+    assert main(["cache", str(lm_config(tmp_path, teacher_dir, corpus, **common)), "--quiet"]) == 0
+    path = tmp_path / "runs" / "lm-teacher-cache"
+    run = lm_config(tmp_path, teacher_dir, corpus, **common | {"teacher": {"kind": "cache", "path": str(path)}})
+    config = load_config(run)
+    data = get_task("causal_lm").load_data(config.data)
+    source = teacher_for_students(CachedTeacher(path), config, data)
+    own = load_causal_lm(HFSpec(path=teacher_dir), "t", vocab=53)
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), own.state_dict().values(), strict=True))
+    assert main(["run", str(run), "--quiet"]) == 0
+    saved = json.loads((tmp_path / "runs" / "lm" / "student-hf" / "config.json").read_text())
+    assert saved["num_hidden_layers"] == 2
+    # the teacher's weights change after the cache was made: cutting from them is refused in one line
+    weights = next(teacher_dir.glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    first = next(iter(tensors))
+    tensors[first] = tensors[first] + 1
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["run", str(run), "--quiet", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "changed since the cache" in err and err.count("\n") == 1

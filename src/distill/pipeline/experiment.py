@@ -66,7 +66,7 @@ from distill.pipeline.rundir import finish_dir, prepare_dir, run_dir_paths
 from distill.report.html import write_html_report
 from distill.report.markdown import ROLES, print_summary, write_markdown, write_plots
 from distill.tasks import Task, get_task
-from distill.tasks.hf import HFSpec, resolve_model_dir
+from distill.tasks.hf import FromTeacherSpec, HFSpec, resolve_model_dir
 from distill.tasks.models import count_parameters
 from distill.train.distributed import parallel_from_environment
 from distill.train.loop import EpochLog, TrainResult, pick_device, rng_states, set_rng_states, train
@@ -242,6 +242,30 @@ def _cached_teacher_architecture(cache: CachedTeacher, data: DataBundle, config:
     if spec is None:
         raise DistillError(f"teacher.path: the cache {cache.path} does not record the teacher's architecture")
     return seeded_model(spec, data, config.seed, "teacher (cached) model", get_task(config.task))
+
+
+def teacher_for_students(teacher: nn.Module | CachedTeacher, config: ExperimentConfig, data: DataBundle):
+    """What the students are built from: the teacher model; for a cached teacher, its own weights
+    when the student is cut from it (loaded from the Hugging Face directory the cache records and
+    checked against the digest recorded then; it never runs, except for ``layers: auto``'s
+    influence pass), else None."""
+    if not isinstance(teacher, CachedTeacher):
+        return teacher
+    if not isinstance(config.student, FromTeacherSpec):
+        return None
+    spec = teacher.model_spec()
+    if not isinstance(spec, HFSpec):
+        raise DistillError(
+            f"student: a student cut from the teacher needs the teacher's weights, and the cache {teacher.path} "
+            "records no Hugging Face teacher directory; cut it from a teacher of kind hf, or train a fresh student"
+        )
+    weights = hf_weights_file(spec.path)
+    if file_sha256(weights) != teacher.teacher.get("weights_sha256"):
+        raise DistillError(
+            f"student: the teacher's weights {weights} changed since the cache {teacher.path} was made; "
+            "rebuild the cache (distill cache --overwrite) or cut the student from the teacher it was made with"
+        )
+    return seeded_model(spec, data, config.seed, "teacher (cached) weights", get_task(config.task))
 
 
 def cache_teacher(
@@ -473,11 +497,12 @@ class _StudentTraining:
     def run(self, teacher: nn.Module) -> str:
         """Train both students; return the distillation objective as text."""
         config, data = self.config, self.data
+        source = teacher_for_students(teacher, config, data)  # a cached teacher's weights, to cut students from
         if config.baseline and not get_task(config.task).trains_on_labels:
             self.console.print("no scratch baseline: an embedding student has no labels to train on alone")
         if config.baseline and get_task(config.task).trains_on_labels:
             scratch_data, passes = scratch_setup(self.student_data, config)
-            scratch = seeded_model(config.student, data, config.seed, "student", get_task(config.task), teacher)
+            scratch = seeded_model(config.student, data, config.seed, "student", get_task(config.task), source)
             more = (
                 f", {passes} passes over them per epoch (as many steps as the distilled student)" if passes > 1 else ""
             )
@@ -487,16 +512,13 @@ class _StudentTraining:
             self._train_student("scratch", Distiller(scratch, None, {"ce": HardLabelCE()}), scratch_data, passes)
         if config.random_baseline:
             scratch_data, passes = scratch_setup(self.student_data, config)
-            fresh = random_student(config, data, teacher)
+            fresh = random_student(config, data, source)
             self.console.print("random-init student: the same architecture from random weights, on labels alone")
             self._train_student("random", Distiller(fresh, None, {"ce": HardLabelCE()}), scratch_data, passes)
 
-        distiller = build_distiller(
-            config,
-            seeded_model(config.student, data, config.seed, "student", get_task(config.task), teacher),
-            teacher,
-            data,
-        )
+        student = seeded_model(config.student, data, config.seed, "student", get_task(config.task), source)
+        del source
+        distiller = build_distiller(config, student, teacher, data)
         objective = " + ".join(
             f"{w:g}·{k}" if isinstance(w, float) else f"{w}·{k}" for k, w in distiller.weights.items()
         )
@@ -531,7 +553,9 @@ def _check_inputs(config: ExperimentConfig, data: DataBundle, console: Console) 
     task = get_task(config.task)
     if isinstance(config.teacher, CachedTeacherSpec):
         teacher = open_cached_teacher(config, data)
-        student = seeded_model(config.student, data, config.seed, "student", task)
+        source = teacher_for_students(teacher, config, data)
+        student = seeded_model(config.student, data, config.seed, "student", task, source)
+        del source
         memory.check_batches({"student": student}, take(data.train.x, slice(0, 1)))
     else:
         field = "teacher" if isinstance(config.teacher, HFTeacher) else "teacher.model"
