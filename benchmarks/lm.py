@@ -1,6 +1,6 @@
 """Causal LMs: SmolLM2-135M-Instruct → a student of 6 of its 30 layers, on BBC News text.
 
-Two parts, each measured here:
+Three parts, each measured here:
 
 1. ``cache``: the per-token top-k cache on the teacher's *real* next-token distributions (held-out
    BBC blocks): bytes per token against KL(teacher ‖ reconstruction from the cache), for several
@@ -11,9 +11,12 @@ Two parts, each measured here:
    (a) the cut student untrained, (b) language-modelling loss only (the scratch baseline),
    (c) forward KL from the live teacher, (d) forward KL from the top-k cache (k = 32 and 8),
    (e) reverse KL and JSD(β = 0.5). Each run is its own process, so its peak memory (max RSS) is
-   its own; epoch times give the step-time ratios (each includes one validation pass).
+   its own; epoch times (each with one validation pass) are shown against the lm-only one.
+3. ``timing``: seconds per optimisation step with the LM loss alone, forward KL from the live
+   teacher and from the top-k cache (k = 32), alternating on the same batches (an idle machine).
 
-    python benchmarks/lm.py                                 # both parts, seed 0, 240 blocks (30,720 tokens)
+    python benchmarks/lm.py                                 # every part, seed 0, 240 blocks (30,720 tokens)
+    python benchmarks/lm.py --parts timing                  # the step times only (a few minutes)
     python benchmarks/lm.py --parts cache                   # the cache part only (a minute)
     python benchmarks/lm.py --seeds 0 1 --blocks 960        # more seeds, a larger budget
 
@@ -149,6 +152,77 @@ def cache_part(console: Console, blocks: int, ks=(8, 16, 32, 64, 128)) -> dict:
     return {"positions": len(logits), "entropy": entropy, "top1": top1, "results": out}
 
 
+def timing_part(console: Console, steps: int, repeats: int, k: int = 32) -> dict:
+    """Median seconds of one optimisation step (batch 8 × 128 tokens, AdamW) of the every-5th
+    student with the language-modelling loss alone, forward KL from the live teacher, and forward
+    KL from a top-k cache, on the same batches, the setups alternating so that machine noise hits
+    all alike. Run it on an idle machine."""
+    import statistics
+
+    from distill import Distiller, HardLabelCE
+    from distill.cache import CachedTeacher
+    from distill.core.inputs import take
+    from distill.pipeline.experiment import (
+        build_distiller,
+        cache_teacher,
+        default_cache_dir,
+        obtain_teacher,
+        seeded_model,
+    )
+    from distill.tasks import get_task
+
+    with tempfile.TemporaryDirectory() as tmp:
+        common = [EVERY_5TH, f"data.limit_train={steps * 8}", f"cache.k={k}", f"output.dir={tmp}", "output.name=t"]
+        common += ["distill.terms=[{type: forward_kl}]"]
+        config = _config(common)
+        task = get_task(config.task)
+        data = task.load_data(config.data)
+        teacher, _, _ = obtain_teacher(config, data, "cpu", Console(quiet=True), default_cache_dir())
+        cache = CachedTeacher(cache_teacher(config, overwrite=True, console=Console(quiet=True)))
+
+        def student():
+            return seeded_model(config.student, data, config.seed, "student", task, teacher)
+
+        setups = {
+            "lm loss only": Distiller(student(), None, {"ce": HardLabelCE()}),
+            "forward KL, live teacher": build_distiller(config, student(), teacher, data),
+            f"forward KL, cache k={k}": build_distiller(config, student(), cache, data),
+        }
+        batches = [slice(i * 8, (i + 1) * 8) for i in range(steps)]
+        optimizers = {}
+        for name, distiller in setups.items():
+            distiller.prepare(take(data.train.x, batches[0]), torch.arange(8))
+            optimizers[name] = torch.optim.AdamW(distiller.trainable_parameters(), lr=1e-5)
+        seconds: dict[str, list[float]] = {name: [] for name in setups}
+        for repeat in range(repeats):
+            for name, distiller in setups.items():
+                distiller.train()
+                for rows in batches:
+                    started = time.perf_counter()
+                    index = torch.arange(rows.start, rows.stop)
+                    out = distiller(
+                        take(data.train.x, rows), labels=data.train.y[rows], mask=data.train.mask[rows], index=index
+                    )
+                    optimizers[name].zero_grad(set_to_none=True)
+                    out.loss.backward()
+                    optimizers[name].step()
+                    if repeat:  # the first pass warms up
+                        seconds[name].append(time.perf_counter() - started)
+    base = statistics.median(seconds["lm loss only"])
+    table = Table(
+        title=f"one step, 8 × 128 tokens, {torch.get_num_threads()} threads (median of {len(seconds['lm loss only'])})"
+    )
+    for column in ("student's objective", "seconds / step", "÷ lm loss only"):
+        table.add_column(column, justify="left" if column.startswith("student") else "right")
+    out = {}
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        out[name] = {"median_seconds": median, "all": values, "ratio": median / base}
+        table.add_row(name, f"{median:.2f}", f"{median / base:.2f}×")
+    console.print(table)
+    return out
+
+
 def _row(metrics: dict) -> dict:
     m = metrics["metrics"]
     return {key: m.get(key) for key in ("perplexity", "token_accuracy", "agreement", "kl")}
@@ -234,7 +308,9 @@ def arms_part(console: Console, seeds: list[int], blocks: int, only: list[str], 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=("cache", "arms"), default=["cache", "arms"])
+    parser.add_argument("--parts", nargs="+", choices=("cache", "arms", "timing"), default=["cache", "arms", "timing"])
+    parser.add_argument("--steps", type=int, default=4, help="timing: steps per setup and pass")
+    parser.add_argument("--repeats", type=int, default=3, help="timing: passes (the first warms up)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--blocks", type=int, default=240, help="training blocks of 128 tokens")
     parser.add_argument("--cache-blocks", type=int, default=16, help="held-out blocks for the cache part")
@@ -248,6 +324,8 @@ def main() -> int:
         out["cache"] = cache_part(console, args.cache_blocks)
     if "arms" in args.parts:
         out["arms"] = arms_part(console, args.seeds, args.blocks, args.arms, args.overrides)
+    if "timing" in args.parts:
+        out["timing"] = timing_part(console, args.steps, args.repeats)
     write_results(args.out, out, console)
     return 0
 

@@ -253,8 +253,11 @@ def test_token_divergences_from_cached_top_k_use_the_teachers_buckets(kind):
 def test_a_cut_llama_copies_the_chosen_layers_renumbers_them_and_keeps_the_head_tied(llama_path):
     from distill.tasks.hf import FromTeacherSpec, HFSpec, cut_student, load_causal_lm
 
-    teacher = load_causal_lm(HFSpec(path=llama_path), "teacher", vocab=53)
+    teacher = load_causal_lm(HFSpec(path=llama_path), "teacher", vocab=53).requires_grad_(
+        False
+    )  # as a Distiller leaves it
     student = cut_student(FromTeacherSpec(layers=[0, 3]), teacher, "student")
+    assert all(p.requires_grad for p in student.parameters())  # a student trains
     t, s = teacher.model.state_dict(), student.model.state_dict()
     for j, i in enumerate([0, 3]):
         for key in [k for k in t if k.startswith(f"model.layers.{i}.")]:

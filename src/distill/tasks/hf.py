@@ -407,7 +407,8 @@ def cut_student(
     if spec.layers == "auto" and influence is None:
         raise DistillError(f"{field}.layers: auto needs training data to measure the teacher's layers on")
     keep = chosen_layers(spec, count, field, influence)
-    return teacher.rewrap(cut_layers(teacher.model, keep, influence))
+    student = teacher.rewrap(cut_layers(teacher.model, keep, influence))
+    return student.requires_grad_(True)  # trainable even when cut from a teacher already frozen by a Distiller
 
 
 def fresh_student(spec: HFConfigSpec, teacher: nn.Module | None, num_labels: int | None, field: str) -> HFModel:
