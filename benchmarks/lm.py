@@ -228,7 +228,10 @@ def _row(metrics: dict) -> dict:
     return {key: m.get(key) for key in ("perplexity", "token_accuracy", "agreement", "kl")}
 
 
-def arms_part(console: Console, seeds: list[int], blocks: int, only: list[str], extra: list[str]) -> dict:
+def arms_part(
+    console: Console, seeds: list[int], blocks: int, only: list[str], extra: list[str], save=lambda runs: None
+) -> dict:
+    """The runs; ``save(runs)`` after each one, so an interrupted benchmark keeps what it measured."""
     rows: dict[str, list[dict]] = {}
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -249,6 +252,7 @@ def arms_part(console: Console, seeds: list[int], blocks: int, only: list[str], 
                 metrics = out["metrics"]
                 models, training = metrics["models"], metrics["training"]
                 runs.append({"arm": name, "seed": seed, "overrides": overrides, **out})
+                save(runs)
                 epoch = {
                     role: sum(e["seconds"] for e in training[role]["history"]) for role in training if training[role]
                 }
@@ -323,7 +327,11 @@ def main() -> int:
     if "cache" in args.parts:
         out["cache"] = cache_part(console, args.cache_blocks)
     if "arms" in args.parts:
-        out["arms"] = arms_part(console, args.seeds, args.blocks, args.arms, args.overrides)
+        partial = args.out.with_suffix(".partial.json")
+        out["arms"] = arms_part(
+            console, args.seeds, args.blocks, args.arms, args.overrides,
+            save=lambda runs: write_results(partial, {**out, "runs_so_far": runs}, Console(quiet=True)),
+        )  # fmt: skip
     if "timing" in args.parts:
         out["timing"] = timing_part(console, args.steps, args.repeats)
     write_results(args.out, out, console)
