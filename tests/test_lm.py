@@ -469,3 +469,39 @@ def test_a_student_cut_from_a_cached_teacher_takes_the_teachers_own_weights_and_
     assert main(["run", str(run), "--quiet", "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert "changed since the cache" in err and err.count("\n") == 1
+
+
+def test_an_lm_run_in_two_processes_ends_with_the_weights_of_one_process(llama_path, corpus, tmp_path):
+    """``--processes 2`` (DDP, gloo) on the causal-LM path: each process scores its share of every
+    global batch, the terms weighted by the tokens they count, and the students end where one
+    process's do."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from distill.cli import main
+
+    common = dict(
+        teacher={"kind": "hf", "path": str(llama_path)},
+        train={"epochs": 1, "batch_size": 8, "optimizer": "sgd", "lr": 0.05, "schedule": "constant"},
+        distill={"terms": [{"type": "forward_kl", "weight": 0.5}, {"type": "ce", "weight": 0.5}]},
+    )  # fmt: skip
+    common["data"] = {"source": "jsonl", "path": str(chat_file(tmp_path / "c.jsonl")), "format": "chat"}
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = lm_config(tmp_path / "one", llama_path, corpus, **common)
+    assert main(["run", str(one), "--quiet"]) == 0
+    two = lm_config(tmp_path / "two", llama_path, corpus, **common)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "distill", "run", str(two), "--processes", "2", "--quiet"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for file in ("student.safetensors", "scratch.safetensors"):
+        a, b = (
+            load_file(str(tmp_path / "one" / "runs" / "lm" / file)),
+            load_file(str(tmp_path / "two" / "runs" / "lm" / file)),
+        )
+        assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), file
