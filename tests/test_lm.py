@@ -505,3 +505,31 @@ def test_an_lm_run_in_two_processes_ends_with_the_weights_of_one_process(llama_p
             load_file(str(tmp_path / "two" / "runs" / "lm" / file)),
         )
         assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), file
+
+
+def test_the_lm_cache_writer_runs_the_teacher_in_batches_that_fit_and_stores_the_same_signals(
+    llama_path, corpus, tmp_path, monkeypatch
+):
+    """A block's logits are ``block × vocabulary`` floats: the writer shrinks the teacher batch to
+    a logits budget (128 SmolLM2 blocks would make 3.2 GB), and what it stores does not change."""
+    from distill.cache import CachedTeacher, writer
+    from distill.tasks.hf import HFSpec, load_causal_lm
+
+    data = load_lm_data(TextDataSpec(source="text_file", path=corpus, tokenizer=llama_path, block_length=16))
+    teacher = load_causal_lm(HFSpec(path=llama_path), "t", vocab=53)
+    common = dict(identity={"teacher": "tiny"}, k=8, dtype="float32")
+    writer.write_cache(teacher, data, tmp_path / "whole", **common)
+    monkeypatch.setattr(writer, "LOGITS_BUDGET", 16 * 53 * 4 * 3)  # three blocks per teacher batch
+    calls = []
+    real = writer._teacher_rows
+    monkeypatch.setattr(
+        writer, "_teacher_rows", lambda t, taps, x, k, d: calls.append(len(x["input_ids"])) or real(t, taps, x, k, d)
+    )
+    writer.write_cache(teacher, data, tmp_path / "small", **common)
+    assert max(calls) == 3 and sum(calls) == len(data.train) + len(data.val) + len(data.test)
+    for split in ("train", "val", "test"):
+        a, b = (
+            CachedTeacher(tmp_path / "whole").split_logits(split),
+            CachedTeacher(tmp_path / "small").split_logits(split),
+        )
+        assert torch.equal(a.indices, b.indices) and torch.allclose(a.values, b.values, atol=1e-5)

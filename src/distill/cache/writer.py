@@ -41,6 +41,12 @@ def _split(data: DataBundle, name: str):
     return getattr(data, name)
 
 
+LOGITS_BUDGET = 512 * 2**20
+"""Bytes of float32 logits one teacher batch may produce: a language model's batch of 128 blocks
+of 128 tokens over a 49,152-entry vocabulary would make 3.2 GB, and its top-k selection several
+copies (10.8 GB peak measured), so per-position rows run in smaller batches."""
+
+
 def _teacher_rows(
     teacher: nn.Module, taps: FeatureTaps | None, x: Tensor, k: int, device: torch.device
 ) -> tuple[TopKLogits, dict[str, Tensor]]:
@@ -90,6 +96,13 @@ def write_cache(
     # per-position rows with a mask: only the positions that count are stored (padding never is)
     packed = bool(row_shape) and data.train.mask is not None
     samples_per_shard = max(1, shard_rows // rows_per_sample)
+    per_sample = rows_per_sample * vocab * 4  # bytes of float32 logits per sample
+    teacher_batch = max(1, min(batch_size, LOGITS_BUDGET // per_sample))
+    if teacher_batch < batch_size:
+        console.print(
+            f"cache: teacher batches of {teacher_batch} (not {batch_size}): each sample makes "
+            f"{per_sample / 2**20:.0f} MiB of logits"
+        )
     settings = {
         "format": FORMAT, "format_version": FORMAT_VERSION, **identity, "k": min(k, vocab), "dtype": dtype,
         "features": features, "samples_per_shard": samples_per_shard, "batch_size": batch_size,
@@ -151,8 +164,8 @@ def write_cache(
                     shards.append(record)
                     continue
                 parts = [
-                    _teacher_rows(teacher, taps, take(split.x, slice(i, min(end, i + batch_size))), k, device)
-                    for i in range(start, end, batch_size)
+                    _teacher_rows(teacher, taps, take(split.x, slice(i, min(end, i + teacher_batch))), k, device)
+                    for i in range(start, end, teacher_batch)
                 ]
                 signals = TopKLogits(
                     torch.cat([p[0].values for p in parts]), torch.cat([p[0].indices for p in parts]),
