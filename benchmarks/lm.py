@@ -179,6 +179,7 @@ def timing_part(console: Console, steps: int, repeats: int, k: int = 32) -> dict
         data = task.load_data(config.data)
         teacher, _, _ = obtain_teacher(config, data, "cpu", Console(quiet=True), default_cache_dir())
         cache = CachedTeacher(cache_teacher(config, overwrite=True, console=Console(quiet=True)))
+        console.print(f"peak memory after loading the teacher and writing the cache: {_peak_mib():,.0f} MiB")
 
         def student():
             return seeded_model(config.student, data, config.seed, "student", task, teacher)
@@ -220,7 +221,8 @@ def timing_part(console: Console, steps: int, repeats: int, k: int = 32) -> dict
         out[name] = {"median_seconds": median, "all": values, "ratio": median / base}
         table.add_row(name, f"{median:.2f}", f"{median / base:.2f}×")
     console.print(table)
-    return out
+    console.print(f"peak memory of the timing process: {_peak_mib():,.0f} MiB")
+    return {**out, "peak_mib": _peak_mib()}
 
 
 def _row(metrics: dict) -> dict:
