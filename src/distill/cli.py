@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "which", nargs="?", choices=("image", "text", "lm"), default="image",
         help="image: a CNN on Fashion-MNIST (default); text: all-MiniLM-L6-v2 on BBC News, a 2-layer student cut "
-        "from it (needs the text extra); lm: SmolLM2-135M on BBC News text, a 15-layer student cut from it "
+        "from it (needs the text extra); lm: SmolLM2-135M on BBC News text, a 6-layer student cut from it "
         "(needs `make setup`)",
     )  # fmt: skip
     demo.add_argument(
