@@ -53,6 +53,29 @@ def step_times(setups: dict[str, Distiller], data, train_spec, steps: int = 20, 
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+def topk_reconstruction(logits: torch.Tensor, ks, dtypes=("float32", "float16", "bfloat16", "int8")) -> list[dict]:
+    """Bytes per row of a top-k cache against KL(full distribution ‖ the one rebuilt from the
+    cache, the tail spread evenly), for each k and value dtype, at T = 1. Indices count 2 bytes
+    (uint16 numbers 65,536 entries), the log-sum-exp and tail mass 4 each."""
+    from distill.core.signals import QuantizedValues, TopKLogits
+
+    vocab = logits.shape[-1]
+    log_p = logits.log_softmax(-1)
+    out = []
+    for k in ks:
+        full = TopKLogits.from_dense(logits, k)
+        for dtype in dtypes:
+            encoded = QuantizedValues.encode(full.values, dtype)
+            stored = TopKLogits(encoded.decode(), full.indices, full.logsumexp, full.tail, vocab)
+            log_q = stored.to_dense().log_softmax(-1)
+            kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+            size = encoded.bytes_per_row() + k * 2 + 8
+            out.append(
+                {"k": k, "dtype": dtype, "bytes_per_token": size, "kl": kl, "tail_mass": float(full.tail.exp().mean())}
+            )
+    return out
+
+
 def machine() -> dict:
     """Where the figures were measured, for the results file."""
     return {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__}

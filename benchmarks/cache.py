@@ -43,7 +43,6 @@ from distill.cache import CachedTeacher
 from distill.core.data import iterate_batches
 from distill.core.distiller import Distiller
 from distill.core.losses import HardLabelCE
-from distill.core.signals import QuantizedValues, TopKLogits
 from distill.pipeline.config import load_config, parse_config
 from distill.pipeline.experiment import (
     build_distiller,
@@ -56,7 +55,7 @@ from distill.pipeline.experiment import (
 from distill.tasks.image_data import load_data
 from distill.train.loop import epoch_generator, make_optimizer
 
-from _common import fmt, summary, write_results
+from _common import fmt, summary, topk_reconstruction, write_results
 
 KS = [1, 2, 5, 10]
 
@@ -203,27 +202,20 @@ def lm(console: Console, rows: int, vocab: int = 49152) -> dict:
     log_p = logits.log_softmax(-1)
     entropy = float(-(log_p.exp() * log_p).sum(-1).mean())
     top1 = float(log_p.max(-1).values.exp().mean())
-    index_bytes = 2  # uint16 numbers 49,152 entries
     console.print(
         f"{vocab:,}-entry vocabulary, {rows} synthetic LM rows: mean entropy {entropy:.2f} nats, mean top-1 p {top1:.2f}"
     )
     table = Table(title="bytes per token against KL(full teacher ‖ reconstruction from the cache), T = 1")
     for column in ("k", "values", "bytes / token", "KL(teacher ‖ cache) nats/token", "of which rounding", "tail mass"):
         table.add_column(column, justify="right")
-    out = []
-    for k in (1, 8, 16, 32, 64, 128):
-        full = TopKLogits.from_dense(logits, k)
-        exact = None
-        for dtype in ("float32", "float16", "bfloat16", "int8"):
-            encoded = QuantizedValues.encode(full.values, dtype)
-            stored = TopKLogits(encoded.decode(), full.indices, full.logsumexp, full.tail, vocab)
-            log_q = stored.to_dense().log_softmax(-1)
-            kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-            size = encoded.bytes_per_row() + k * index_bytes + 8  # + float32 log-sum-exp and tail
-            tail_mass = float(full.tail.exp().mean())
-            exact = kl if exact is None else exact  # float32 first: the cost of top-k alone
-            out.append({"k": k, "dtype": dtype, "bytes_per_token": size, "kl": kl, "tail_mass": tail_mass})
-            table.add_row(str(k), dtype, str(size), f"{kl:.4f}", f"{kl - exact:+.1e}", f"{tail_mass:.3f}")
+    out = topk_reconstruction(logits, (1, 8, 16, 32, 64, 128))
+    exact = {}
+    for row in out:
+        exact.setdefault(row["k"], row["kl"])  # float32 first: the cost of top-k alone
+        table.add_row(
+            str(row["k"]), row["dtype"], str(row["bytes_per_token"]), f"{row['kl']:.4f}",
+            f"{row['kl'] - exact[row['k']]:+.1e}", f"{row['tail_mass']:.3f}",
+        )  # fmt: skip
     console.print(table)
     return {"vocab": vocab, "rows": rows, "entropy": entropy, "top1": top1, "results": out}
 

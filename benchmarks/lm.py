@@ -40,7 +40,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from _common import machine, mean_std, write_results
+from _common import machine, mean_std, topk_reconstruction, write_results
 
 ARMS: dict[str, list[str]] = {
     "lm loss only + forward KL (live)": ["baseline=true", "distill.terms=[{type: forward_kl}]"],
@@ -71,7 +71,6 @@ def run_arm(overrides: list[str], cached: bool) -> dict:
     and the students train from it. Returns the run's metrics and this process's peak memory."""
     from distill.pipeline.experiment import cache_teacher, run_experiment
 
-    torch.set_num_threads(torch.get_num_threads())
     config = _config(overrides)
     extra: dict = {}
     if cached:
@@ -109,7 +108,6 @@ def in_fresh_process(function, *args):
 def cache_part(console: Console, blocks: int, ks=(8, 16, 32, 64, 128)) -> dict:
     """Bytes per token against KL(teacher ‖ reconstruction) on the teacher's real logits."""
     from distill.core.losses.base import logits_of
-    from distill.core.signals import QuantizedValues, TopKLogits
     from distill.pipeline.experiment import default_cache_dir, obtain_teacher
     from distill.tasks import get_task
 
@@ -136,18 +134,11 @@ def cache_part(console: Console, blocks: int, ks=(8, 16, 32, 64, 128)) -> dict:
     table = Table(title="per-token cache: bytes per token against KL(teacher ‖ reconstruction), T = 1")
     for column in ("k", "values", "bytes / token", "KL nats/token", "tail mass"):
         table.add_column(column, justify="right")
-    out = []
-    for k in ks:
-        full = TopKLogits.from_dense(logits, k)
-        for dtype in ("float32", "float16", "bfloat16", "int8"):
-            encoded = QuantizedValues.encode(full.values, dtype)
-            stored = TopKLogits(encoded.decode(), full.indices, full.logsumexp, full.tail, vocab)
-            log_q = stored.to_dense().log_softmax(-1)
-            kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-            size = encoded.bytes_per_row() + k * 2 + 8  # uint16 indices, float32 log-sum-exp and tail
-            tail = float(full.tail.exp().mean())
-            out.append({"k": k, "dtype": dtype, "bytes_per_token": size, "kl": kl, "tail_mass": tail})
-            table.add_row(str(k), dtype, str(size), f"{kl:.4f}", f"{tail:.4f}")
+    out = topk_reconstruction(logits, ks)
+    for row in out:
+        table.add_row(
+            str(row["k"]), row["dtype"], str(row["bytes_per_token"]), f"{row['kl']:.4f}", f"{row['tail_mass']:.4f}"
+        )
     console.print(table)
     return {"positions": len(logits), "entropy": entropy, "top1": top1, "results": out}
 

@@ -114,7 +114,9 @@ class Parallel:
             limit_all_gathers=plugin.limit_all_gathers,
             use_orig_params=True,
             ignored_modules=[teacher] if teacher is not None else None,
-            device_id=self.device if self.device.type != "cpu" else torch.device("cpu"),
+            device_id=self.device
+            if self.device.type != "cpu"
+            else torch.device("cpu"),  # FSDP reads "cpu:0" as another device
         )
 
     def whole(self, model: nn.Module):
@@ -126,28 +128,17 @@ class Parallel:
 
         return FSDP.summon_full_params(model, writeback=False)
 
-    def clip_grad_norm(self, model: nn.Module, parameters: list[nn.Parameter], max_norm: float) -> None:
-        """Clip by the norm of the whole gradient (under FSDP, over every process's shard)."""
-        if self.fsdp is None:
-            torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-        else:
-            model.clip_grad_norm_(max_norm)
-
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """The optimiser's full state for a checkpoint (under FSDP gathered from every shard: a collective)."""
-        if self.fsdp is None:
-            return optimizer.state_dict()
+        """FSDP: the optimiser's full state for a checkpoint, gathered from every shard (a collective)."""
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         return FSDP.optim_state_dict(model, optimizer)
 
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        """Restore :meth:`optimizer_state`'s result (under FSDP, each process takes its shard)."""
-        if self.fsdp is not None:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        """FSDP: restore :meth:`optimizer_state`'s result, each process taking its shard."""
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-            state = FSDP.optim_state_dict_to_load(model, optimizer, state)
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, state))
 
     def unwrap(self, model: nn.Module) -> None:
         """After training under FSDP: gather the full weights on every process and strip the FSDP
@@ -227,12 +218,10 @@ class Parallel:
 
 def _unsharded_parameters(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """(name, whole tensor) of every parameter FSDP manages, named as in the unwrapped module."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
     ignored = {id(p) for m in getattr(model, "_ignored_modules", ()) for p in m.parameters()}
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) not in ignored:
-            yield name.replace(f"{FSDP.__name__}.", "").replace("_fsdp_wrapped_module.", ""), p
+            yield name.replace("_fsdp_wrapped_module.", ""), p
 
 
 def parallel_from_environment(device: torch.device) -> Parallel | None:

@@ -283,6 +283,7 @@ def train(
     validating = len(data.val) > 0  # without a validation split the last epoch is kept
     best_state = copy.deepcopy(distiller.state_dict_to_keep()) if validating else {}
     model = parallel.wrap(distiller) if parallel is not None else distiller
+    sharded = parallel is not None and parallel.fsdp is not None  # FSDP: parameters are split over processes
 
     def kept_state() -> dict[str, torch.Tensor]:  # a collective under FSDP: every process calls it
         with parallel.whole(model) if parallel is not None else contextlib.nullcontext():
@@ -302,7 +303,7 @@ def train(
     reference = None  # the teacher's validation predictions, for tasks scored against them
 
     if state is not None:
-        if parallel is not None:
+        if sharded:
             parallel.load_optimizer_state(model, optimizer, state["optimizer"])
         else:
             optimizer.load_state_dict(state["optimizer"])
@@ -383,8 +384,8 @@ def train(
                 if last_micro:
                     if spec.grad_clip:
                         scaler.unscale_(optimizer)
-                        if parallel is not None:
-                            parallel.clip_grad_norm(model, list(distiller.trainable_parameters()), spec.grad_clip)
+                        if sharded:  # the norm over every process's shard
+                            model.clip_grad_norm_(spec.grad_clip)
                         else:
                             torch.nn.utils.clip_grad_norm_(list(distiller.trainable_parameters()), spec.grad_clip)
                     scaler.step(optimizer)
@@ -461,7 +462,6 @@ def train(
             result.warnings.append(warning)
             console.print(f"[yellow]warning: {warning}[/]")
         rng = rng_states(parallel)  # every process's: dropout draws differ between shares
-        sharded = parallel is not None and parallel.fsdp is not None
         if checkpoint is not None:  # gathered from every shard under FSDP (collectives)
             kept = kept_state() if sharded else distiller.state_dict_to_keep()
             optimizer_state = parallel.optimizer_state(model, optimizer) if sharded else optimizer.state_dict()

@@ -58,14 +58,14 @@ def divergence_rows(log_s: Tensor, log_t: Tensor, kind: Kind, beta: float = 0.5)
 
 
 def _bucketed_student_logits(s: Tensor, indices: Tensor) -> Tensor:
-    """The student's log-probabilities on the teacher's top-k tokens, then on all the others, from
-    the logits in one pass over the vocabulary (a log-sum-exp): the tail is the complement of the top-k mass, computed in float64 over ``k`` entries. It is
-    exact to about 1e-7 of probability, like float32 itself, and saves scattering and reducing
-    a second ``[rows, vocab]`` tensor (see benchmarks/lm.py --parts timing)."""
+    """The student's log-probabilities on the teacher's top-k tokens, then on all the others, in one
+    pass over the vocabulary (a log-sum-exp). The tail is the complement of the top-k mass, in
+    float64 over ``k`` entries: exact to about 1e-7 of probability, like float32 itself, without
+    scattering and reducing a second ``[rows, vocab]`` tensor (benchmarks/lm.py --parts timing)."""
     head = s.gather(-1, indices) - s.logsumexp(-1, keepdim=True)
-    mass = head.double().logsumexp(-1, keepdim=True)
     if indices.shape[-1] >= s.shape[-1]:  # every token is in the head: the tail is empty
         return torch.cat([head, torch.full_like(head[..., :1], float("-inf"))], dim=-1)
+    mass = head.double().logsumexp(-1, keepdim=True)
     tail = (-torch.expm1(mass)).clamp_min(1e-30).log().to(head.dtype)
     return torch.cat([head, tail], dim=-1)
 
