@@ -243,9 +243,65 @@ def test_token_divergences_from_cached_top_k_use_the_teachers_buckets(kind):
         return torch.cat([head, torch.log1p(-head.exp().sum(-1, keepdim=True))], -1)
 
     expected = divergence_rows(buckets(log_s), buckets(log_t.double()), kind).mean()
-    assert float(value.detach()) == pytest.approx(float(expected), rel=1e-4)
+    assert float(value.detach()) == pytest.approx(float(expected.detach()), rel=1e-4)
     grad, reference = torch.autograd.grad(value, s)[0], torch.autograd.grad(expected, s)[0]
     assert grad[~mask].abs().max() == 0 and torch.allclose(grad, reference.float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("k", [3, 9])  # 9 covers the vocabulary: the tail is empty
+def test_the_students_bucket_backward_passes_gradcheck_over_chunks_and_kept_rows(k, temperature):
+    """The hand-written backward of the cached divergences (one softmax per chunk) against finite
+    differences in float64, with kept rows in several chunks and a gradient on every bucket."""
+    from distill.core.losses.buckets import student_bucket_log_probs
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(7, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([0, 2, 3, 6])
+    indices = torch.stack([torch.randperm(9, generator=g)[:k] for _ in rows])
+    weights = torch.randn(len(rows), k + 1, generator=g, dtype=torch.float64)
+    if k == 9:
+        weights[:, -1] = 0  # the empty tail's log-probability is -inf; nothing may pull on it
+
+    def scored(x, rows=rows, chunk=3):
+        out = student_bucket_log_probs(x, indices, temperature, rows, chunk)
+        return (out.nan_to_num(neginf=0.0) * weights).sum()
+
+    assert torch.autograd.gradcheck(scored, (logits,))
+    every = student_bucket_log_probs(logits, indices, temperature, rows, chunk=100)
+    assert torch.allclose(student_bucket_log_probs(logits, indices, temperature, rows, chunk=1), every)
+    assert torch.allclose(every[:, :-1], torch.log_softmax(logits / temperature, -1)[rows].gather(-1, indices))
+    assert torch.allclose(every.exp().sum(-1), torch.ones(len(rows), dtype=torch.float64))
+    grad = torch.autograd.grad(scored(logits), logits)[0]
+    assert grad[[1, 4, 5]].abs().max() == 0  # rows not kept get no gradient
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd", "tv"])
+def test_a_confident_students_tail_is_taken_in_log_space_with_the_gradient_autograd_gives(kind):
+    """A tail mass of about e^-60 (below DEEP) and one of e^-400 (0 in float32): values and
+    gradients as autograd through an exact log-sum-exp gives them; softmax gradients sum to 0."""
+    from distill.core.losses.buckets import bucketed_divergence, divergence_rows
+    from distill.core.signals import TopKLogits
+
+    g = torch.Generator().manual_seed(4)
+    teacher = TopKLogits.from_dense(torch.randn(3, 12, generator=g, dtype=torch.float64), 2)
+    student = torch.randn(3, 12, generator=g, dtype=torch.float64)
+    student[0, teacher.indices[0]] += 60.0
+    student[1, teacher.indices[1]] += 400.0
+    student.requires_grad_(True)
+    value = bucketed_divergence(student, teacher, kind)
+    log_q = torch.log_softmax(student, -1)
+    head = log_q.gather(-1, teacher.indices)
+    tail = log_q.scatter(-1, teacher.indices, float("-inf")).logsumexp(-1, keepdim=True)
+    expected = divergence_rows(torch.cat([head, tail], -1), teacher.bucket_log_probs().double(), kind).mean()
+    assert float(value) == pytest.approx(float(expected), rel=1e-9)
+    grad, reference = torch.autograd.grad(value, student)[0], torch.autograd.grad(expected, student)[0]
+    torch.testing.assert_close(grad, reference, rtol=1e-7, atol=1e-12)
+    assert grad.sum(-1).abs().max() < 1e-12
+    teacher32 = TopKLogits(teacher.values.float(), teacher.indices, teacher.logsumexp.float(), teacher.tail.float(), 12)
+    student32 = student.detach().float().requires_grad_(True)  # e^-400 is 0 in float32
+    grad32 = torch.autograd.grad(bucketed_divergence(student32, teacher32, kind), student32)[0]
+    torch.testing.assert_close(grad32, reference.float(), rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- students

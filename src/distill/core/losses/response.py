@@ -6,7 +6,6 @@ so the same terms serve image classifiers and language models.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
@@ -21,6 +20,7 @@ from distill.core.losses.base import (
     same_shape,
     upcast,
 )
+from distill.core.losses.buckets import bucketed_divergence
 from distill.core.signals import TopKLogits
 
 
@@ -42,64 +42,13 @@ def soft_target_kl(
     the KL is then taken over the teacher's top-k classes plus one bucket for all the others, and
     equals the dense value when k covers every class.
     """
-    if isinstance(teacher_logits, TopKLogits) and teacher_logits.k < teacher_logits.vocab_size:
-        return _sparse_soft_target_kl(student_logits, teacher_logits, temperature, mask)
-    if isinstance(teacher_logits, TopKLogits):  # k covers every class: the dense logits, exactly
-        _check_rows(student_logits, teacher_logits)
-        teacher_logits = teacher_logits.to_dense()
+    if isinstance(teacher_logits, TopKLogits):
+        return bucketed_divergence(student_logits, teacher_logits, "forward", temperature, mask)
     same_shape(student_logits, teacher_logits)
     log_p_student = F.log_softmax(upcast(student_logits) / temperature, dim=-1)
     log_p_teacher = F.log_softmax(upcast(teacher_logits.detach()) / temperature, dim=-1)
     per_row = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none").sum(-1)
     return masked_mean(per_row, mask) * temperature**2
-
-
-def _sparse_soft_target_kl(
-    student_logits: Tensor, teacher: TopKLogits, temperature: float, mask: Tensor | None
-) -> Tensor:
-    _check_rows(student_logits, teacher)
-    log_p = teacher.bucket_log_probs(temperature).to(upcast(student_logits).dtype)
-    per_row = _BucketKL.apply(upcast(student_logits) / temperature, teacher.indices, log_p)
-    return masked_mean(per_row, mask) * temperature**2
-
-
-def _check_rows(student_logits: Tensor, teacher: TopKLogits) -> None:
-    if student_logits.shape[-1] != teacher.vocab_size or student_logits.shape[:-1] != teacher.values.shape[:-1]:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} do not match the teacher's top-k signals "
-            f"({tuple(teacher.values.shape[:-1])} rows over {teacher.vocab_size} classes)"
-        )
-
-
-class _BucketKL(torch.autograd.Function):
-    """Per-row KL(p ‖ q) over the teacher's top-k classes (k below the number of classes) plus one
-    bucket for the rest, with a closed-form gradient.
-
-    Autograd through the bucketing (gather, scatter, logsumexp, cat) costs more than the rest of
-    a small model's loss; the gradient has a closed form: ∂KL/∂z_j = q_j − p̃_j, where p̃ gives a
-    top-k class the teacher's probability and shares the tail bucket's among the other classes
-    in proportion to the student's own q_j.
-    """
-
-    @staticmethod
-    def forward(ctx, scaled_student: Tensor, indices: Tensor, log_p: Tensor) -> Tensor:  # type: ignore[override]
-        log_q = scaled_student.log_softmax(-1)
-        log_q_head = log_q.gather(-1, indices)
-        log_q_tail = log_q.scatter(-1, indices, float("-inf")).logsumexp(-1)  # outside the top-k, exactly
-        log_q_buckets = torch.cat([log_q_head, log_q_tail.unsqueeze(-1)], dim=-1)
-        per_row = torch.where(log_p.isneginf(), 0.0, log_p.exp() * (log_p - log_q_buckets)).sum(-1)
-        ctx.save_for_backward(log_q, indices, log_p, log_q_tail)
-        return per_row
-
-    @staticmethod
-    def backward(ctx, grad_rows: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        log_q, indices, log_p, log_q_tail = ctx.saved_tensors
-        q = log_q.exp()
-        # p̃_j = p_tail · q_j / q_tail outside the top-k (0 where the student's tail underflowed)
-        shift = torch.where(log_q_tail.isfinite(), log_p[..., -1] - log_q_tail, float("-inf"))
-        target = (log_q + shift.unsqueeze(-1)).exp()
-        target = target.scatter(-1, indices, log_p[..., :-1].exp())
-        return (q - target) * grad_rows.unsqueeze(-1), None, None
 
 
 def hard_label_ce(logits: Tensor, labels: Tensor, mask: Tensor | None = None, label_smoothing: float = 0.0) -> Tensor:
