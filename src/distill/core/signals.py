@@ -51,6 +51,17 @@ class TopKLogits:
         """The rows where boolean ``keep`` (the leading dimensions) is True, flattened: ``[m, k]``."""
         return TopKLogits(self.values[keep], self.indices[keep], self.logsumexp[keep], self.tail[keep], self.vocab_size)
 
+    def flat(self) -> TopKLogits:
+        """Every row, flattened to ``[rows, k]`` (views, no copy)."""
+        k = self.k
+        return TopKLogits(
+            self.values.reshape(-1, k),
+            self.indices.reshape(-1, k),
+            self.logsumexp.reshape(-1),
+            self.tail.reshape(-1),
+            self.vocab_size,
+        )
+
     @property
     def k(self) -> int:
         return self.values.shape[-1]

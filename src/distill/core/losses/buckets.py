@@ -69,36 +69,45 @@ class _StudentBuckets(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, rows: Tensor | None, indices: Tensor, temperature: float, chunk: int) -> Tensor:
-        dtype = upcast(logits[:0]).dtype
-        head = torch.empty(indices.shape, dtype=dtype, device=logits.device)
-        tail = torch.full((indices.shape[0], 1), float("-inf"), dtype=dtype, device=logits.device)
         empty_tail = indices.shape[-1] >= logits.shape[-1]  # every token is in the head
+        any_deep, parts = False, []
         for start in range(0, indices.shape[0], chunk):
             part, top = slice(start, start + chunk), indices[start : start + chunk]
             z = _scaled_rows(logits, rows, part, temperature)
             log_q = F.log_softmax(z, dim=-1)
-            head[part] = log_q.gather(-1, top)
+            head = log_q.gather(-1, top)
             if empty_tail:
-                continue
-            mass = log_q.exp_().scatter_(-1, top, 0.0).sum(-1, keepdim=True)
-            tail[part] = mass.log()
-            deep = mass.squeeze(-1) < DEEP
-            if bool(deep.any()):
-                tail[part][deep] = _log_tail(z[deep], top[deep])
-        ctx.save_for_backward(logits, rows, indices, tail)
-        ctx.temperature, ctx.chunk = temperature, chunk
-        return torch.cat([head, tail], dim=-1)
+                tail = torch.full_like(head[:, :1], float("-inf"))
+            else:
+                mass = log_q.exp_().scatter_(-1, top, 0.0).sum(-1, keepdim=True)
+                tail = mass.log()
+                deep = mass.squeeze(-1) < DEEP
+                if bool(deep.any()):
+                    any_deep = True
+                    tail[deep] = _log_tail(z[deep], top[deep])
+            parts.append(torch.cat([head, tail], dim=-1))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        ctx.save_for_backward(logits, rows, indices, out[:, -1:])
+        ctx.temperature, ctx.chunk, ctx.empty_tail, ctx.any_deep = temperature, chunk, empty_tail, any_deep
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         logits, rows, indices, tail = ctx.saved_tensors
         g_head, g_tail = grad[:, :-1], grad[:, -1:]
         total = grad.sum(-1, keepdim=True)
-        mass = tail.exp()
-        shallow = mass >= DEEP
-        every = torch.where(shallow, g_tail / mass.clamp_min(DEEP), 0.0) - total  # the factor on q outside the head
-        deep = (~shallow & tail.isfinite() & (g_tail != 0)).squeeze(-1)
-        out = torch.zeros_like(logits) if rows is not None else torch.empty_like(logits)
+        deep = None
+        if ctx.empty_tail:
+            every = -total  # the factor on q outside the head (there is no outside)
+        elif ctx.any_deep:
+            mass = tail.exp()
+            shallow = mass >= DEEP
+            every = torch.where(shallow, g_tail / mass.clamp_min(DEEP), 0.0) - total
+            deep = (~shallow & tail.isfinite() & (g_tail != 0)).squeeze(-1)
+        else:
+            every = g_tail / tail.exp() - total
+        single = rows is None and indices.shape[0] <= ctx.chunk  # the gradient is the one chunk's
+        out = None if single else torch.zeros_like(logits) if rows is not None else torch.empty_like(logits)
         for start in range(0, indices.shape[0], ctx.chunk):
             part, top = slice(start, start + ctx.chunk), indices[start : start + ctx.chunk]
             z = _scaled_rows(logits, rows, part, ctx.temperature)
@@ -108,12 +117,14 @@ class _StudentBuckets(torch.autograd.Function):
             # cancels against itself
             q.scatter_(-1, top, 0.0).mul_(every[part])
             q.scatter_(-1, top, g_head[part] - head_q * total[part])
-            if bool(deep[part].any()):
+            if deep is not None and bool(deep[part].any()):
                 d = deep[part]
                 share = (F.log_softmax(z[d], dim=-1) - tail[part][d]).exp().scatter_(-1, top[d], 0.0)
                 q[d] += g_tail[part][d] * share
             if ctx.temperature != 1.0:
                 q.div_(ctx.temperature)
+            if out is None:
+                return q.to(logits.dtype), None, None, None, None
             if rows is None:
                 out[part] = q
             else:
@@ -160,7 +171,7 @@ def bucketed_divergence(
     keep = mask.bool().reshape(shape) if mask is not None else None
     if keep is not None and bool(keep.all()):
         keep = None
-    signals = teacher.select(keep if keep is not None else torch.ones(shape, dtype=torch.bool))
+    signals = teacher.select(keep) if keep is not None else teacher.flat()
     if signals.values.shape[0] == 0:
         return student_logits.sum() * 0.0
     rows = keep.reshape(-1).nonzero().squeeze(1) if keep is not None else None

@@ -20,7 +20,7 @@ from distill.core.losses.base import (
     same_shape,
     upcast,
 )
-from distill.core.losses.buckets import bucketed_divergence
+from distill.core.losses.buckets import bucketed_divergence, check_rows
 from distill.core.signals import TopKLogits
 
 
@@ -42,8 +42,11 @@ def soft_target_kl(
     the KL is then taken over the teacher's top-k classes plus one bucket for all the others, and
     equals the dense value when k covers every class.
     """
-    if isinstance(teacher_logits, TopKLogits):
+    if isinstance(teacher_logits, TopKLogits) and teacher_logits.k < teacher_logits.vocab_size:
         return bucketed_divergence(student_logits, teacher_logits, "forward", temperature, mask)
+    if isinstance(teacher_logits, TopKLogits):  # k covers every class: the dense logits, exactly
+        check_rows(student_logits, teacher_logits)
+        teacher_logits = teacher_logits.to_dense()
     same_shape(student_logits, teacher_logits)
     log_p_student = F.log_softmax(upcast(student_logits) / temperature, dim=-1)
     log_p_teacher = F.log_softmax(upcast(teacher_logits.detach()) / temperature, dim=-1)
