@@ -23,15 +23,19 @@ Kind = Literal["forward", "reverse", "jsd", "tv"]
 DEFAULT_CHUNK = 2048
 """Rows (token positions) scored at once: 2048 × a 49,152-token vocabulary × 4 bytes is 400 MB
 per float32 softmax."""
+AUTOGRAD_BELOW = 32_768
+"""Kept rows × classes below which plain autograd is used instead: on small logits (an image
+batch's ``[128, 10]``) the hand-written function's fixed cost outweighs what it saves
+(benchmarks/buckets.py)."""
 DEEP = 1e-20
 """A student's tail mass below which it is computed in log space: a float32 sum of probabilities
 that small loses its precision, and ``g_tail / Q`` may overflow."""
 
 
 def _xlogy_diff(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Σ p · (log p − log q) over the last dimension, with 0 · log 0 = 0."""
-    p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    """Σ p · (log p − log q) over the last dimension, with 0 · log 0 = 0: both logs are floored at
+    -10⁴ (e^-10⁴ is 0 in every float type), so an empty bucket gives 0, not 0 · ∞."""
+    return (log_p.exp() * (log_p.clamp_min(-1e4) - log_q.clamp_min(-1e4))).sum(-1)
 
 
 def divergence_rows(log_s: Tensor, log_t: Tensor, kind: Kind, beta: float = 0.5) -> Tensor:
@@ -132,9 +136,19 @@ class _StudentBuckets(torch.autograd.Function):
         return out, None, None, None, None
 
 
+def _autograd_buckets(logits: Tensor, indices: Tensor, temperature: float) -> Tensor:
+    """What :class:`_StudentBuckets` computes, through autograd (the tail as a log-sum-exp)."""
+    z = upcast(logits)
+    log_q = F.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)
+    head = log_q.gather(-1, indices)
+    if indices.shape[-1] >= logits.shape[-1]:
+        return torch.cat([head, torch.full_like(head[:, :1], float("-inf"))], dim=-1)
+    return torch.cat([head, log_q.scatter(-1, indices, float("-inf")).logsumexp(-1, keepdim=True)], dim=-1)
+
+
 def _log_tail(z: Tensor, top: Tensor) -> Tensor:
     """log Σ softmax(z) outside ``top``, in log space (for rows whose tail underflows)."""
-    return F.log_softmax(z, dim=-1).scatter_(-1, top, float("-inf")).logsumexp(-1, keepdim=True)
+    return F.log_softmax(z, dim=-1).scatter(-1, top, float("-inf")).logsumexp(-1, keepdim=True)
 
 
 def _scaled_rows(logits: Tensor, rows: Tensor | None, part: slice, temperature: float) -> Tensor:
@@ -174,11 +188,16 @@ def bucketed_divergence(
     signals = teacher.select(keep) if keep is not None else teacher.flat()
     if signals.values.shape[0] == 0:
         return student_logits.sum() * 0.0
-    rows = keep.reshape(-1).nonzero().squeeze(1) if keep is not None else None
-    log_s = student_bucket_log_probs(student_logits.reshape(-1, vocab), signals.indices, temperature, rows, chunk)
+    flat = student_logits.reshape(-1, vocab)
+    if signals.values.shape[0] * vocab < AUTOGRAD_BELOW:
+        log_s = _autograd_buckets(flat[keep.reshape(-1)] if keep is not None else flat, signals.indices, temperature)
+    else:
+        rows = keep.reshape(-1).nonzero().squeeze(1) if keep is not None else None
+        log_s = student_bucket_log_probs(flat, signals.indices, temperature, rows, chunk)
     log_t = signals.bucket_log_probs(temperature).to(log_s.dtype)
     scale = 1.0 if kind == "tv" else temperature**2
-    return divergence_rows(log_s, log_t, kind, beta).mean() * scale
+    per_row = divergence_rows(log_s, log_t, kind, beta)
+    return per_row.mean() * scale if scale != 1.0 else per_row.mean()
 
 
 def check_rows(student_logits: Tensor, teacher: TopKLogits) -> None:
