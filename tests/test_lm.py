@@ -589,7 +589,7 @@ def test_the_lm_cache_writer_runs_the_teacher_in_batches_that_fit_and_stores_the
     calls = []
     real = writer._teacher_rows
     monkeypatch.setattr(
-        writer, "_teacher_rows", lambda t, taps, x, k, d: calls.append(len(x["input_ids"])) or real(t, taps, x, k, d)
+        writer, "_teacher_rows", lambda t, taps, x, *rest: calls.append(len(x["input_ids"])) or real(t, taps, x, *rest)
     )
     writer.write_cache(teacher, data, tmp_path / "small", **common)
     assert max(calls) == 3 and sum(calls) == len(data.train) + len(data.val) + len(data.test)
@@ -599,3 +599,31 @@ def test_the_lm_cache_writer_runs_the_teacher_in_batches_that_fit_and_stores_the
             CachedTeacher(tmp_path / "small").split_logits(split),
         )
         assert torch.equal(a.indices, b.indices) and torch.allclose(a.values, b.values, atol=1e-5)
+    assert CachedTeacher(tmp_path / "whole").split_label_logprobs("train") is None  # training never needs them
+    assert torch.allclose(
+        CachedTeacher(tmp_path / "whole").split_label_logprobs("test"),
+        CachedTeacher(tmp_path / "small").split_label_logprobs("test"),
+        atol=1e-5,
+    )
+
+
+def test_a_teacher_scored_from_a_top_k_cache_has_its_exact_perplexity(llama_path, corpus, tmp_path):
+    """With k = 8 of 53 tokens, next tokens often fall outside the cached top k: the stored label
+    log-probabilities give the live teacher's perplexity; the top-k signals alone only estimate it."""
+    from distill.cache import CachedTeacher, writer
+    from distill.tasks import get_task
+    from distill.tasks.hf import HFSpec, load_causal_lm
+
+    data = load_lm_data(TextDataSpec(source="text_file", path=corpus, tokenizer=llama_path, block_length=16))
+    teacher = load_causal_lm(HFSpec(path=llama_path), "t", vocab=53)
+    cache = CachedTeacher(
+        writer.write_cache(teacher, data, tmp_path / "c", identity={"teacher": "tiny"}, k=8, dtype="float16")
+    )
+    task, test = get_task("causal_lm"), data.test
+    live = task.metrics(task.predict(teacher, test.x, labels=test.y), test)["perplexity"]
+    signals, stored = cache.split_logits("test"), cache.split_label_logprobs("test")
+    assert stored.shape == test.y.shape and bool(torch.isfinite(stored).all())
+    exact = task.metrics(task.predict_cached(signals, test.y, stored), test)["perplexity"]
+    estimated = task.metrics(task.predict_cached(signals, test.y), test)["perplexity"]
+    assert exact == pytest.approx(live, rel=1e-5)
+    assert abs(estimated - live) / live > 1e-3  # the estimate is not the teacher's perplexity

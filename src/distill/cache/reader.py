@@ -168,7 +168,7 @@ class CachedTeacher:
         """Rows ``index`` of a packed cache's signal arrays, ``[len(index), seq, ...]``: each
         sample's stored positions scattered back by its mask, padding filled with a uniform row."""
         seq = self.manifest["row_shape"][0]
-        filler = padding_row(self.vocab_size, self.k, self.dtype)
+        filler = padding_row(self.vocab_size, self.k, self.dtype) | {"label_logprob": np.zeros((), np.float32)}
         out = {name: np.broadcast_to(filler[name], (len(index), seq, *filler[name].shape)).copy() for name in names}
         shard_of, local = np.divmod(index, self.samples_per_shard)
         for shard in np.unique(shard_of):
@@ -220,3 +220,11 @@ class CachedTeacher:
         """The cached signals of a whole split (for the teacher's metrics on val / test)."""
         n = self.manifest["splits"][split]["samples"]
         return self.lookup(torch.arange(n), split=split).logits
+
+    def split_label_logprobs(self, split: str) -> Tensor | None:
+        """The teacher's log-probability of each label of a held-out split, ``[samples, seq]``
+        (0 where nothing counts), when the cache stores it (per-position caches do); None otherwise."""
+        if not self.manifest.get("label_logprobs") or split == "train":
+            return None
+        index = np.arange(self.manifest["splits"][split]["samples"])
+        return torch.from_numpy(self._gather_packed(split, index, ["label_logprob"])["label_logprob"])

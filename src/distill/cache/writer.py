@@ -48,8 +48,12 @@ copies (10.8 GB peak measured), so per-position rows run in smaller batches."""
 
 
 def _teacher_rows(
-    teacher: nn.Module, taps: FeatureTaps | None, x: Tensor, k: int, device: torch.device
-) -> tuple[TopKLogits, dict[str, Tensor]]:
+    teacher: nn.Module, taps: FeatureTaps | None, x: Tensor, k: int, device: torch.device, labels: Tensor | None = None
+) -> tuple[TopKLogits, dict[str, Tensor], Tensor | None]:
+    """The teacher's top-k signals and tapped features for inputs ``x``, and with ``labels`` its
+    log-probability of each label (0 where there is none): what scores a teacher known only by its
+    cache exactly (a language model's perplexity needs the next token's probability even where it
+    is outside the top k)."""
     with torch.no_grad():  # not inference_mode: feature taps read tensors' version counters
         if taps is None:
             logits, features = logits_of(call_model(teacher, to_device(x, device))), {}
@@ -57,7 +61,13 @@ def _teacher_rows(
             with taps.recording() as recorded:
                 logits = logits_of(call_model(teacher, to_device(x, device)))
             features = {name: value.half().cpu() for name, value in recorded.items()}
-    return TopKLogits.from_dense(logits.float(), k).to("cpu"), features  # only the top-k leave the device
+        signals = TopKLogits.from_dense(logits.float(), k)
+        label_logprobs = None
+        if labels is not None:
+            y = labels.to(logits.device)
+            picked = logits.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1).float() - signals.logsumexp
+            label_logprobs = picked.masked_fill(y < 0, 0.0).cpu()
+    return signals.to("cpu"), features, label_logprobs  # only the top-k leave the device
 
 
 def write_cache(
@@ -163,10 +173,14 @@ def write_cache(
                 if record is not None and verify_shard(partial / "shards" / key, record["files"]) is None:
                     shards.append(record)
                     continue
+                scored = packed and split_name != "train"  # the teacher's own scores on held-out text
                 parts = [
-                    _teacher_rows(teacher, taps, take(split.x, slice(i, min(end, i + teacher_batch))), k, device)
+                    _teacher_rows(
+                        teacher, taps, take(split.x, slice(i, min(end, i + teacher_batch))), k, device,
+                        split.y[i : min(end, i + teacher_batch)] if scored else None,
+                    )
                     for i in range(start, end, teacher_batch)
-                ]
+                ]  # fmt: skip
                 signals = TopKLogits(
                     torch.cat([p[0].values for p in parts]), torch.cat([p[0].indices for p in parts]),
                     torch.cat([p[0].logsumexp for p in parts]), torch.cat([p[0].tail for p in parts]), vocab,
@@ -179,6 +193,8 @@ def write_cache(
                 arrays = shard_arrays(signals if keep is None else signals.select(keep), feats, dtype)
                 if keep is not None:
                     arrays.update(pack_positions(keep))
+                if scored:
+                    arrays["label_logprob"] = torch.cat([p[2] for p in parts])[keep].numpy().astype(np.float32)
                 files = write_shard(partial / "shards" / key, arrays)
                 record = {"name": key, "start": start, "samples": end - start, "files": files}
                 progress["shards"][key] = record
@@ -203,6 +219,7 @@ def write_cache(
         "vocab_size": vocab,
         "row_shape": row_shape,
         "packed": packed,
+        "label_logprobs": packed,  # held-out splits store the teacher's log-probability of each label
         "index_dtype": str(index_dtype(vocab)),
         "logits": LOGITS_FORMAT,
         "feature_shapes": feature_shapes,

@@ -426,6 +426,7 @@ def run_experiment(
             weights_paths["teacher"] = None
             cached = {
                 "test_signals": teacher.split_logits("test"),
+                "test_label_logprobs": teacher.split_label_logprobs("test"),
                 "size_bytes": teacher.teacher.get("weights_bytes"),
                 "weights_sha256": teacher.teacher.get("weights_sha256"),
             }
@@ -631,7 +632,9 @@ def evaluate_models(
     if not task.has_logits:  # embeddings, token scores: scored against the teacher's, nothing per class
         test = data.test
         predictions = {
-            "teacher": task.predict_cached(cached_teacher["test_signals"], test.y)
+            "teacher": task.predict_cached(
+                cached_teacher["test_signals"], test.y, cached_teacher.get("test_label_logprobs")
+            )
             if cached_teacher is not None
             else task.predict(models["teacher"], test.x, labels=test.y)
         }
@@ -642,7 +645,9 @@ def evaluate_models(
     else:
         logits = {role: task.predict(model, data.test.x) for role, model in models.items()}
     if cached_teacher is not None and task.has_logits:
-        logits["teacher"] = task.predict_cached(cached_teacher["test_signals"], data.test.y)
+        logits["teacher"] = task.predict_cached(
+            cached_teacher["test_signals"], data.test.y, cached_teacher.get("test_label_logprobs")
+        )
     latencies = {
         b: measure_latencies(
             models,

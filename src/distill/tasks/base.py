@@ -112,9 +112,10 @@ class Task(ABC):
         ``teacher_has_weights`` (a cached teacher) ``models["teacher"]`` is only its architecture."""
         return {}
 
-    def predict_cached(self, signals: TopKLogits, labels: Tensor) -> Any:
+    def predict_cached(self, signals: TopKLogits, labels: Tensor, label_logprobs: Tensor | None = None) -> Any:
         """The teacher's predictions when only its cached top-k signals exist (what :meth:`predict`
-        gives for a live teacher): the reconstructed logits by default."""
+        gives for a live teacher): the reconstructed logits by default. ``label_logprobs``: the
+        teacher's log-probability of each label, where the cache stores it."""
         return signals.to_dense()
 
     def eval_order(self, x: Inputs) -> Tensor | None:

@@ -108,14 +108,20 @@ def score_tokens(
     return TokenScores(**joined)
 
 
-def scores_from_signals(signals: TopKLogits, labels: Tensor, k: int = REFERENCE_K) -> TokenScores:
-    """:class:`TokenScores` of a teacher known only by its top-k signals ``[n, seq, k]``."""
+def scores_from_signals(
+    signals: TopKLogits, labels: Tensor, k: int = REFERENCE_K, label_logprobs: Tensor | None = None
+) -> TokenScores:
+    """:class:`TokenScores` of a teacher known only by its top-k signals ``[n, seq, k]`` (and, where
+    the cache stores them, its log-probabilities of the labels ``[n, seq]``)."""
     logprobs = signals.values.float() - signals.logsumexp.unsqueeze(-1).float()
     y = labels.clamp_min(0).unsqueeze(-1)
     hit = signals.indices == y
     rest = max(signals.vocab_size - signals.k, 1)
     tail_each = signals.tail.float() - math.log(rest)  # the tail's mass shared evenly by the unseen tokens
-    label = torch.where(hit.any(-1), (logprobs * hit).sum(-1), tail_each).masked_fill(labels < 0, 0.0)
+    if label_logprobs is not None:
+        label = label_logprobs.float().masked_fill(labels < 0, 0.0)
+    else:
+        label = torch.where(hit.any(-1), (logprobs * hit).sum(-1), tail_each).masked_fill(labels < 0, 0.0)
     order = logprobs.argsort(-1, descending=True)[..., :k]  # stored top-k need not be sorted
     return TokenScores(
         label_logprob=label,
@@ -268,10 +274,12 @@ class CausalLM(TextClassification):
             samples.append(sample)
         return {"generation": {"new_tokens": NEW_TOKENS, "tokens_per_second": speed}, "samples": samples}
 
-    def predict_cached(self, signals: TopKLogits, labels: Tensor) -> TokenScores:
-        """The teacher's scores from its cached top-k: exact where the next token is among them;
-        elsewhere its log-probability is the tail bucket's mass shared evenly by the other tokens."""
-        return scores_from_signals(signals, labels)
+    def predict_cached(self, signals: TopKLogits, labels: Tensor, label_logprobs: Tensor | None = None) -> TokenScores:
+        """The teacher's scores from its cache: perplexity exact from the stored label
+        log-probabilities; without them (a cache from distill 0.x before they were stored) the next
+        token's log-probability is estimated where it is outside the top k, as the tail bucket's
+        mass shared evenly by the other tokens."""
+        return scores_from_signals(signals, labels, label_logprobs=label_logprobs)
 
     def metrics(self, logits: Any, split: Split, reference: Any = None) -> dict[str, float]:
         return token_metrics(logits, split, reference)
