@@ -261,9 +261,12 @@ def arms_part(
                         f"(b) {prefix}lm loss only" if role == "scratch"
                         else f"{prefix}{name.removeprefix('auto: ').removeprefix('lm loss only + ')}"
                     )  # fmt: skip
+                    scores = _row(models[role])
+                    if cached:  # KL over the cache's top k, not the live teacher's top 64: not comparable
+                        scores["kl"] = None
                     rows.setdefault(label, []).append(
                         {
-                            **_row(models[role]),
+                            **scores,
                             "epoch_seconds": epoch.get(role),
                             "peak_mib": out["peak_mib"],
                             "speedup_b1": models[role]["speedup"].get("1"),
