@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from _common import machine, write_results
 from distill.core.losses.buckets import bucketed_divergence
 from distill.core.signals import TopKLogits
+
+from _common import machine, write_results
 
 SHAPES = {
     "language model (1,024 × 49,152, k = 32)": (1024, 49152, 32, 15),
