@@ -45,7 +45,7 @@ def token_divergence(
     same_shape(student_logits, teacher)
     vocab = student_logits.shape[-1]
     s_rows, t_rows = student_logits.reshape(-1, vocab), teacher.detach().reshape(-1, vocab)
-    if mask is not None:
+    if mask is not None and not bool(mask.bool().all()):  # every row kept: no copy
         keep = mask.bool().reshape(-1)
         s_rows, t_rows = s_rows[keep], t_rows[keep]
     if s_rows.shape[0] == 0:
