@@ -50,7 +50,8 @@ def divergence_rows(log_s: Tensor, log_t: Tensor, kind: Kind, beta: float = 0.5)
     if kind == "reverse" or (kind == "jsd" and beta == 1):
         return _xlogy_diff(log_s, log_t)
     if kind == "jsd":
-        log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log(1 - beta)]), dim=0)
+        floored = (log_t.clamp_min(-1e4) + math.log(beta), log_s.clamp_min(-1e4) + math.log(1 - beta))
+        log_m = torch.logsumexp(torch.stack(floored), dim=0)  # finite, so its gradient is too
         return beta * _xlogy_diff(log_t, log_m) + (1 - beta) * _xlogy_diff(log_s, log_m)
     if kind == "tv":
         return 0.5 * (log_s.exp() - log_t.exp()).abs().sum(-1)
@@ -99,7 +100,7 @@ class _StudentBuckets(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         logits, rows, indices, tail = ctx.saved_tensors
         g_head, g_tail = grad[:, :-1], grad[:, -1:]
-        total = grad.sum(-1, keepdim=True)
+        total = (g_head if ctx.empty_tail else grad).sum(-1, keepdim=True)  # an empty tail is a constant
         deep = None
         if ctx.empty_tail:
             every = -total  # the factor on q outside the head (there is no outside)
