@@ -29,6 +29,7 @@ benchmarks/results/lm.json).
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import resource
 import sys
@@ -81,8 +82,11 @@ def run_arm(overrides: list[str], cached: bool) -> dict:
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         extra = {"cache_seconds": time.perf_counter() - started, "cache_bytes": size}
         config = _config([*overrides, f"teacher={{kind: cache, path: '{path}'}}"])
-    metrics = run_experiment(config, console=Console(quiet=True)).metrics
-    return {"metrics": metrics, "peak_mib": _peak_mib(), **extra}
+    result = run_experiment(config, console=Console(quiet=True))
+    saved = result.run_dir / "student-hf" / "config.json"
+    if saved.is_file():  # which teacher layers the student kept (``auto`` chooses them)
+        extra["kept_layers"] = json.loads(saved.read_text()).get("distill_kept_layers")
+    return {"metrics": result.metrics, "peak_mib": _peak_mib(), **extra}
 
 
 def untrained(overrides: list[str]) -> dict:
@@ -275,7 +279,8 @@ def arms_part(
                         }
                     )
                     console.print(
-                        f"{label}: perplexity {models[role]['metrics']['perplexity']:,.2f} "
+                        (f"layers {out['kept_layers']}, " if out.get("kept_layers") else "")
+                        + f"{label}: perplexity {models[role]['metrics']['perplexity']:,.2f} "
                         f"(teacher {teacher['metrics']['perplexity']:.2f}), epoch {epoch.get(role, 0):.0f} s, "
                         f"peak {out['peak_mib']:,.0f} MiB"
                     )
