@@ -10,6 +10,8 @@ Layout of a cache directory::
                        offset.npy, scale.npy              per-row int8 scale (int8 only)
                        feature-<name>.npy                 tapped teacher features (float16, optional)
                        positions.npy, mask.npy            packed shards only (see below)
+    shards/test-00000/label_logprob.npy  [m]              packed held-out shards: the teacher's
+                                                          log-probability of each next token
 
 A row is one sample (``[batch, classes]`` logits) or one token position (``[batch, seq, vocab]``);
 ``row_shape`` is ``[]`` or ``[seq]``. With per-position rows and a mask (token data with padding)
