@@ -492,6 +492,15 @@ def test_an_lm_teacher_cache_stores_counted_positions_serves_a_run_and_refuses_a
     assert main(["run", str(other), "--quiet", "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert "was made with another block length (16 here: 12)" in err and err.count("\n") == 1
+    # ... and so is a run whose data another tokenizer made (the same words and size, other ids)
+    lm_tokenizer(tmp_path / "other-tok", reverse=True)
+    other = lm_config(
+        tmp_path, llama_path, corpus, **common | {"teacher": {"kind": "cache", "path": str(path)}},
+        data={"source": "text_file", "path": str(corpus), "block_length": 16, "tokenizer": str(tmp_path / "other-tok")},
+    )  # fmt: skip
+    assert main(["run", str(other), "--quiet", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "was made with another tokenizer (" in err and "other-tok" in err and err.count("\n") == 1
 
 
 def test_a_student_cut_from_a_cached_teacher_takes_the_teachers_own_weights_and_a_changed_teacher_is_refused(

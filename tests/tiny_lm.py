@@ -19,12 +19,16 @@ def words() -> list[str]:
     return sorted({w for text in TOPICS.values() for w in text.split()} | set(COMMON.split()))
 
 
-def lm_tokenizer(directory: Path, chat_template: str = CHAT_TEMPLATE, extra: list[str] | None = None):
-    """A word-level tokenizer (split on spaces) over the corpus words, saved in ``directory``."""
+def lm_tokenizer(
+    directory: Path, chat_template: str = CHAT_TEMPLATE, extra: list[str] | None = None, reverse: bool = False
+):
+    """A word-level tokenizer (split on spaces) over the corpus words, saved in ``directory``
+    (``reverse``: the same words numbered in the opposite order: other token ids, same size)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIALS + words() + (extra or []))}
+    ordered = words()[::-1] if reverse else words()
+    vocab = {token: i for i, token in enumerate(SPECIALS + ordered + (extra or []))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
