@@ -450,7 +450,7 @@ def test_the_packaged_smollm2_converts_once_from_gguf_and_cuts_every_fifth_layer
         assert student(**ids).logits.shape == (1, ids["input_ids"].shape[1], 49152)
 
 
-def test_an_lm_teacher_cache_stores_counted_positions_serves_a_run_and_refuses_another_block_length(
+def test_an_lm_teacher_cache_stores_counted_positions_serves_a_run_and_refuses_another_block_length_or_tokenizer(
     llama_path, corpus, tmp_path, capsys
 ):
     from distill.cache import CachedTeacher
