@@ -110,6 +110,35 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument("--quiet", action="store_true")
     _add_max_memory(cache)
 
+    generate = sub.add_parser(
+        "generate", help="a teacher LM answers a prompt file: JSONL training data for sequence-level distillation"
+    )
+    generate.add_argument("--teacher", required=True, help="causal-LM directory or builtin:SmolLM2-135M-Instruct")
+    generate.add_argument(
+        "--prompts", type=Path, required=True, help=".txt (one per line) or .jsonl (prompt or messages)"
+    )
+    generate.add_argument(
+        "--out", type=Path, required=True, help="output JSONL (a .manifest.json is written beside it)"
+    )
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default 1.0)")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0, help="0: off")
+    generate.add_argument("--samples", type=int, default=1, help="responses per prompt")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--batch-size", type=int, default=8, help="prompts per generation call")
+    generate.add_argument("--max-prompt-tokens", type=int, default=1024)
+    generate.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                          help="apply the chat template to plain prompts (default: when the tokenizer has one)")  # fmt: skip
+    generate.add_argument("--prompt-column", default="prompt")
+    generate.add_argument("--messages-column", default="messages")
+    generate.add_argument("--keep-duplicates", action="store_true", help="keep identical responses to one prompt")
+    generate.add_argument("--keep-empty", action="store_true", help="keep empty responses")
+    generate.add_argument("--drop-truncated", action="store_true", help="drop responses cut off by --max-new-tokens")
+    generate.add_argument("--trust-remote-code", action="store_true", help="run the model directory's own code")
+    generate.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+    generate.add_argument("--quiet", action="store_true")
+
     sub.add_parser("methods", help="list the available loss terms and their parameters")
 
     export = sub.add_parser("export", help="a finished text run's student as a Hugging Face directory or ONNX")
@@ -151,6 +180,28 @@ def _methods(console: Console) -> None:
         console.print(
             f"[bold]{name}[/]  {cls.summary}" + (f"\n    parameters: {params}" if params else ""), highlight=False
         )
+
+
+def _generate_spec(args: argparse.Namespace):
+    """``distill generate``'s options as a :class:`GenerateSpec`; a bad value is one line naming its option."""
+    from pydantic import ValidationError
+
+    from distill.tasks.lm_generate import GenerateSpec
+
+    values = {
+        "teacher": args.teacher, "prompts": args.prompts, "prompt_column": args.prompt_column,
+        "messages_column": args.messages_column, "chat": args.chat, "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "samples": args.samples,
+        "seed": args.seed, "batch_size": args.batch_size, "max_prompt_tokens": args.max_prompt_tokens,
+        "dedupe": not args.keep_duplicates, "drop_empty": not args.keep_empty, "drop_truncated": args.drop_truncated,
+        "trust_remote_code": args.trust_remote_code,
+    }  # fmt: skip
+    try:
+        return GenerateSpec(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        option = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "generate"
+        raise DistillError(f"{option}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 def _describe_parameter(field: str, info) -> str:
@@ -227,6 +278,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
         if args.command == "methods":
             _methods(console)
+            return 0
+        if args.command == "generate":
+            from distill.tasks.lm_generate import generate_dataset
+
+            try:
+                generate_dataset(_generate_spec(args), args.out, overwrite=args.overwrite, console=console)
+            except KeyboardInterrupt:
+                print("distill: interrupted; run the same command again to continue", file=sys.stderr)
+                return 130
             return 0
         if args.command == "export":
             from distill.pipeline.export import export_hf, export_onnx

@@ -1,0 +1,142 @@
+"""`distill generate`: a teacher LM answers prompts, written as resumable JSONL (tiny random Llama)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_lm import chat_file, llama_dir, prompt_file  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return llama_dir(tmp_path_factory.mktemp("gen") / "llama", seed=5)
+
+
+def spec(teacher: Path, prompts: Path, **changes):
+    from distill.tasks.lm_generate import GenerateSpec
+
+    return GenerateSpec(teacher=str(teacher), prompts=prompts, max_new_tokens=6, batch_size=4, **changes)
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_prompt_rows_and_manifest_record_every_setting_and_read_back_as_training_data(teacher, tmp_path):
+    from distill.tasks.lm_data import load_lm_data
+    from distill.tasks.lm_generate import generate_dataset, manifest_path_for
+    from distill.tasks.text_data import TextDataSpec
+
+    prompts = prompt_file(tmp_path / "p.jsonl", count=10)
+    out = tmp_path / "gen.jsonl"
+    result = generate_dataset(spec(teacher, prompts, samples=2, temperature=1.5, chat=False), out)
+    written = rows(out)
+    assert result.rows == len(written) and result.prompts == 10
+    assert sum(result.dropped.values()) + len(written) == 20  # 10 prompts × 2 samples: kept or counted as dropped
+    source = [json.loads(line)["prompt"] for line in prompts.read_text().splitlines()]
+    for row in written:
+        assert set(row) == {"index", "sample", "line", "prompt", "response", "finish", "new_tokens"}
+        assert row["prompt"] == source[row["index"]] and row["line"] == row["index"] + 1
+        assert row["finish"] in ("stop", "length") and 0 < row["new_tokens"] <= 6 and row["response"]
+    assert [(r["index"], r["sample"]) for r in written] == sorted((r["index"], r["sample"]) for r in written)
+    manifest = json.loads(manifest_path_for(out).read_text())
+    assert manifest["format"] == "distill-generated" and manifest["prompts_done"] == 10
+    assert manifest["settings"]["temperature"] == 1.5 and manifest["settings"]["samples"] == 2
+    assert len(manifest["teacher"]["sha256"]) == 64 and len(manifest["prompts"]["sha256"]) == 64
+    assert manifest["bytes"] == out.stat().st_size and manifest["rows"] == len(written)
+    # the file is training data as it stands: prompt/response rows for data.format prompt_response
+    data = load_lm_data(
+        TextDataSpec(source="jsonl", path=out, tokenizer=teacher, format="prompt_response", val_fraction=0.2)
+    )
+    assert len(data.train) + len(data.val) + len(data.test) == len(written)
+
+
+def test_a_killed_run_resumes_to_the_same_file_as_an_uninterrupted_one(teacher, tmp_path):
+    from distill.tasks.lm_generate import generate_dataset, manifest_path_for
+
+    prompts = prompt_file(tmp_path / "p.jsonl", count=10)
+    whole = tmp_path / "whole.jsonl"
+    generate_dataset(spec(teacher, prompts, samples=2), whole)
+    killed = tmp_path / "killed.jsonl"
+    generate_dataset(spec(teacher, prompts, samples=2), killed, stop_after=1)  # 4 of 10 prompts
+    assert json.loads(manifest_path_for(killed).read_text())["prompts_done"] == 4
+    with open(killed, "ab") as handle:  # a batch half-written when the process died
+        handle.write(b'{"index": 4, "sample": 0, "prompt": "cut of')
+    result = generate_dataset(spec(teacher, prompts, samples=2), killed)
+    assert killed.read_bytes() == whole.read_bytes() and result.prompts == 10
+    again = generate_dataset(spec(teacher, prompts, samples=2), killed)  # complete: nothing to do
+    assert killed.read_bytes() == whole.read_bytes() and again.rows == result.rows
+
+
+def test_chat_prompts_get_the_template_and_the_answer_is_appended_to_the_conversation(teacher, tmp_path):
+    from distill.tasks.hf import resolve_model_dir
+    from distill.tasks.lm_generate import Prompt, generate_dataset, prompt_ids, read_prompts
+    from distill.tasks.text_data import load_tokenizer
+
+    chats = chat_file(tmp_path / "c.jsonl", count=5)
+    prompts = read_prompts(spec(teacher, chats))
+    original = json.loads(chats.read_text().splitlines()[0])["messages"]
+    assert prompts[0].messages == original[:-1]  # the last assistant answer is the teacher's to write
+    tokenizer = load_tokenizer(resolve_model_dir(str(teacher), "teacher"))
+    ids = prompt_ids(tokenizer, prompts[0], chat=True)
+    assert tokenizer.decode(ids).rstrip().endswith("<|assistant|>")
+    plain = prompt_ids(tokenizer, Prompt(1, text="cat dog"), chat=False)
+    assert plain == tokenizer("cat dog")["input_ids"]
+    out = tmp_path / "chat.jsonl"
+    generate_dataset(spec(teacher, chats, temperature=0), out)  # greedy
+    for row, line in zip(rows(out), chats.read_text().splitlines(), strict=False):
+        messages = json.loads(line)["messages"]
+        assert row["messages"][:-1] == messages[:-1] and row["messages"][-1]["role"] == "assistant"
+
+
+def test_duplicates_empty_and_truncated_responses_are_dropped_and_counted(teacher, tmp_path):
+    from distill.tasks.lm_generate import generate_dataset
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("cat dog\n\negg the\n")
+    kept = generate_dataset(spec(teacher, prompts, temperature=1e-4, samples=3, chat=False), tmp_path / "a.jsonl")
+    # at a near-zero temperature the three samples of a prompt agree: one row per prompt
+    assert kept.rows == 2 and kept.dropped["duplicate"] == 4
+    every = generate_dataset(
+        spec(teacher, prompts, temperature=1e-4, samples=3, chat=False, dedupe=False), tmp_path / "b.jsonl"
+    )
+    assert every.rows == 6
+    cut = generate_dataset(spec(teacher, prompts, chat=False, drop_truncated=True), tmp_path / "c.jsonl")
+    truncated = [r for r in rows(tmp_path / "b.jsonl") if r["finish"] == "length"]
+    assert cut.dropped.get("truncated", 0) + cut.rows == 2 and all(r["new_tokens"] == 6 for r in truncated)
+
+
+def test_bad_input_ends_in_one_line_naming_the_option_or_line(teacher, tmp_path, capsys):
+    from distill.cli import main
+
+    prompts = prompt_file(tmp_path / "p.jsonl", count=3)
+    base = ["generate", "--teacher", str(teacher), "--prompts", str(prompts), "--max-new-tokens", "4", "--quiet"]
+    cases = {
+        "--temperature": (["--temperature", "-1"], "--temperature: Input should be greater than or equal to 0"),
+        "greedy": (["--temperature", "0", "--samples", "2"], "samples > 1 needs temperature > 0"),
+    }
+    for extra, message in cases.values():
+        assert main([*base, "--out", str(tmp_path / "x.jsonl"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "cat"}\n{"text": "dog"}\n')
+    assert main(["generate", "--teacher", str(teacher), "--prompts", str(bad), "--out", str(tmp_path / "y.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}, line 2: no prompt text in 'prompt'" in err and err.count("\n") == 1
+    assert not (tmp_path / "y.jsonl").exists()  # nothing written
+    out = tmp_path / "z.jsonl"
+    assert main([*base, "--out", str(out)]) == 0
+    changed = [*base[:-3], "--max-new-tokens", "5", "--quiet", "--out", str(out)]  # another setting: not the same run
+    assert main(changed) == 2
+    assert "was generated with another generation settings" in capsys.readouterr().err
+    stranger = tmp_path / "mine.jsonl"
+    stranger.write_text("not ours\n")
+    assert main([*base, "--out", str(stranger)]) == 2
+    assert "has no mine.jsonl.manifest.json" in capsys.readouterr().err and stranger.read_text() == "not ours\n"
