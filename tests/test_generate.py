@@ -140,3 +140,52 @@ def test_bad_input_ends_in_one_line_naming_the_option_or_line(teacher, tmp_path,
     stranger.write_text("not ours\n")
     assert main([*base, "--out", str(stranger)]) == 2
     assert "has no mine.jsonl.manifest.json" in capsys.readouterr().err and stranger.read_text() == "not ours\n"
+
+
+def test_a_run_trains_on_generated_data_with_the_loss_on_the_answers_and_refuses_an_unfinished_file(
+    teacher, tmp_path, capsys
+):
+    import yaml
+
+    from distill.cli import main
+    from distill.tasks.lm_data import load_lm_data
+    from distill.tasks.lm_generate import generate_dataset
+    from distill.tasks.text_data import TextDataSpec
+
+    prompts = prompt_file(tmp_path / "p.jsonl", count=20)
+    out = tmp_path / "gen.jsonl"
+    generate_dataset(spec(teacher, prompts, samples=2, chat=False), out)
+    data = load_lm_data(TextDataSpec(source="generated", path=out, tokenizer=teacher, val_fraction=0.2))
+    assert data.info["format"] == "prompt_response" and len(data.info["generated_by"]["teacher"]["sha256"]) == 64
+    plain = load_lm_data(
+        TextDataSpec(source="jsonl", path=out, tokenizer=teacher, format="prompt_response", val_fraction=0.2)
+    )
+    assert torch_equal(data.train.mask, plain.train.mask)  # the loss covers the answers, as prompt/response data
+    config = {
+        "task": "causal_lm",
+        "data": {"source": "generated", "path": str(out), "val_fraction": 0.2},
+        "teacher": {"kind": "hf", "path": str(teacher)},
+        "student": {"from_teacher": {"layers": [0, 3]}},
+        "distill": {"terms": [{"type": "ce"}]},
+        "baseline": False,
+        "train": {"epochs": 1, "batch_size": 8, "optimizer": "adamw", "lr": 0.01},
+        "eval": {"latency_batch_sizes": [1], "latency_repeats": 1},
+        "output": {"dir": str(tmp_path / "runs"), "name": "seq"},
+    }
+    path = tmp_path / "seq.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "--quiet"]) == 0
+    unfinished = tmp_path / "part.jsonl"
+    generate_dataset(spec(teacher, prompts, chat=False), unfinished, stop_after=1)
+    config["data"]["path"] = str(unfinished)
+    path.write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main(["run", str(path), "--quiet", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "answers 4 of 20 prompts" in err and err.count("\n") == 1
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

@@ -211,6 +211,9 @@ def load_lm_data(spec: TextDataSpec) -> DataBundle:
     ``split_seed``."""
     if spec.tokenizer is None:
         raise DistillError("data.tokenizer: no tokenizer; set data.tokenizer or use a Hugging Face teacher")
+    generated = None
+    if spec.source == "generated":
+        spec, generated = _generated(spec)
     tokenizer = load_tokenizer(spec.tokenizer)
     documents = read_documents(spec, spec.path, "data.path")
     rng = np.random.default_rng(spec.split_seed)
@@ -254,8 +257,41 @@ def load_lm_data(spec: TextDataSpec) -> DataBundle:
             "block_length": spec.block_length or spec.max_length,
             "format": spec.format,
             "tokens": {name: int(split.mask.sum()) for name, split in splits.items()},
+            **({"generated_by": generated} if generated else {}),
         },
     )
+
+
+def _generated(spec: TextDataSpec) -> tuple[TextDataSpec, dict]:
+    """A ``distill generate`` output read as prompt/response (or chat) JSONL, the loss on the
+    teacher's answers; its manifest must be there, and the run records which teacher wrote it."""
+    import json
+
+    from distill.tasks.lm_generate import manifest_path_for
+
+    if spec.path is None:
+        raise DistillError("data.path: data.source generated needs the JSONL `distill generate` wrote")
+    manifest = manifest_path_for(spec.path)
+    try:
+        recorded = json.loads(manifest.read_text())
+        rows = recorded["rows"]
+        teacher = recorded["teacher"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DistillError(
+            f"data.path: {spec.path} has no readable {manifest.name}; is it `distill generate` output? "
+            f"(other JSONL: data.source jsonl)"
+        ) from None
+    done, total = recorded.get("prompts_done"), recorded.get("prompts_total")
+    if done != total:
+        raise DistillError(
+            f"data.path: {spec.path} answers {done} of {total} prompts; finish it by running the same "
+            f"`distill generate` command again"
+        )
+    if not rows:
+        raise DistillError(f"data.path: {spec.path} holds no rows (every answer was dropped)")
+    first = json.loads(spec.path.read_text().splitlines()[0])
+    kind = "chat" if "messages" in first else "prompt_response"
+    return spec.model_copy(update={"source": "jsonl", "format": kind}), {"teacher": teacher, "rows": rows}
 
 
 def _empty_split(spec: TextDataSpec) -> Split:

@@ -235,7 +235,8 @@ def generate_dataset(
             )
         encoded.append(ids)
     manifest_path = manifest_path_for(out)
-    state = _start(out, manifest_path, _identity(spec, teacher_dir), overwrite)
+    state = _start(out, manifest_path, _identity(spec, teacher_dir), overwrite) | {"prompts_total": len(prompts)}
+    write_json(manifest_path, state)
     if state["prompts_done"] >= len(prompts):
         console.print(f"generate: {out} is complete ({state['rows']} rows)")
         return _result(out, state)

@@ -33,11 +33,11 @@ class TextDataSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: Literal["text_folder", "csv", "jsonl", "hf_disk", "bbc_news", "text_file"]
+    source: Literal["text_folder", "csv", "jsonl", "hf_disk", "bbc_news", "text_file", "generated"]
     path: Path | None = Field(
         None,
-        description="folder of <class>/*.txt, a .csv/.jsonl file, a save_to_disk folder, or (text_file) a .txt file "
-        "of documents separated by blank lines",
+        description="folder of <class>/*.txt, a .csv/.jsonl file, a save_to_disk folder, (text_file) a .txt file "
+        "of documents separated by blank lines, or (generated, causal_lm) the JSONL `distill generate` wrote",
     )
     test_path: Path | None = Field(None, description="separate test file or folder (else split off)")
     text_column: str = "text"
@@ -204,6 +204,8 @@ def _read_hf_disk(path: Path, spec: TextDataSpec, field: str) -> Texts:
 
 
 def read_texts(path: Path | None, spec: TextDataSpec, field: str) -> Texts:
+    if spec.source == "generated":
+        raise DistillError("data.source: generated data (`distill generate`) trains language models (task: causal_lm)")
     if spec.source == "bbc_news":
         # a few BBC articles are Windows-1252, not UTF-8 (pound signs)
         return _read_folder(bbc_news_dir() if path is None else path, field, fallback="cp1252")
