@@ -189,3 +189,35 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_plain_prompts_answered_in_the_chat_template_are_written_and_read_back_as_conversations(teacher, tmp_path):
+    from distill.tasks.lm_data import load_lm_data
+    from distill.tasks.lm_generate import generate_dataset, manifest_path_for
+    from distill.tasks.text_data import TextDataSpec
+
+    prompts = prompt_file(tmp_path / "p.jsonl", count=8)
+    out = tmp_path / "gen.jsonl"
+    generate_dataset(spec(teacher, prompts, temperature=0), out)  # the tokenizer has a template: it is used
+    first, source = rows(out)[0], json.loads(prompts.read_text().splitlines()[0])["prompt"]
+    assert first["messages"][0] == {"role": "user", "content": source} and first["messages"][1]["role"] == "assistant"
+    assert json.loads(manifest_path_for(out).read_text())["settings"]["chat"] is True  # recorded as resolved
+    data = load_lm_data(TextDataSpec(source="generated", path=out, tokenizer=teacher, val_fraction=0.25))
+    assert data.info["format"] == "chat"
+    # the same run from another spelling of the prompt path resumes (files are known by their digests)
+    again = generate_dataset(spec(teacher, tmp_path / ".." / tmp_path.name / "p.jsonl", temperature=0), out)
+    assert again.prompts == 8
+
+
+def test_a_file_mixing_prompts_and_conversations_or_an_output_over_the_prompts_is_refused(teacher, tmp_path):
+    from distill.core.errors import DistillError
+    from distill.tasks.lm_generate import generate_dataset, read_prompts
+
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"prompt": "cat"}\n{"messages": [{"role": "user", "content": "dog"}]}\n')
+    with pytest.raises(DistillError, match=r"mixed.jsonl, line 2: a conversation among plain prompts"):
+        read_prompts(spec(teacher, mixed))
+    prompts = prompt_file(tmp_path / "p.jsonl", count=3)
+    with pytest.raises(DistillError, match="is the prompt file"):
+        generate_dataset(spec(teacher, prompts), prompts, overwrite=True)
+    assert len(prompts.read_text().splitlines()) == 3

@@ -219,7 +219,10 @@ def write_cache(
         "vocab_size": vocab,
         "row_shape": row_shape,
         "packed": packed,
-        "label_logprobs": packed,  # held-out splits store the teacher's log-probability of each label
+        # held-out splits store the teacher's log-probability of each label (not shards resumed from
+        # a cache begun by an older distill)
+        "label_logprobs": packed
+        and all("label_logprob.npy" in r["files"] for name in ("val", "test") for r in splits[name]["shards"]),
         "index_dtype": str(index_dtype(vocab)),
         "logits": LOGITS_FORMAT,
         "feature_shapes": feature_shapes,

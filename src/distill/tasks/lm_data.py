@@ -291,7 +291,8 @@ def _generated(spec: TextDataSpec) -> tuple[TextDataSpec, dict]:
         raise DistillError(f"data.path: {spec.path} holds no rows (every answer was dropped)")
     first = json.loads(spec.path.read_text().splitlines()[0])
     kind = "chat" if "messages" in first else "prompt_response"
-    return spec.model_copy(update={"source": "jsonl", "format": kind}), {"teacher": teacher, "rows": rows}
+    columns = {"prompt_column": "prompt", "response_column": "response", "messages_column": "messages"}
+    return spec.model_copy(update={"source": "jsonl", "format": kind, **columns}), {"teacher": teacher, "rows": rows}
 
 
 def _empty_split(spec: TextDataSpec) -> Split:

@@ -3,8 +3,9 @@
 ``distill generate`` runs the teacher over prompts (``.txt``: one per line; ``.jsonl``: a
 ``prompt`` text or a chat ``messages`` list per line), batched, with the usual sampling settings,
 and writes JSONL rows that distill (or any trainer) reads back as training data: ``prompt`` and
-``response`` (``data.format: prompt_response``), or ``messages`` with the answer appended
-(``data.format: chat``). Next to the output, ``<out>.manifest.json`` records the teacher's
+``response`` (``data.format: prompt_response``), or, for conversations and prompts answered inside
+the chat template, ``messages`` with the answer appended (``data.format: chat``): the student
+learns each answer in the context the teacher wrote it in. Next to the output, ``<out>.manifest.json`` records the teacher's
 identity, the prompt file's digest, every generation setting and how far the run got.
 
 Kill-safe: each batch's rows are appended with one write and flushed to disk before the manifest
@@ -102,6 +103,13 @@ def read_prompts(spec: GenerateSpec) -> list[Prompt]:
         prompts = [_jsonl_prompt(line, f"{path}, line {i}", i, spec) for i, line in enumerate(lines, 1) if line.strip()]
     if not prompts:
         raise DistillError(f"prompts: {path} holds no prompts")
+    kinds = {p.messages is not None for p in prompts}
+    if len(kinds) > 1:
+        other = next(p for p in prompts if (p.messages is not None) != (prompts[0].messages is not None))
+        raise DistillError(
+            f"{path}, line {other.line}: a {'conversation' if other.messages is not None else 'plain prompt'} "
+            f"among {'plain prompts' if other.messages is not None else 'conversations'}; use one kind per file"
+        )
     return prompts
 
 
@@ -166,7 +174,11 @@ def _start(out: Path, manifest_path: Path, identity: dict[str, Any], overwrite: 
         raise DistillError(f"{out} exists and has no {manifest_path.name}; move it away or pass --overwrite")
     if previous is not None and not overwrite:
         differs = next(
-            (key for key in ("format_version", "teacher", "prompts", "settings") if previous.get(key) != identity[key]),
+            (
+                key
+                for key in ("format_version", "teacher", "prompts", "settings")
+                if _key(previous.get(key)) != _key(identity[key])
+            ),
             None,
         )
         if differs is not None:
@@ -179,7 +191,7 @@ def _start(out: Path, manifest_path: Path, identity: dict[str, Any], overwrite: 
         size = out.stat().st_size if out.exists() else 0
         if size < previous["bytes"]:
             raise DistillError(f"{out} is shorter than {manifest_path.name} records; pass --overwrite to start again")
-        with open(out, "r+b") as handle:
+        with open(out, "ab") as handle:  # creates a missing (empty) output
             handle.truncate(previous["bytes"])
         return previous
     if out.exists():
@@ -188,6 +200,12 @@ def _start(out: Path, manifest_path: Path, identity: dict[str, Any], overwrite: 
     out.touch()
     write_json(manifest_path, fresh)
     return fresh
+
+
+def _key(value: Any) -> Any:
+    """What must match for a rerun to resume: a teacher or prompt file by its digest (its path may
+    be spelled another way, or the directory moved), anything else as recorded."""
+    return value.get("sha256") if isinstance(value, dict) and "sha256" in value else value
 
 
 def _read_manifest(path: Path) -> dict[str, Any] | None:
@@ -234,14 +252,18 @@ def generate_dataset(
                 f"max_prompt_tokens {spec.max_prompt_tokens}"
             )
         encoded.append(ids)
+    if out.resolve() == spec.prompts.resolve():
+        raise DistillError(f"--out: {out} is the prompt file; write the answers elsewhere")
     manifest_path = manifest_path_for(out)
-    state = _start(out, manifest_path, _identity(spec, teacher_dir), overwrite) | {"prompts_total": len(prompts)}
+    model = load_causal_lm(HFSpec(path=str(teacher_dir), trust_remote_code=spec.trust_remote_code), "teacher").model
+    model.eval()  # loaded before anything is written: a directory that is no model leaves no file behind
+    identity = _identity(spec, teacher_dir)
+    identity["settings"]["chat"] = chat  # as resolved: the rows' shape depends on it
+    state = _start(out, manifest_path, identity, overwrite) | {"prompts_total": len(prompts)}
     write_json(manifest_path, state)
     if state["prompts_done"] >= len(prompts):
         console.print(f"generate: {out} is complete ({state['rows']} rows)")
         return _result(out, state)
-    model = load_causal_lm(HFSpec(path=str(teacher_dir), trust_remote_code=spec.trust_remote_code), "teacher").model
-    model.eval()
     eos = _stop_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     if state["prompts_done"]:
@@ -257,7 +279,7 @@ def generate_dataset(
             chosen = range(start, min(len(prompts), start + spec.batch_size))
             started = time.perf_counter()
             rows, dropped, new_tokens = _batch(model, tokenizer, spec, [prompts[i] for i in chosen],
-                                               [encoded[i] for i in chosen], start, eos, pad)  # fmt: skip
+                                               [encoded[i] for i in chosen], start, eos, pad, chat)  # fmt: skip
             data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
             with open(out, "ab") as handle:  # one write, on disk before the manifest vouches for it
                 handle.write(data)
@@ -302,7 +324,7 @@ def _stop_ids(tokenizer, model) -> list[int]:
 
 
 def _batch(model, tokenizer, spec: GenerateSpec, prompts: list[Prompt], encoded: list[list[int]], first: int,
-           eos: list[int], pad: int) -> tuple[list[dict], dict[str, int], int]:  # fmt: skip
+           eos: list[int], pad: int, chat: bool) -> tuple[list[dict], dict[str, int], int]:  # fmt: skip
     """One generation call over ``prompts`` (left-padded), seeded by the batch's first prompt."""
     width = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -340,8 +362,9 @@ def _batch(model, tokenizer, spec: GenerateSpec, prompts: list[Prompt], encoded:
                 continue
             seen.add(response)
             row: dict[str, Any] = {"index": first + i, "sample": j, "line": prompt.line}
-            if prompt.messages is not None:
-                row["messages"] = [*prompt.messages, {"role": "assistant", "content": response}]
+            if prompt.messages is not None or chat:  # answered inside the chat template: kept as a conversation
+                asked = prompt.messages or [{"role": "user", "content": prompt.text or ""}]
+                row["messages"] = [*asked, {"role": "assistant", "content": response}]
             else:
                 row["prompt"] = prompt.text
                 row["response"] = response

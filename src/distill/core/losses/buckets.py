@@ -70,7 +70,8 @@ class _StudentBuckets(torch.autograd.Function):
     gradient over the ``k + 1`` buckets, ``q`` the student's softmax and ``Q`` its tail mass, a
     top-k token ``i_j`` gets ``g_j − q_{i_j} · Σ g`` and every other token
     ``g_tail · q_i / Q − q_i · Σ g``. Rows whose tail mass is below :data:`DEEP` (a confident
-    student) take the tail in log space instead, as autograd through a log-sum-exp would."""
+    student) take the tail in log space instead, as autograd through a log-sum-exp would. A row's
+    indices must be distinct (``topk``'s are): the backward scatters, it does not accumulate."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, rows: Tensor | None, indices: Tensor, temperature: float, chunk: int) -> Tensor:
