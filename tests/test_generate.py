@@ -93,6 +93,17 @@ def test_chat_prompts_get_the_template_and_the_answer_is_appended_to_the_convers
     for row, line in zip(rows(out), chats.read_text().splitlines(), strict=False):
         messages = json.loads(line)["messages"]
         assert row["messages"][:-1] == messages[:-1] and row["messages"][-1]["role"] == "assistant"
+    # trained on, only the teacher's answer counts, not the earlier assistant turn of the prompt
+    from distill.tasks.lm_data import load_lm_data
+    from distill.tasks.text_data import TextDataSpec
+
+    common = dict(path=out, tokenizer=teacher, val_fraction=0.0, test_fraction=0.2)
+    last = load_lm_data(TextDataSpec(source="generated", **common))
+    every = load_lm_data(TextDataSpec(source="jsonl", format="chat", **common))
+    assert last.info["format"] == "chat" and 0 < int(last.train.mask.sum()) < int(every.train.mask.sum())
+    answers = {tuple(r["messages"][-1]["content"].split()) for r in rows(out)}
+    for y, mask in zip(last.train.y, last.train.mask, strict=True):
+        assert tuple(tokenizer.decode(y[mask.bool()].tolist()).replace("<|end|>", "").split()) in answers
 
 
 def test_duplicates_empty_and_truncated_responses_are_dropped_and_counted(teacher, tmp_path):

@@ -174,6 +174,7 @@ def _rows(tokenizer, documents: list[Any], spec: TextDataSpec, where: str) -> tu
             spans = [(start, len(ids))]
         else:
             ids, spans = _chat_tokens(tokenizer, item, f"{where}, row {i + 1}")
+            spans = spans[-1:] if spec.chat_turns == "last" else spans
         target = [False] * len(ids)
         for start, end in spans:
             target[start:end] = [True] * (end - start)
@@ -292,6 +293,7 @@ def _generated(spec: TextDataSpec) -> tuple[TextDataSpec, dict]:
     first = json.loads(spec.path.read_text().splitlines()[0])
     kind = "chat" if "messages" in first else "prompt_response"
     columns = {"prompt_column": "prompt", "response_column": "response", "messages_column": "messages"}
+    columns["chat_turns"] = "last"  # earlier assistant turns came with the prompt: only the last is the teacher's
     return spec.model_copy(update={"source": "jsonl", "format": kind, **columns}), {"teacher": teacher, "rows": rows}
 
 

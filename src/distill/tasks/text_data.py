@@ -70,6 +70,9 @@ class TextDataSpec(BaseModel):
     limit_eval: int | None = Field(
         None, gt=0, description="causal_lm: at most this many validation and test rows (blocks or pairs)"
     )
+    chat_turns: Literal["all", "last"] = Field(
+        "all", description="causal_lm, format chat: the assistant turns the loss covers (last: the final answer only)"
+    )
     prompt_column: str = "prompt"
     response_column: str = "response"
     messages_column: str = "messages"
