@@ -17,6 +17,7 @@ from distill.core.errors import DistillError
 from distill.core.losses import TERMS
 from distill.tasks.hf import HFSpec
 from distill.tasks.image_data import DataSpec
+from distill.tasks.lm_on_policy import OnPolicySpec
 from distill.tasks.models import ModelSpec
 from distill.tasks.text_data import TextDataSpec
 from distill.train.spec import TrainSpec
@@ -130,6 +131,11 @@ class DistillSpec(Strict):
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft-target term")
     temperature: float = Field(4.0, gt=0)
     terms: list[TermSpec] | None = None
+    on_policy: OnPolicySpec | None = Field(
+        None,
+        description="causal_lm: rewrite that fraction of batches with the student's own sampled continuations, "
+        "scored by the live teacher (GKD); prompt/response or chat data",
+    )
     remember_teacher: bool = Field(
         True,
         description="run a live teacher once over the training data and reuse its logits every epoch (the inputs "
@@ -241,6 +247,23 @@ class ExperimentConfig(Strict):
             rule = raw["student"]["from_teacher"]
             raw = {**raw, "student": {"arch": "from_teacher", **(rule if isinstance(rule, dict) else {})}}
         return raw
+
+    @model_validator(mode="after")
+    def _on_policy_has_prompts_and_a_live_teacher(self) -> ExperimentConfig:
+        if self.distill.on_policy is None:
+            return self
+        if self.task != "causal_lm":
+            raise ValueError("distill.on_policy: the student writes continuations: task causal_lm only")
+        if isinstance(self.teacher, CachedTeacherSpec):
+            raise ValueError(
+                "distill.on_policy: the teacher scores the student's own continuations, which no cache holds; "
+                "use a live teacher (kind hf or train)"
+            )
+        if isinstance(self.data, TextDataSpec) and self.data.format == "text" and self.data.source != "generated":
+            raise ValueError(
+                "distill.on_policy: needs prompts to continue: data.format prompt_response or chat (or source generated)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _a_random_baseline_has_labels(self) -> ExperimentConfig:

@@ -476,28 +476,35 @@ class _StudentTraining:
         self.results: dict[str, TrainResult] = {}
 
     def _phase(self, name: str, distiller: Distiller, data: DataBundle, spec: TrainSpec, **options: Any) -> TrainResult:
+        options.setdefault("task", get_task(self.config.task))
         return _train_phase(
             self.partial / name, distiller, data, spec, resume=self.resume, console=self.console,
-            seed=self.config.seed, device=self.device, parallel=self.parallel, task=get_task(self.config.task),
-            **options,
+            seed=self.config.seed, device=self.device, parallel=self.parallel, **options,
         )  # fmt: skip
 
-    def _train_student(self, role: str, distiller: Distiller, data: DataBundle, passes_per_epoch: int = 1) -> None:
+    def _train_student(
+        self, role: str, distiller: Distiller, data: DataBundle, passes_per_epoch: int = 1, on_policy: bool = False
+    ) -> None:
         def hook(log: EpochLog) -> None:
             values = {"loss": log.loss, "train_acc": log.train_acc, "val_acc": log.val_acc, **log.terms}
             self.tracker.log({f"{role}/{key}": value for key, value in values.items()}, step=log.epoch)
             if self.on_epoch_end is not None:
                 self.on_epoch_end(role, log.epoch)
 
+        task = get_task(self.config.task)
+        if on_policy:  # the distilled student alone writes its own continuations; the baselines never do
+            task.on_policy = self.config.distill.on_policy
         self.results[role] = self._phase(
             role, distiller, data, self.config.train, label=role, on_epoch_end=hook, passes_per_epoch=passes_per_epoch,
-            remember_teacher=self.config.distill.remember_teacher,
+            remember_teacher=self.config.distill.remember_teacher and not on_policy, task=task,
         )  # fmt: skip
         self.students[role] = distiller.student.to("cpu")
 
     def run(self, teacher: nn.Module) -> str:
         """Train both students; return the distillation objective as text."""
         config, data = self.config, self.data
+        if config.distill.on_policy is not None and self.parallel is not None:
+            raise DistillError("distill.on_policy: runs in one process for now; drop --processes")
         source = teacher_for_students(teacher, config, data)  # a cached teacher's weights, to cut students from
         if config.baseline and not get_task(config.task).trains_on_labels:
             self.console.print("no scratch baseline: an embedding student has no labels to train on alone")
@@ -536,7 +543,7 @@ class _StudentTraining:
                 )
 
             self.results[f"stage-{name}"] = run_hint_stage(name, term, distiller, self.student_data, stage_phase)
-        self._train_student("distilled", distiller, self.student_data)
+        self._train_student("distilled", distiller, self.student_data, on_policy=config.distill.on_policy is not None)
         distiller.remove_taps()  # the exported student and the teacher are timed without hooks
         if any(True for _ in distiller.terms.state_dict()) and (self.parallel is None or self.parallel.is_main):
             save_weights(distiller.terms, self.partial / "adapters.safetensors")

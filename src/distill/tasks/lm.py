@@ -31,11 +31,12 @@ from torch import Tensor, nn
 from distill.core.data import DataBundle, Split
 from distill.core.errors import DistillError
 from distill.core.inputs import Inputs, batch_len, call_model, take, to_device
-from distill.core.losses.base import logits_of
+from distill.core.losses.base import Batch, logits_of
 from distill.core.signals import TopKLogits
 from distill.tasks.base import register_task
 from distill.tasks.hf import FromTeacherSpec, HFCausalLM, HFConfigSpec, HFModel, HFSpec, fresh_student, load_causal_lm
 from distill.tasks.lm_data import load_lm_data
+from distill.tasks.lm_on_policy import OnPolicySpec, on_policy_batch
 from distill.tasks.text import TextClassification, check_same_tokenizer
 from distill.tasks.text_data import TextDataSpec
 
@@ -205,6 +206,7 @@ class CausalLM(TextClassification):
     primary_percent = False
     has_logits = False  # per-token scores, not class logits: nothing per class
     cacheable = True  # per-position top-k signals (packed: only the positions that count)
+    on_policy: OnPolicySpec | None = None  # set for the distilled student's training (distill.on_policy)
 
     def load_data(self, spec: Any) -> DataBundle:
         if not isinstance(spec, TextDataSpec):
@@ -236,6 +238,13 @@ class CausalLM(TextClassification):
 
     def eval_order(self, x: Inputs) -> Tensor | None:
         return None  # scores are gathered batch by batch in the split's order
+
+    def rewrite_batch(self, batch: Batch, student: nn.Module) -> Batch:
+        """With ``on_policy`` set, that fraction of batches carry the student's own continuations
+        of their prompts (drawn from the global generator, so a resumed run draws alike)."""
+        if self.on_policy is None or float(torch.rand(())) >= self.on_policy.fraction:
+            return batch
+        return on_policy_batch(batch, student, self.on_policy)
 
     def predict(
         self,
