@@ -107,3 +107,17 @@ def test_an_on_policy_run_trains_and_a_cached_teacher_or_plain_text_is_refused(s
     text = config(root, model_dir, prompts, data={"source": "jsonl", "path": str(prompts), "format": "text"})
     assert main(["run", str(text), "--quiet", "--overwrite"]) == 2
     assert "needs prompts to continue" in capsys.readouterr().err
+
+
+def test_a_padded_vocabulary_is_never_sampled(setup):
+    from distill.core.inputs import take
+    from distill.core.losses.base import Batch
+    from distill.tasks.hf import HFSpec, load_causal_lm
+    from distill.tasks.lm_on_policy import OnPolicySpec, on_policy_batch
+
+    root, _, _, data, _ = setup
+    padded = load_causal_lm(HFSpec(path=llama_dir(root / "padded", seed=8, vocab=96)), "s", vocab=data.num_classes)
+    batch = Batch(take(data.train.x, slice(0, 8)), data.train.y[:8], data.train.mask[:8])
+    torch.manual_seed(1)
+    new = on_policy_batch(batch, padded, OnPolicySpec(fraction=1.0, max_new_tokens=12, temperature=20.0))
+    assert int(new.labels[new.mask].max()) < data.num_classes < 96

@@ -61,13 +61,19 @@ def on_policy_batch(batch: Batch, student: nn.Module, spec: OnPolicySpec) -> Bat
     for row, length in enumerate(lengths):  # left-padded, as generation wants
         prompts[row, width - length :] = ids[row, :length]
         prompt_mask[row, width - length :] = attention[row, :length]
+    extra = {}
+    vocab, rows_in_head = getattr(student, "vocab", None), model.config.vocab_size
+    if vocab is not None and vocab < rows_in_head:  # a padded vocabulary: never sample a row no token owns
+        extra["suppress_tokens"] = list(range(vocab, rows_in_head))
+    device = next(model.parameters()).device  # batches are still on the CPU here; the student may not be
     was_training = model.training
     model.eval()
     try:
         out = model.generate(
-            input_ids=prompts, attention_mask=prompt_mask, do_sample=True, temperature=spec.temperature,
-            top_p=spec.top_p, top_k=None, max_new_tokens=spec.max_new_tokens, pad_token_id=pad,
-        )  # fmt: skip
+            input_ids=prompts.to(device), attention_mask=prompt_mask.to(device), do_sample=True,
+            temperature=spec.temperature, top_p=spec.top_p, top_k=None, max_new_tokens=spec.max_new_tokens,
+            pad_token_id=pad, **extra,
+        ).cpu()  # fmt: skip
     finally:
         model.train(was_training)
     written = []
