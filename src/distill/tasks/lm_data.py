@@ -268,20 +268,18 @@ def _generated(spec: TextDataSpec) -> tuple[TextDataSpec, dict]:
     teacher's answers; its manifest must be there, and the run records which teacher wrote it."""
     import json
 
-    from distill.tasks.lm_generate import manifest_path_for
+    from distill.tasks.lm_generate import manifest_path_for, read_manifest
 
     if spec.path is None:
         raise DistillError("data.path: data.source generated needs the JSONL `distill generate` wrote")
     manifest = manifest_path_for(spec.path)
-    try:
-        recorded = json.loads(manifest.read_text())
-        rows = recorded["rows"]
-        teacher = recorded["teacher"]
-    except (OSError, ValueError, KeyError, TypeError):
+    recorded = read_manifest(manifest)
+    if recorded is None:
         raise DistillError(
             f"data.path: {spec.path} has no readable {manifest.name}; is it `distill generate` output? "
             f"(other JSONL: data.source jsonl)"
         ) from None
+    rows, teacher = recorded.get("rows"), recorded.get("teacher")
     done, total = recorded.get("prompts_done"), recorded.get("prompts_total")
     if done != total:
         raise DistillError(

@@ -147,7 +147,7 @@ def prompt_ids(tokenizer, prompt: Prompt, chat: bool) -> list[int]:
     if prompt.messages is not None or chat:
         messages = prompt.messages or [{"role": "user", "content": prompt.text or ""}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in recent transformers
     return list(tokenizer(prompt.text)["input_ids"])
 
 
@@ -169,7 +169,7 @@ def _start(out: Path, manifest_path: Path, identity: dict[str, Any], overwrite: 
     """The progress to continue from: a fresh one, or the recorded one with the output cut back to
     the length the manifest vouches for (a batch half-written when the run was killed goes)."""
     fresh = {**identity, "prompts_done": 0, "bytes": 0, "rows": 0, "dropped": {}, "new_tokens": 0, "seconds": 0.0}
-    previous = _read_manifest(manifest_path)
+    previous = read_manifest(manifest_path)
     if out.exists() and previous is None and not overwrite:
         raise DistillError(f"{out} exists and has no {manifest_path.name}; move it away or pass --overwrite")
     if previous is not None and not overwrite:
@@ -208,7 +208,7 @@ def _key(value: Any) -> Any:
     return value.get("sha256") if isinstance(value, dict) and "sha256" in value else value
 
 
-def _read_manifest(path: Path) -> dict[str, Any] | None:
+def read_manifest(path: Path) -> dict[str, Any] | None:
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError):
