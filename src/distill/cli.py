@@ -135,6 +135,15 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--keep-duplicates", action="store_true", help="keep identical responses to one prompt")
     generate.add_argument("--keep-empty", action="store_true", help="keep empty responses")
     generate.add_argument("--drop-truncated", action="store_true", help="drop responses cut off by --max-new-tokens")
+    generate.add_argument(
+        "--signals", type=int, default=0, metavar="K",
+        help="also store the teacher's top-K logits of every response token, for `distill cache` (0: off)",
+    )  # fmt: skip
+    generate.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda:1, ...")
+    generate.add_argument(
+        "--processes", type=int, default=None, metavar="N",
+        help="generate in N local processes (one per GPU, or CPU slots); the output is the same as one process's",
+    )  # fmt: skip
     generate.add_argument("--trust-remote-code", action="store_true", help="run the model directory's own code")
     generate.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     generate.add_argument("--quiet", action="store_true")
@@ -194,7 +203,7 @@ def _generate_spec(args: argparse.Namespace):
         "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "samples": args.samples,
         "seed": args.seed, "batch_size": args.batch_size, "max_prompt_tokens": args.max_prompt_tokens,
         "dedupe": not args.keep_duplicates, "drop_empty": not args.keep_empty, "drop_truncated": args.drop_truncated,
-        "trust_remote_code": args.trust_remote_code,
+        "trust_remote_code": args.trust_remote_code, "signals": args.signals, "device": args.device,
     }  # fmt: skip
     try:
         return GenerateSpec(**values)
@@ -248,6 +257,12 @@ def _run_workflow(
     return result.run_dir
 
 
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _without_processes(argv: list[str]) -> list[str]:
     """The command line minus ``--processes N`` (each launched process runs as one of N)."""
     out, skip = [], False
@@ -274,16 +289,27 @@ def main(argv: list[str] | None = None) -> int:
             if launched_distributed():
                 raise DistillError(
                     f"distill {args.command} runs in one process; launch it without torchrun or accelerate "
-                    f"(only `distill run` trains in several processes)"
+                    f"(only `distill run` and `distill generate` run in several processes)"
                 )
         if args.command == "methods":
             _methods(console)
             return 0
         if args.command == "generate":
             from distill.tasks.lm_generate import generate_dataset
+            from distill.train.distributed import Parallel, launch, launched_distributed
 
+            spec = _generate_spec(args)  # a bad option fails here, before any launch
+            if args.processes is not None and args.processes > 1:
+                return launch(args.processes, _without_processes(argv if argv is not None else sys.argv[1:]))
+            parallel = Parallel(cpu=not torch_cuda()) if launched_distributed() else None
+            if parallel is not None and not parallel.is_main:
+                console = Console(quiet=True)
             try:
-                generate_dataset(_generate_spec(args), args.out, overwrite=args.overwrite, console=console)
+                generate_dataset(
+                    spec, args.out, overwrite=args.overwrite, console=console,
+                    **({"rank": parallel.rank, "world": parallel.world, "barrier": parallel.accelerator.wait_for_everyone}
+                       if parallel is not None else {}),
+                )  # fmt: skip
             except KeyboardInterrupt:
                 print("distill: interrupted; run the same command again to continue", file=sys.stderr)
                 return 130

@@ -28,6 +28,7 @@ from distill.cache.format import (
     verify_shard,
     write_shard,
 )
+from distill.cache.generated import GeneratedSignals
 from distill.core.data import DataBundle
 from distill.core.errors import DistillError
 from distill.core.inputs import Inputs, call_model, take, to_device
@@ -48,12 +49,22 @@ copies (10.8 GB peak measured), so per-position rows run in smaller batches."""
 
 
 def _teacher_rows(
-    teacher: nn.Module, taps: FeatureTaps | None, x: Tensor, k: int, device: torch.device, labels: Tensor | None = None
+    teacher: nn.Module | GeneratedSignals,
+    taps: FeatureTaps | None,
+    x: Tensor,
+    k: int,
+    device: torch.device,
+    labels: Tensor | None = None,
+    all_labels: Tensor | None = None,
 ) -> tuple[TopKLogits, dict[str, Tensor], Tensor | None]:
     """The teacher's top-k signals and tapped features for inputs ``x``, and with ``labels`` its
     log-probability of each label (0 where there is none): what scores a teacher known only by its
     cache exactly (a language model's perplexity needs the next token's probability even where it
-    is outside the top k)."""
+    is outside the top k). Signals stored by ``distill generate`` are looked up instead (by the
+    samples' tokens and ``all_labels``)."""
+    if isinstance(teacher, GeneratedSignals):
+        signals, label_logprobs = teacher.rows(x, all_labels, k)
+        return signals, {}, (label_logprobs.masked_fill(labels < 0, 0.0) if labels is not None else None)
     with torch.no_grad():  # not inference_mode: feature taps read tensors' version counters
         if taps is None:
             logits, features = logits_of(call_model(teacher, to_device(x, device))), {}
@@ -71,7 +82,7 @@ def _teacher_rows(
 
 
 def write_cache(
-    teacher: nn.Module,
+    teacher: nn.Module | GeneratedSignals,
     data: DataBundle,
     path: Path,
     *,
@@ -100,15 +111,18 @@ def write_cache(
     device = torch.device(device)
     path = Path(path)
     features = list(features or [])
-    probe = logits_of(_eval(teacher, take(data.train.x, slice(0, 1)), device))
-    vocab, row_shape = probe.shape[-1], list(probe.shape[1:-1])
+    if isinstance(teacher, GeneratedSignals):  # token rows: [batch, seq, vocab]
+        vocab, row_shape = teacher.vocab_size, list(data.train.y.shape[1:])
+    else:
+        probe = logits_of(_eval(teacher, take(data.train.x, slice(0, 1)), device))
+        vocab, row_shape = probe.shape[-1], list(probe.shape[1:-1])
     rows_per_sample = int(np.prod(row_shape)) if row_shape else 1
     # per-position rows with a mask: only the positions that count are stored (padding never is)
     packed = bool(row_shape) and data.train.mask is not None
     samples_per_shard = max(1, shard_rows // rows_per_sample)
     per_sample = rows_per_sample * vocab * 4  # bytes of float32 logits per sample
     teacher_batch = max(1, min(batch_size, LOGITS_BUDGET // per_sample))
-    if teacher_batch < batch_size:
+    if teacher_batch < batch_size and not isinstance(teacher, GeneratedSignals):
         console.print(
             f"cache: teacher batches of {teacher_batch} (not {batch_size}): each sample makes "
             f"{per_sample / 2**20:.0f} MiB of logits"
@@ -157,8 +171,14 @@ def write_cache(
     elif progress["shards"]:
         console.print(f"cache: resuming {partial} ({len(progress['shards'])} shard(s) done)")
 
+    if isinstance(teacher, GeneratedSignals) and (features or k > teacher.k):
+        raise DistillError(
+            f"cache: the generated data stores the teacher's top-{teacher.k} logits and no features; "
+            f"set cache.k <= {teacher.k} and no cache.features, or cache from the live teacher"
+        )
     taps = FeatureTaps(teacher, features, "teacher") if features else None
-    teacher.to(device).eval()
+    if isinstance(teacher, nn.Module):
+        teacher.to(device).eval()
     started = time.perf_counter()
     splits: dict[str, Any] = {}
     try:
@@ -178,6 +198,7 @@ def write_cache(
                     _teacher_rows(
                         teacher, taps, take(split.x, slice(i, min(end, i + teacher_batch))), k, device,
                         split.y[i : min(end, i + teacher_batch)] if scored else None,
+                        split.y[i : min(end, i + teacher_batch)],
                     )
                     for i in range(start, end, teacher_batch)
                 ]  # fmt: skip

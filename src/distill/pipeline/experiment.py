@@ -25,6 +25,7 @@ from torch import nn
 
 from distill._version import __version__
 from distill.cache import CachedTeacher, write_cache
+from distill.cache.generated import GeneratedSignals, generated_signals
 from distill.core.data import DataBundle
 from distill.core.distiller import Distiller, LinearWarmup, probing
 from distill.core.errors import DistillError
@@ -67,6 +68,7 @@ from distill.report.html import write_html_report
 from distill.report.markdown import ROLES, print_summary, write_markdown, write_plots
 from distill.tasks import Task, get_task
 from distill.tasks.hf import FromTeacherSpec, HFSpec, resolve_model_dir
+from distill.tasks.lm_generate import manifest_path_for, read_manifest
 from distill.tasks.models import count_parameters
 from distill.train.distributed import parallel_from_environment
 from distill.train.loop import EpochLog, TrainResult, pick_device, rng_states, set_rng_states, train
@@ -302,15 +304,40 @@ def cache_teacher(
         "teacher": {"weights_sha256": file_sha256(weights), "model": config.teacher.model.model_dump(mode="json")},
         "data": data.fingerprint,
     }
-    console.print(f"cache: top-{spec.k} logits as {spec.dtype} -> {path}")
+    stored = _stored_signals(config, data, cache_dir or default_cache_dir())
+    console.print(
+        f"cache: top-{spec.k} logits as {spec.dtype} -> {path}"
+        + (" (from the logits `distill generate` stored: the teacher does not run)" if stored else "")
+    )
     write_cache(
-        teacher, data, path, identity=identity, k=spec.k, dtype=spec.dtype, features=spec.features,
+        stored or teacher, data, path, identity=identity, k=spec.k, dtype=spec.dtype, features=spec.features,
         shard_rows=spec.shard_rows, batch_size=spec.batch_size, device=device, overwrite=overwrite,
         console=console, on_shard=on_shard,
         info={"teacher_facts": {"params": count_parameters(teacher), "weights_bytes": Path(weights).stat().st_size,
-                                "source": str(weights)}, "data_summary": data.summary(), "data_info": data.info},
+                                "source": str(weights)}, "data_summary": data.summary(), "data_info": data.info,
+              "signals_from": "distill generate" if stored else "teacher"},
     )  # fmt: skip
     return path
+
+
+def _stored_signals(config: ExperimentConfig, data: DataBundle, cache_dir: Path) -> GeneratedSignals | None:
+    """The teacher's top-k logits stored with generated data, when they are this teacher's (the
+    Hugging Face directory that generated it, by digest), on the teacher's own tokens, and enough
+    for the cache asked for; else None (the teacher runs)."""
+    generated = data.info.get("generated_by")
+    spec = config.teacher
+    if not generated or not generated.get("signals") or not isinstance(spec, HFTeacher):
+        return None
+    digest = directory_digest(resolve_model_dir(spec.path, "teacher.path"), cache_dir / "digests.json")
+    if digest != (generated.get("teacher") or {}).get("sha256") or config.cache.features:
+        return None
+    if config.cache.k > generated["signals"]:
+        raise DistillError(
+            f"cache.k: {config.data.path} stores the teacher's top-{generated['signals']} logits; set cache.k <= "
+            f"{generated['signals']}, or generate again with --signals {config.cache.k}"
+        )
+    manifest = read_manifest(manifest_path_for(config.data.path))
+    return generated_signals(config.data.path, manifest or {}, data.num_classes, data.info["max_length"])
 
 
 def scratch_setup(student_data: DataBundle, config: ExperimentConfig) -> tuple[DataBundle, int]:

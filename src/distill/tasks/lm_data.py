@@ -12,6 +12,7 @@ is in two splits. Bad input ends in one line naming the file and row.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,15 @@ def _chat_tokens(tokenizer, messages: list[dict[str, str]], where: str) -> tuple
     return ids, spans
 
 
+@dataclass(frozen=True)
+class TokenRow:
+    """A row given as token ids (``distill generate`` keeps the teacher's own): the prompt's ids
+    and the response's, the loss on the response."""
+
+    prompt: tuple[int, ...]
+    response: tuple[int, ...]
+
+
 def _rows(tokenizer, documents: list[Any], spec: TextDataSpec, where: str) -> tuple[list[list[int]], list[list[bool]]]:
     """Token ids of every row and, per token, whether it is a target (predicted, counted)."""
     if spec.format == "text":
@@ -169,7 +179,9 @@ def _rows(tokenizer, documents: list[Any], spec: TextDataSpec, where: str) -> tu
         return blocks, [[True] * len(b) for b in blocks]
     rows, targets = [], []
     for i, item in enumerate(documents):
-        if spec.format == "prompt_response":
+        if isinstance(item, TokenRow):
+            ids, spans = [*item.prompt, *item.response], [(len(item.prompt), len(item.prompt) + len(item.response))]
+        elif spec.format == "prompt_response":
             ids, start = _pair_tokens(tokenizer, *item)
             spans = [(start, len(ids))]
         else:
@@ -212,11 +224,11 @@ def load_lm_data(spec: TextDataSpec) -> DataBundle:
     ``split_seed``."""
     if spec.tokenizer is None:
         raise DistillError("data.tokenizer: no tokenizer; set data.tokenizer or use a Hugging Face teacher")
-    generated = None
+    generated, teacher_rows = None, None
     if spec.source == "generated":
-        spec, generated = _generated(spec)
+        spec, generated, teacher_rows = _generated(spec)
     tokenizer = load_tokenizer(spec.tokenizer)
-    documents = read_documents(spec, spec.path, "data.path")
+    documents = teacher_rows or read_documents(spec, spec.path, "data.path")
     rng = np.random.default_rng(spec.split_seed)
     if spec.test_path is not None:
         test_docs = read_documents(spec, spec.test_path, "data.test_path")
@@ -263,12 +275,14 @@ def load_lm_data(spec: TextDataSpec) -> DataBundle:
     )
 
 
-def _generated(spec: TextDataSpec) -> tuple[TextDataSpec, dict]:
+def _generated(spec: TextDataSpec) -> tuple[TextDataSpec, dict, list[TokenRow] | None]:
     """A ``distill generate`` output read as prompt/response (or chat) JSONL, the loss on the
-    teacher's answers; its manifest must be there, and the run records which teacher wrote it."""
+    teacher's answers; its manifest must be there, and the run records which teacher wrote it.
+    With the teacher's tokenizer the rows are the token ids the teacher saw and wrote (kept
+    beside the output), not a re-tokenisation of the decoded text; another tokenizer reads the text."""
     import json
 
-    from distill.tasks.lm_generate import manifest_path_for, read_manifest
+    from distill.tasks.lm_generate import manifest_path_for, read_manifest, read_token_shards, token_rows
 
     if spec.path is None:
         raise DistillError("data.path: data.source generated needs the JSONL `distill generate` wrote")
@@ -292,7 +306,14 @@ def _generated(spec: TextDataSpec) -> tuple[TextDataSpec, dict]:
     kind = "chat" if "messages" in first else "prompt_response"
     columns = {"prompt_column": "prompt", "response_column": "response", "messages_column": "messages"}
     columns["chat_turns"] = "last"  # earlier assistant turns came with the prompt: only the last is the teacher's
-    return spec.model_copy(update={"source": "jsonl", "format": kind, **columns}), {"teacher": teacher, "rows": rows}
+    same_tokenizer = (teacher or {}).get("tokenizer_sha256") == tokenizer_digest(resolve_tokenizer_dir(spec.tokenizer))
+    shards = read_token_shards(spec.path, recorded) if same_tokenizer else None
+    teacher_rows = [TokenRow(tuple(p), tuple(r)) for p, r in token_rows(shards)] if shards else None
+    info = {
+        "teacher": teacher, "rows": rows, "tokens": "teacher's" if teacher_rows else "re-tokenised text",
+        "signals": recorded.get("settings", {}).get("signals", 0) if teacher_rows else 0,
+    }  # fmt: skip
+    return spec.model_copy(update={"source": "jsonl", "format": kind, **columns}), info, teacher_rows
 
 
 def _empty_split(spec: TextDataSpec) -> Split:

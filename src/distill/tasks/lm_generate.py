@@ -12,17 +12,31 @@ Kill-safe: each batch's rows are appended with one write and flushed to disk bef
 records the new length; a rerun cuts the file back to that length and continues with the next
 batch. Every batch samples from its own seed (the run's seed and its position), so a resumed run
 writes exactly the file an uninterrupted one does.
+
+Beside the rows, ``<out>.tokens/`` keeps each kept row's token ids exactly as the teacher saw and
+wrote them (one shard per batch): a student with the teacher's tokenizer trains on those tokens, not
+on a re-tokenisation of the decoded text. With ``signals: K`` each shard also holds the teacher's
+top-K logits of every response token, taken from the logits generation computes anyway, so that
+``distill cache`` can turn them into a teacher cache without running the teacher again ("word-level
++ sequence-level KD", Kim & Rush 2016).
+
+Several processes (``--processes N``) take every N-th batch each; a finished batch is first a part
+file under ``<out>.parts/`` and is appended to the output in prompt order, so N processes write
+the same file as one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.console import Console
@@ -30,6 +44,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from distill.core.errors import DistillError
 from distill.core.io import default_cache_dir, directory_digest, file_sha256, write_json
+from distill.core.signals import TopKLogits, index_dtype
 
 FORMAT = "distill-generated"
 FORMAT_VERSION = 1
@@ -59,7 +74,11 @@ class GenerateSpec(BaseModel):
     dedupe: bool = Field(True, description="drop a response identical to an earlier one for the same prompt")
     drop_empty: bool = True
     drop_truncated: bool = Field(False, description="drop responses cut off by max_new_tokens")
+    signals: int = Field(
+        0, ge=0, description="store the teacher's top-k logits of every response token (0: token ids only)"
+    )
     trust_remote_code: bool = False
+    device: str = Field("auto", description="auto (a GPU when there is one), cpu, cuda, cuda:1, ...; not recorded")
 
     @model_validator(mode="after")
     def _greedy_has_one_answer(self) -> GenerateSpec:
@@ -152,13 +171,16 @@ def prompt_ids(tokenizer, prompt: Prompt, chat: bool) -> list[int]:
 
 
 def _identity(spec: GenerateSpec, teacher_dir: Path) -> dict[str, Any]:
-    settings = spec.model_dump(mode="json", exclude={"teacher", "prompts"})
+    from distill.tasks.text_data import tokenizer_digest
+
+    settings = spec.model_dump(mode="json", exclude={"teacher", "prompts", "device"})
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "teacher": {
             "path": str(teacher_dir),
             "sha256": directory_digest(teacher_dir, default_cache_dir() / "digests.json"),
+            "tokenizer_sha256": tokenizer_digest(teacher_dir),
         },
         "prompts": {"path": str(spec.prompts), "sha256": file_sha256(spec.prompts)},
         "settings": settings,
@@ -168,7 +190,10 @@ def _identity(spec: GenerateSpec, teacher_dir: Path) -> dict[str, Any]:
 def _start(out: Path, manifest_path: Path, identity: dict[str, Any], overwrite: bool) -> dict[str, Any]:
     """The progress to continue from: a fresh one, or the recorded one with the output cut back to
     the length the manifest vouches for (a batch half-written when the run was killed goes)."""
-    fresh = {**identity, "prompts_done": 0, "bytes": 0, "rows": 0, "dropped": {}, "new_tokens": 0, "seconds": 0.0}
+    fresh = {
+        **identity, "prompts_done": 0, "bytes": 0, "rows": 0, "dropped": {}, "new_tokens": 0, "seconds": 0.0,
+        "token_shards": [],
+    }  # fmt: skip
     previous = read_manifest(manifest_path)
     if out.exists() and previous is None and not overwrite:
         raise DistillError(f"{out} exists and has no {manifest_path.name}; move it away or pass --overwrite")
@@ -196,6 +221,8 @@ def _start(out: Path, manifest_path: Path, identity: dict[str, Any], overwrite: 
         return previous
     if out.exists():
         out.unlink()
+    for stale in (tokens_dir_for(out), parts_dir_for(out)):  # another run's batches
+        shutil.rmtree(stale, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.touch()
     write_json(manifest_path, fresh)
@@ -220,6 +247,16 @@ def manifest_path_for(out: Path) -> Path:
     return out.with_name(out.name + ".manifest.json")
 
 
+def tokens_dir_for(out: Path) -> Path:
+    """Where the rows' token ids (and the teacher's top-k logits, when stored) live."""
+    return out.with_name(out.name + ".tokens")
+
+
+def parts_dir_for(out: Path) -> Path:
+    """Finished batches not yet appended to the output (several processes finish out of order)."""
+    return out.with_name(out.name + ".parts")
+
+
 @torch.inference_mode()
 def generate_dataset(
     spec: GenerateSpec,
@@ -228,14 +265,20 @@ def generate_dataset(
     overwrite: bool = False,
     console: Console | None = None,
     stop_after: int | None = None,
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] | None = None,
 ) -> GenerationResult:
     """Write the teacher's responses to ``spec.prompts`` as JSONL at ``out`` (resuming an
     interrupted run). ``stop_after`` ends after that many batches of this call (for tests of
-    resumption), as a kill would."""
+    resumption), as a kill would. In a run of ``world`` processes (``barrier`` waits for all of
+    them) process ``rank`` generates batches ``rank``, ``rank + world``, ...; process 0 alone
+    writes the output and the manifest."""
     from distill.tasks.hf import HFSpec, load_causal_lm, resolve_model_dir
     from distill.tasks.text_data import load_tokenizer
 
     console = console or Console(quiet=True)
+    barrier = barrier or (lambda: None)
     out = Path(out)
     teacher_dir = resolve_model_dir(spec.teacher, "teacher")
     prompts = read_prompts(spec)
@@ -255,55 +298,152 @@ def generate_dataset(
     if out.resolve() == spec.prompts.resolve():
         raise DistillError(f"--out: {out} is the prompt file; write the answers elsewhere")
     manifest_path = manifest_path_for(out)
+    device = _device(spec.device, rank if world > 1 else None)
     model = load_causal_lm(HFSpec(path=str(teacher_dir), trust_remote_code=spec.trust_remote_code), "teacher").model
-    model.eval()  # loaded before anything is written: a directory that is no model leaves no file behind
+    model.to(device).eval()  # loaded before anything is written: a directory that is no model leaves no file behind
     identity = _identity(spec, teacher_dir)
     identity["settings"]["chat"] = chat  # as resolved: the rows' shape depends on it
-    state = _start(out, manifest_path, identity, overwrite) | {"prompts_total": len(prompts)}
-    write_json(manifest_path, state)
-    if state["prompts_done"] >= len(prompts):
+    if rank == 0:
+        state = _start(out, manifest_path, identity, overwrite) | {"prompts_total": len(prompts)}
+        write_json(manifest_path, state)
+    barrier()  # the output is cut back (or started) before any process adds a batch
+    state = read_manifest(manifest_path) or {}
+    if state.get("prompts_done", 0) >= len(prompts):
         console.print(f"generate: {out} is complete ({state['rows']} rows)")
         return _result(out, state)
     eos = _stop_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     if state["prompts_done"]:
         console.print(f"generate: resuming {out} after {state['prompts_done']} of {len(prompts)} prompts")
-    batches = 0
+    parts = parts_dir_for(out)
+    starts = range(state["prompts_done"], len(prompts), spec.batch_size)
+    mine = [first for number, first in enumerate(starts) if number % world == rank]
+    if stop_after is not None:
+        mine = mine[:stop_after]
+    started_all = time.perf_counter()
     with Progress(
         TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
         TimeRemainingColumn(), console=console, transient=True,
     ) as progress:  # fmt: skip
         task = progress.add_task("prompts", total=len(prompts), completed=state["prompts_done"], speed="")
-        while state["prompts_done"] < len(prompts) and (stop_after is None or batches < stop_after):
-            start = state["prompts_done"]
-            chosen = range(start, min(len(prompts), start + spec.batch_size))
-            started = time.perf_counter()
-            rows, dropped, new_tokens = _batch(model, tokenizer, spec, [prompts[i] for i in chosen],
-                                               [encoded[i] for i in chosen], start, eos, pad, chat)  # fmt: skip
-            data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
-            with open(out, "ab") as handle:  # one write, on disk before the manifest vouches for it
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            seconds = time.perf_counter() - started
-            state = {
-                **state, "prompts_done": chosen.stop, "bytes": state["bytes"] + len(data), "rows": state["rows"] + len(rows),
-                "dropped": {k: state["dropped"].get(k, 0) + dropped.get(k, 0) for k in {*state["dropped"], *dropped}},
-                "new_tokens": state["new_tokens"] + new_tokens, "seconds": state["seconds"] + seconds,
-            }  # fmt: skip
-            write_json(manifest_path, state)
-            batches += 1
-            progress.update(task, completed=chosen.stop, speed=f"{new_tokens / max(seconds, 1e-9):,.0f} tokens/s")
-    console.print(
-        f"generate: {state['rows']} rows from {state['prompts_done']} of {len(prompts)} prompts in {out} "
-        f"({state['new_tokens'] / max(state['seconds'], 1e-9):,.0f} new tokens/s)"
-        + (
-            f"; dropped {', '.join(f'{v} {k}' for k, v in sorted(state['dropped'].items()) if v)}"
-            if any(state["dropped"].values())
-            else ""
+        for first in mine:
+            chosen = range(first, min(len(prompts), first + spec.batch_size))
+            if not _part_done(parts, first):  # a part finished before a kill is kept
+                started = time.perf_counter()
+                batch = _batch(model, tokenizer, spec, [prompts[i] for i in chosen],
+                               [encoded[i] for i in chosen], first, eos, pad, chat, device)  # fmt: skip
+                _write_part(out, first, batch, time.perf_counter() - started)
+            if rank == 0:
+                state = _merge(out, manifest_path, state, spec.batch_size, len(prompts))
+            done = state["prompts_done"] if rank == 0 else chosen.stop
+            rate = state["new_tokens"] / max(state["seconds"], 1e-9) if rank == 0 else 0.0
+            progress.update(task, completed=done, speed=f"{rate:,.0f} tokens/s" if rate else "")
+    barrier()  # every process's parts are written
+    if rank == 0:
+        state = _merge(out, manifest_path, state, spec.batch_size, len(prompts))
+        wall = time.perf_counter() - started_all
+        console.print(
+            f"generate: {state['rows']} rows from {state['prompts_done']} of {len(prompts)} prompts in {out} "
+            f"({state['new_tokens'] / max(state['seconds'], 1e-9):,.0f} new tokens/s per process, {wall:.0f} s)"
+            + (
+                f"; dropped {', '.join(f'{v} {k}' for k, v in sorted(state['dropped'].items()) if v)}"
+                if any(state["dropped"].values())
+                else ""
+            )
         )
-    )
-    return _result(out, state)
+    barrier()
+    return _result(out, read_manifest(manifest_path) or state)
+
+
+def _device(name: str, local_rank: int | None) -> torch.device:
+    """``auto``: this process's GPU when there is one (process ``local_rank`` of several takes
+    GPU ``local_rank``), else the CPU."""
+    if name != "auto":
+        try:
+            return torch.device(name)
+        except RuntimeError:
+            raise DistillError(f"--device: {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if torch.cuda.is_available():
+        return torch.device("cuda", (local_rank or 0) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+@dataclass
+class _Batch:
+    """One generation call's kept rows, what was dropped, and the token shard's arrays."""
+
+    rows: list[dict]
+    dropped: dict[str, int]
+    new_tokens: int
+    arrays: dict[str, np.ndarray]
+
+
+def _part_name(first: int) -> str:
+    return f"b-{first:09d}"
+
+
+def _part_done(parts: Path, first: int) -> bool:
+    return (parts / f"{_part_name(first)}.json").is_file()
+
+
+def _write_part(out: Path, first: int, batch: _Batch, seconds: float) -> None:
+    """The batch as files that appear whole or not at all: the token shard, then the rows and
+    their counts (the ``.json`` last: its presence means the part is complete)."""
+    name = _part_name(first)
+    shard = tokens_dir_for(out) / name
+    tmp = shard.with_name(f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files = {}
+    for key, array in batch.arrays.items():
+        path = tmp / f"{key}.npy"
+        with open(path, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        files[path.name] = file_sha256(path)
+    shutil.rmtree(shard, ignore_errors=True)
+    os.replace(tmp, shard)
+    parts = parts_dir_for(out)
+    parts.mkdir(parents=True, exist_ok=True)
+    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in batch.rows).encode("utf-8")
+    meta = {"first": first, "rows": len(batch.rows), "dropped": batch.dropped, "new_tokens": batch.new_tokens,
+            "seconds": seconds, "shard": {"name": name, "rows": len(batch.rows), "files": files}}  # fmt: skip
+    for path, content in ((parts / f"{name}.jsonl", data), (parts / f"{name}.json", json.dumps(meta).encode())):
+        tmp_file = path.with_name(f".{path.name}.tmp")
+        with open(tmp_file, "wb") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_file, path)
+
+
+def _merge(out: Path, manifest_path: Path, state: dict[str, Any], batch_size: int, total: int) -> dict[str, Any]:
+    """Append every finished batch that comes next in prompt order to the output: one write,
+    on disk before the manifest vouches for it; then the part is deleted."""
+    parts = parts_dir_for(out)
+    while state["prompts_done"] < total and _part_done(parts, state["prompts_done"]):
+        name = _part_name(state["prompts_done"])
+        meta = json.loads((parts / f"{name}.json").read_text())
+        data = (parts / f"{name}.jsonl").read_bytes()
+        with open(out, "ab") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        dropped = meta["dropped"]
+        state = {
+            **state, "prompts_done": min(total, state["prompts_done"] + batch_size),
+            "bytes": state["bytes"] + len(data), "rows": state["rows"] + meta["rows"],
+            "dropped": {k: state["dropped"].get(k, 0) + dropped.get(k, 0) for k in {*state["dropped"], *dropped}},
+            "new_tokens": state["new_tokens"] + meta["new_tokens"], "seconds": state["seconds"] + meta["seconds"],
+            "token_shards": [*state.get("token_shards", []), meta["shard"]],
+        }  # fmt: skip
+        write_json(manifest_path, state)
+        for suffix in (".json", ".jsonl"):
+            (parts / f"{name}{suffix}").unlink()
+    if state["prompts_done"] >= total:
+        shutil.rmtree(parts, ignore_errors=True)
+    return state
 
 
 def _result(out: Path, state: dict[str, Any]) -> GenerationResult:
@@ -324,7 +464,7 @@ def _stop_ids(tokenizer, model) -> list[int]:
 
 
 def _batch(model, tokenizer, spec: GenerateSpec, prompts: list[Prompt], encoded: list[list[int]], first: int,
-           eos: list[int], pad: int, chat: bool) -> tuple[list[dict], dict[str, int], int]:  # fmt: skip
+           eos: list[int], pad: int, chat: bool, device: torch.device) -> _Batch:  # fmt: skip
     """One generation call over ``prompts`` (left-padded), seeded by the batch's first prompt."""
     width = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -334,14 +474,17 @@ def _batch(model, tokenizer, spec: GenerateSpec, prompts: list[Prompt], encoded:
         attention[row, width - len(ids) :] = 1
     torch.manual_seed(spec.seed * 1_000_003 + first)
     sampling = spec.temperature > 0
-    out = model.generate(
-        input_ids=input_ids, attention_mask=attention, max_new_tokens=spec.max_new_tokens, do_sample=sampling,
-        temperature=spec.temperature if sampling else None, top_p=spec.top_p if sampling else None,
-        top_k=spec.top_k if sampling else None, num_return_sequences=spec.samples, eos_token_id=eos,
-        pad_token_id=pad,
+    generated = model.generate(
+        input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=spec.max_new_tokens,
+        do_sample=sampling, temperature=spec.temperature if sampling else None,
+        top_p=spec.top_p if sampling else None, top_k=spec.top_k if sampling else None,
+        num_return_sequences=spec.samples, eos_token_id=eos, pad_token_id=pad, return_dict_in_generate=True,
+        output_logits=spec.signals > 0,
     )  # fmt: skip
-    new = out[:, width:]
+    new = generated.sequences[:, width:].cpu()
+    signals = _step_signals(generated.logits, new, spec.signals) if spec.signals else None
     rows, dropped, new_tokens = [], {"duplicate": 0, "empty": 0, "truncated": 0}, 0
+    kept_rows: list[tuple[int, list[int]]] = []  # (sequence, its response ids incl. the stop token)
     for i, prompt in enumerate(prompts):
         seen: set[str] = set()
         for j in range(spec.samples):
@@ -370,4 +513,80 @@ def _batch(model, tokenizer, spec: GenerateSpec, prompts: list[Prompt], encoded:
                 row["response"] = response
             row.update(finish=finish, new_tokens=len(kept))
             rows.append(row)
-    return rows, dropped, new_tokens
+            kept_rows.append((i * spec.samples + j, tokens if stop is None else tokens[: stop + 1]))
+    arrays = _token_arrays([encoded[r // spec.samples] for r, _ in kept_rows], [ids for _, ids in kept_rows])
+    if signals is not None:
+        steps = [(r, len(ids)) for r, ids in kept_rows]
+        arrays |= {name: np.concatenate([value[r, :n] for r, n in steps]) for name, value in signals.items()}
+    return _Batch(rows, dropped, new_tokens, arrays)
+
+
+def _token_arrays(prompt_ids: list[list[int]], response_ids: list[list[int]]) -> dict[str, np.ndarray]:
+    """Ragged id lists as flat arrays with offsets (row ``r``: ``ids[offsets[r]:offsets[r + 1]]``)."""
+    arrays = {}
+    for name, lists in (("prompt", prompt_ids), ("response", response_ids)):
+        arrays[f"{name}_ids"] = np.array([t for ids in lists for t in ids], dtype=np.int64)
+        arrays[f"{name}_offsets"] = np.concatenate([[0], np.cumsum([len(ids) for ids in lists])]).astype(np.int64)
+    return arrays
+
+
+def _step_signals(logits: tuple[torch.Tensor, ...], new: torch.Tensor, k: int) -> dict[str, np.ndarray]:
+    """The teacher's top-k raw logits (T = 1) at every generated step of every sequence, and its
+    log-probability of the token it chose: ``[sequences, steps, ...]``, computed one step at a time
+    so that no ``[sequences, steps, vocab]`` copy is made."""
+    values, indices, logsumexp, tail, chosen = [], [], [], [], []
+    for step, step_logits in enumerate(logits):
+        top = TopKLogits.from_dense(step_logits.float(), k).to("cpu")
+        values.append(top.values)
+        indices.append(top.indices)
+        logsumexp.append(top.logsumexp)
+        tail.append(top.tail)
+        picked = step_logits.float().gather(-1, new[:, step : step + 1].to(step_logits.device)).squeeze(-1).cpu()
+        chosen.append(picked - top.logsumexp)
+    vocab = logits[0].shape[-1]
+    return {
+        "values": torch.stack(values, 1).half().numpy(),
+        "indices": torch.stack(indices, 1).numpy().astype(index_dtype(vocab)),
+        "logsumexp": torch.stack(logsumexp, 1).numpy(),
+        "tail": torch.stack(tail, 1).numpy(),
+        "label_logprob": torch.stack(chosen, 1).numpy(),
+    }
+
+
+def read_token_shards(
+    out: Path, manifest: dict[str, Any], field: str = "data.path"
+) -> list[dict[str, np.ndarray]] | None:
+    """The token shards of a finished ``distill generate`` output, in row order, each checked
+    against the manifest's sha256; None for an output written before tokens were kept."""
+    shards = manifest.get("token_shards")
+    if not shards or sum(shard["rows"] for shard in shards) != manifest.get("rows"):
+        return None
+    loaded = []
+    for shard in shards:
+        directory = tokens_dir_for(out) / shard["name"]
+        arrays = {}
+        for name, digest in shard["files"].items():
+            path = directory / name
+            if not path.is_file() or file_sha256(path) != digest:
+                raise DistillError(
+                    f"{field}: {path} is missing or damaged (checksum mismatch); run `distill generate` again "
+                    f"with --overwrite"
+                )
+            arrays[name.removesuffix(".npy")] = np.load(path, mmap_mode="r", allow_pickle=False)
+        loaded.append(arrays)
+    return loaded
+
+
+def token_rows(shards: list[dict[str, np.ndarray]]) -> list[tuple[list[int], list[int]]]:
+    """Every row's (prompt ids, response ids) as the teacher saw and wrote them."""
+    rows = []
+    for arrays in shards:
+        prompts, responses = arrays["prompt_offsets"], arrays["response_offsets"]
+        for r in range(len(prompts) - 1):
+            rows.append(
+                (
+                    arrays["prompt_ids"][prompts[r] : prompts[r + 1]].tolist(),
+                    arrays["response_ids"][responses[r] : responses[r + 1]].tolist(),
+                )
+            )
+    return rows

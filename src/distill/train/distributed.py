@@ -256,8 +256,9 @@ def launch(processes: int, argv: list[str]) -> int:
     threads = max(1, (os.cpu_count() or 1) // processes)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # the workers inherit it
     options = get_args_parser().parse_args(
-        [f"--nproc-per-node={processes}", f"--master-port={_free_port()}", "-m", "distill", *argv]
+        [f"--nproc-per-node={processes}", f"--master-port={_free_port()}", "-m", "distill"]
     )
+    options.training_script_args = argv  # not parsed by torchrun: `--signals` would pass for its `--signals-to-handle`
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its own failure report
     try:
         torchrun(options)
