@@ -636,3 +636,38 @@ def test_a_teacher_scored_from_a_top_k_cache_has_its_exact_perplexity(llama_path
     estimated = task.metrics(task.predict_cached(signals, test.y), test)["perplexity"]
     assert exact == pytest.approx(live, rel=1e-5)
     assert abs(estimated - live) / live > 1e-3  # the estimate is not the teacher's perplexity
+
+
+def test_rows_of_different_lengths_train_although_the_model_skips_padding_columns(llama_path, tmp_path):
+    """A batch whose longest row is shorter than the split's: the model runs only as long as that
+    row, and labels, mask and a cached teacher's rows are cut to match; the loss is the one of the
+    same batch with the padding columns removed beforehand (live teacher and cache alike)."""
+    from distill import Distiller, HardLabelCE
+    from distill.cache import CachedTeacher, write_cache
+    from distill.core.losses import build_term
+    from distill.tasks.hf import HFSpec, load_causal_lm
+
+    words = "the cat sat on a mat and the dog ran in the park while a bird sang".split()
+    rows = [{"prompt": " ".join(words[:3]), "response": " ".join(words[3 : 5 + 2 * i])} for i in range(6)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    spec = TextDataSpec(source="jsonl", path=path, tokenizer=llama_path, format="prompt_response", test_fraction=0.2)
+    data = load_lm_data(spec)
+    teacher = load_causal_lm(HFSpec(path=str(llama_path)), "teacher", vocab=data.num_classes)
+    cache = CachedTeacher(write_cache(teacher, data, tmp_path / "c", identity={}, k=8, dtype="float32"))
+    train = data.train
+    short = torch.tensor([i for i in range(len(train)) if int(train.x["attention_mask"][i].sum()) < train.y.shape[1]])
+    assert len(short) >= 2
+    width = int(train.x["attention_mask"][short].sum(1).max())
+    x = {k: v[short] for k, v in train.x.items()}
+    trimmed = {k: v[:, :width] for k, v in x.items()}
+    other = llama_dir(tmp_path / "student", seed=3, layers=2)
+    for source in (teacher, cache):
+        student = load_causal_lm(HFSpec(path=str(other)), "student", vocab=data.num_classes)
+        distiller = Distiller(student, source, {"ce": HardLabelCE(), "kl": build_term("forward_kl", {})})
+        distiller.prepare(x, short)
+        full = distiller(x, labels=train.y[short], mask=train.mask[short], index=short)
+        cut = distiller(trimmed, labels=train.y[short][:, :width], mask=train.mask[short][:, :width], index=short)
+        assert full.student.logits.shape[1] == width < train.y.shape[1]
+        assert float(full.loss.detach()) == pytest.approx(float(cut.loss.detach()), rel=1e-6)
+        assert float(full.terms["kl"]) > 0

@@ -72,6 +72,14 @@ def _teacher_rows(
             with taps.recording() as recorded:
                 logits = logits_of(call_model(teacher, to_device(x, device)))
             features = {name: value.half().cpu() for name, value in recorded.items()}
+        if (
+            all_labels is not None
+            and all_labels.dim() == 2
+            and logits.dim() == 3
+            and logits.shape[1] < all_labels.shape[1]
+        ):
+            # the model skipped columns that are padding in every row: pad them back (never stored)
+            logits = torch.nn.functional.pad(logits, (0, 0, 0, all_labels.shape[1] - logits.shape[1]))
         signals = TopKLogits.from_dense(logits.float(), k)
         label_logprobs = None
         if labels is not None:
@@ -116,6 +124,8 @@ def write_cache(
     else:
         probe = logits_of(_eval(teacher, take(data.train.x, slice(0, 1)), device))
         vocab, row_shape = probe.shape[-1], list(probe.shape[1:-1])
+        if row_shape and data.train.y.dim() == 2:  # per position: the split's width, not the probe's length
+            row_shape = list(data.train.y.shape[1:])
     rows_per_sample = int(np.prod(row_shape)) if row_shape else 1
     # per-position rows with a mask: only the positions that count are stored (padding never is)
     packed = bool(row_shape) and data.train.mask is not None

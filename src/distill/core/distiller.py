@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,7 @@ from distill.core.errors import DistillError
 from distill.core.inputs import Inputs, batch_len, call_model, take, to_device
 from distill.core.losses import Batch, LossTerm, ModelOutputs
 from distill.core.losses.base import OutputsOnRequest, TeacherLogits, TeacherSignals, outputs_of
+from distill.core.signals import TopKLogits
 from distill.core.taps import FeatureTaps
 
 
@@ -60,6 +61,36 @@ class LinearWarmup:
 
 
 Weight = float | LinearWarmup
+
+
+def fit_positions(
+    student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch
+) -> tuple[Batch, ModelOutputs | None]:
+    """Labels, mask and the teacher's logits cut to the student's number of positions.
+
+    A model may skip the columns that are padding in every row of a batch (a Hugging Face model
+    runs only as long as the batch's longest sequence), so its per-position logits ``[batch, seq',
+    vocab]`` can be shorter than the labels ``[batch, seq]``; the columns cut are padding, with no
+    label and masked out, so nothing that counts is lost. A cached teacher's rows are cut alike."""
+    logits, labels = student.logits, batch.labels
+    if logits is None or logits.dim() < 3:
+        return batch, teacher
+    width = logits.shape[1]
+    if labels is not None and labels.dim() == 2 and labels.shape[1] > width:
+        if bool((labels[:, width:] >= 0).any()) or (batch.mask is not None and bool(batch.mask[:, width:].any())):
+            raise ValueError(f"the student returned {width} positions but positions after them count")
+        batch = Batch(batch.inputs, labels[:, :width], None if batch.mask is None else batch.mask[:, :width])
+    if teacher is not None and teacher.logits is not None:
+        signals = teacher.logits
+        if isinstance(signals, TopKLogits) and signals.values.dim() == 3 and signals.values.shape[1] > width:
+            cut = TopKLogits(
+                signals.values[:, :width], signals.indices[:, :width], signals.logsumexp[:, :width],
+                signals.tail[:, :width], signals.vocab_size,
+            )  # fmt: skip
+            teacher = replace(teacher, logits=cut)
+        elif isinstance(signals, Tensor) and signals.dim() == 3 and signals.shape[1] > width:
+            teacher = replace(teacher, logits=signals[:, :width])
+    return batch, teacher
 
 
 @contextmanager
@@ -322,8 +353,8 @@ class Distiller(nn.Module):
                 "some terms build adapters from example shapes: call distiller.prepare(example_inputs) "
                 "(or pass example_inputs=...) before creating the optimiser"
             )
-        batch = Batch(inputs=inputs, labels=labels, mask=mask)
         student, teacher = self._outputs(inputs, index)
+        batch, teacher = fit_positions(student, teacher, Batch(inputs=inputs, labels=labels, mask=mask))
         values = {name: term(student, teacher, batch) for name, term in self.terms.items()}
         loss = self.weighted_sum(values)
         return DistillOutput(

@@ -219,16 +219,10 @@ def to_split(rows: list[list[int]], targets: list[list[bool]], pad_id: int) -> S
     return Split({"input_ids": ids, "attention_mask": attention}, labels, labels >= 0)
 
 
-def load_lm_data(spec: TextDataSpec) -> DataBundle:
-    """Read, split by document, tokenise and pack: the same splits for every run with the same
-    ``split_seed``."""
-    if spec.tokenizer is None:
-        raise DistillError("data.tokenizer: no tokenizer; set data.tokenizer or use a Hugging Face teacher")
-    generated, teacher_rows = None, None
-    if spec.source == "generated":
-        spec, generated, teacher_rows = _generated(spec)
-    tokenizer = load_tokenizer(spec.tokenizer)
-    documents = teacher_rows or read_documents(spec, spec.path, "data.path")
+def split_documents(spec: TextDataSpec, documents: list[Any] | None = None) -> tuple[list, list, list]:
+    """The train / val / test documents (texts, pairs, conversations or token rows), split by
+    ``split_seed`` before any packing: no document is in two splits."""
+    documents = documents or read_documents(spec, spec.path, "data.path")
     rng = np.random.default_rng(spec.split_seed)
     if spec.test_path is not None:
         test_docs = read_documents(spec, spec.test_path, "data.test_path")
@@ -239,8 +233,19 @@ def load_lm_data(spec: TextDataSpec) -> DataBundle:
         test_docs, train_docs = [documents[i] for i in order[:cut]], [documents[i] for i in order[cut:]]
     order = rng.permutation(len(train_docs))
     n_val = int(round(len(order) * spec.val_fraction))
-    val_docs = [train_docs[i] for i in order[:n_val]]
-    train_docs = [train_docs[i] for i in order[n_val:]]
+    return [train_docs[i] for i in order[n_val:]], [train_docs[i] for i in order[:n_val]], test_docs
+
+
+def load_lm_data(spec: TextDataSpec) -> DataBundle:
+    """Read, split by document, tokenise and pack: the same splits for every run with the same
+    ``split_seed``."""
+    if spec.tokenizer is None:
+        raise DistillError("data.tokenizer: no tokenizer; set data.tokenizer or use a Hugging Face teacher")
+    generated, teacher_rows = None, None
+    if spec.source == "generated":
+        spec, generated, teacher_rows = _generated(spec)
+    tokenizer = load_tokenizer(spec.tokenizer)
+    train_docs, val_docs, test_docs = split_documents(spec, teacher_rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     splits = {}
     for name, docs in (("train", train_docs), ("val", val_docs), ("test", test_docs)):
