@@ -671,3 +671,11 @@ def test_rows_of_different_lengths_train_although_the_model_skips_padding_column
         assert full.student.logits.shape[1] == width < train.y.shape[1]
         assert float(full.loss.detach()) == pytest.approx(float(cut.loss.detach()), rel=1e-6)
         assert float(full.terms["kl"]) > 0
+        assert full.batch.labels.shape[1] == width  # what the loop scores the training accuracy with
+    # a whole run on such rows, batches of 2 (the longest row of most batches is shorter than the split's)
+    from distill.cli import main
+
+    run = {"teacher": {"kind": "hf", "path": str(llama_path)}, "student": {"from_teacher": {"layers": [0, 3]}},
+           "data": {"source": "jsonl", "path": str(path), "format": "prompt_response", "test_fraction": 0.2},
+           "train": {"epochs": 1, "batch_size": 2, "optimizer": "adamw", "lr": 0.01}}  # fmt: skip
+    assert main(["run", str(lm_config(tmp_path, llama_path, None, **run)), "--quiet"]) == 0

@@ -37,13 +37,15 @@ from distill.core.taps import FeatureTaps
 @dataclass
 class DistillOutput:
     """The weighted total ``loss`` to back-propagate, each term's unweighted value
-    (detached, for logging; ``values`` keeps their gradients), and the outputs of both models."""
+    (detached, for logging; ``values`` keeps their gradients), the outputs of both models, and the
+    batch as the terms saw it (labels and mask cut to the student's positions: :func:`fit_positions`)."""
 
     loss: Tensor
     terms: dict[str, Tensor]
     student: ModelOutputs
     teacher: ModelOutputs | None
     values: dict[str, Tensor] = field(default_factory=dict)
+    batch: Batch | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,17 @@ def fit_positions(
         elif isinstance(signals, Tensor) and signals.dim() == 3 and signals.shape[1] > width:
             teacher = replace(teacher, logits=signals[:, :width])
     return batch, teacher
+
+
+def _same_width(parts: list[list[Tensor | None]]) -> list[list[Tensor | None]]:
+    """Per-position outputs of several batches padded to the widest (a model that skips padding
+    columns returns each batch only as long as its longest row; the padding is never counted)."""
+    widths = {p[0].shape[1] for p in parts if p[0] is not None and p[0].dim() >= 3}
+    if len(widths) <= 1:
+        return parts
+    width = max(widths)
+    pad = torch.nn.functional.pad
+    return [[pad(p[0], (0, 0, 0, width - p[0].shape[1])), *p[1:]] for p in parts]
 
 
 @contextmanager
@@ -313,6 +326,7 @@ class Distiller(nn.Module):
             n = batch_len(inputs)
             index = torch.arange(n) if order is None else order
             parts = [kept(take(inputs, index[i : i + batch_size])) for i in range(0, n, batch_size)]
+            parts = _same_width(parts)
             restore = torch.argsort(index)
             logits, embedding = (
                 torch.cat([p[j] for p in parts])[restore] if parts and parts[0][j] is not None else None
@@ -363,4 +377,5 @@ class Distiller(nn.Module):
             student=student,
             teacher=teacher,
             values=values,
+            batch=batch,
         )

@@ -398,6 +398,8 @@ def train(
                 for name, value in out.terms.items():
                     sums[name] = sums.get(name, 0.0) + float(value) * factors[name] * global_size / world
                 if out.student.logits is not None:  # an embedding model has no classes to be right about
+                    if out.batch is not None and out.batch.labels is not None:  # cut to the student's positions
+                        y, mask = out.batch.labels, out.batch.mask
                     keep = y >= 0 if mask is None else (y >= 0) & mask.bool()
                     labeled += int(keep.sum())
                     correct += int((out.student.logits.argmax(-1)[keep] == y[keep]).sum())
