@@ -655,6 +655,10 @@ def test_rows_of_different_lengths_train_although_the_model_skips_padding_column
     data = load_lm_data(spec)
     teacher = load_causal_lm(HFSpec(path=str(llama_path)), "teacher", vocab=data.num_classes)
     cache = CachedTeacher(write_cache(teacher, data, tmp_path / "c", identity={}, k=8, dtype="float32"))
+    for split in ("val", "test"):  # each split is as wide as its own longest row
+        part = getattr(data, split)
+        if len(part):
+            assert cache.split_logits(split).values.shape[:2] == part.y.shape
     train = data.train
     short = torch.tensor([i for i in range(len(train)) if int(train.x["attention_mask"][i].sum()) < train.y.shape[1]])
     assert len(short) >= 2

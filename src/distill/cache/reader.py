@@ -167,7 +167,7 @@ class CachedTeacher:
     def _gather_packed(self, split: str, index: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         """Rows ``index`` of a packed cache's signal arrays, ``[len(index), seq, ...]``: each
         sample's stored positions scattered back by its mask, padding filled with a uniform row."""
-        seq = self.manifest["row_shape"][0]
+        seq = self._shard(split, 0).arrays["mask"].shape[1]  # each split is padded to its own longest row
         filler = padding_row(self.vocab_size, self.k, self.dtype) | {"label_logprob": np.zeros((), np.float32)}
         out = {name: np.broadcast_to(filler[name], (len(index), seq, *filler[name].shape)).copy() for name in names}
         shard_of, local = np.divmod(index, self.samples_per_shard)
