@@ -12,12 +12,15 @@ Three parts, each measured here:
    (c) forward KL from the live teacher, (d) forward KL from the top-k cache (k = 32 and 8),
    (e) reverse KL and JSD(β = 0.5). Each run is its own process, so its peak memory (max RSS) is
    its own; epoch times (each with one validation pass) are shown against the lm-only one.
-3. ``timing``: seconds per optimisation step with the LM loss alone, forward KL from the live
+3. ``seq``: sequence-level and on-policy arms (f), (g), (h) beside (b) and (c), teacher
+   generation throughput at batch 1, 8 and 32 (see ``benchmarks/lm_seq.py``).
+4. ``timing``: seconds per optimisation step with the LM loss alone, forward KL from the live
    teacher and from the top-k cache (k = 32), alternating on the same batches (an idle machine).
 
     python benchmarks/lm.py                                 # every part, seed 0, 240 blocks (30,720 tokens)
     python benchmarks/lm.py --parts timing                  # the step times only (a few minutes)
     python benchmarks/lm.py --parts cache                   # the cache part only (a minute)
+    python benchmarks/lm.py --parts seq --seeds 0 1 2       # sequence-level and on-policy arms
     python benchmarks/lm.py --seeds 0 1 --blocks 960        # more seeds, a larger budget
     python benchmarks/lm.py --parts arms --arms kd cache32 --seeds 1 2   # some arms (kd cache32 cache8
                                                             # reverse jsd auto), other seeds
@@ -315,13 +318,19 @@ def arms_part(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=("cache", "arms", "timing"), default=["cache", "arms", "timing"])
+    parser.add_argument(
+        "--parts", nargs="+", choices=("cache", "arms", "seq", "timing"), default=["cache", "arms", "seq", "timing"]
+    )
     parser.add_argument("--steps", type=int, default=4, help="timing: steps per setup and pass")
     parser.add_argument("--repeats", type=int, default=3, help="timing: passes (the first warms up)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--blocks", type=int, default=240, help="training blocks of 128 tokens")
     parser.add_argument("--cache-blocks", type=int, default=16, help="held-out blocks for the cache part")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=[], help="only these arms (default: all)")
+    parser.add_argument("--seq-arms", nargs="+", choices=["token", "seq", "seq_kd", "on_policy"], default=[])
+    parser.add_argument("--prompt-words", type=int, default=32, help="seq: words of an article's opening per prompt")
+    parser.add_argument("--new-tokens", type=int, default=80, help="seq: tokens the teacher adds to each prompt")
+    parser.add_argument("--generate-batch", type=int, default=32, help="seq: prompts per generation call")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/lm.json"))
     args = parser.parse_args()
@@ -334,6 +343,14 @@ def main() -> int:
         out["arms"] = arms_part(
             console, args.seeds, args.blocks, args.arms, args.overrides,
             save=lambda runs: write_results(partial, {**out, "runs_so_far": runs}, Console(quiet=True)),
+        )  # fmt: skip
+    if "seq" in args.parts:
+        from lm_seq import seq_part
+
+        partial = args.out.with_suffix(".partial.json")
+        out["seq"] = seq_part(
+            console, args.seeds, args.blocks, args.prompt_words, args.new_tokens, args.generate_batch, args.seq_arms,
+            save=lambda runs: write_results(partial, {**out, "seq_runs_so_far": runs}, Console(quiet=True)),
         )  # fmt: skip
     if "timing" in args.parts:
         out["timing"] = timing_part(console, args.steps, args.repeats)
