@@ -180,6 +180,7 @@ def run_seq_arm(key: str, overrides: list[str], data_path: str | None, generatio
         path = cache_teacher(config, overwrite=True, console=Console(quiet=True))
         extra = {"cache_seconds": time.perf_counter() - begun,
                  "cache_from": json.loads((path / "manifest.json").read_text()).get("signals_from")}  # fmt: skip
+        assert extra["cache_from"] == "distill generate", extra  # the stored logits, not a teacher run
         config = _bbc([*overrides, f"teacher={{kind: cache, path: '{path}'}}"])
     result = run_experiment(config, console=Console(quiet=True))
     run_seconds = time.perf_counter() - started

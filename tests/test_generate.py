@@ -25,7 +25,7 @@ def teacher(tmp_path_factory) -> Path:
 def spec(teacher: Path, prompts: Path, **changes):
     from distill.tasks.lm_generate import GenerateSpec
 
-    return GenerateSpec(teacher=str(teacher), prompts=prompts, max_new_tokens=6, batch_size=4, **changes)
+    return GenerateSpec(teacher=str(teacher), prompts=prompts, **({"max_new_tokens": 6, "batch_size": 4} | changes))
 
 
 def rows(path: Path) -> list[dict]:
@@ -261,26 +261,38 @@ def _shard_arrays(cache: Path) -> dict[str, dict[str, np.ndarray]]:
     }
 
 
-def test_logits_stored_while_generating_make_the_cache_the_live_teacher_makes(teacher, tmp_path):
+@pytest.mark.parametrize("padded", [False, True], ids=["vocabulary", "padded-vocabulary"])
+def test_logits_stored_while_generating_make_the_cache_the_live_teacher_makes(teacher, tmp_path, padded):
     """``--signals 8``: the teacher's top-8 at every step it wrote; a cache made from them (k = 8,
     and k = 4 with the dropped values moved into the tail) holds what running the teacher over
-    the same rows stores, for rows the data cut short too."""
+    the same rows stores, for rows the data cut short too. A model whose embedding matrix is
+    padded past the tokenizer (64 rows, 53 tokens) is cut to the tokenizer on both sides."""
     from distill.cache import write_cache
     from distill.cache.generated import generated_signals
     from distill.tasks.hf import HFSpec, load_causal_lm
     from distill.tasks.lm_data import load_lm_data
-    from distill.tasks.lm_generate import generate_dataset, manifest_path_for, read_manifest
+    from distill.tasks.lm_generate import (
+        generate_dataset,
+        manifest_path_for,
+        read_manifest,
+        read_token_shards,
+        token_rows,
+    )
     from distill.tasks.text_data import TextDataSpec
 
+    if padded:
+        teacher = llama_dir(tmp_path / "padded", seed=5, vocab=64)
     prompts = prompt_file(tmp_path / "p.jsonl", count=12)
     out = tmp_path / "gen.jsonl"
     generate_dataset(spec(teacher, prompts, samples=2, temperature=1.5, chat=False, signals=8), out)
+    manifest = read_manifest(manifest_path_for(out))
+    shards = read_token_shards(out, manifest)
+    assert all(int(s["indices"].max()) < 53 for s in shards)  # never a padding row of the embedding matrix
     data = load_lm_data(TextDataSpec(source="generated", path=out, tokenizer=teacher, val_fraction=0.2, max_length=8))
-    assert data.info["generated_by"]["signals"] == 8
-    lengths = [len(json.loads(line)) for line in out.read_text().splitlines()]
-    assert len(lengths) == len(data.train) + len(data.val) + len(data.test)
-    stored = generated_signals(out, read_manifest(manifest_path_for(out)), data.num_classes, 8)
-    model = load_causal_lm(HFSpec(path=str(teacher)), "teacher").model
+    assert data.info["generated_by"]["signals"] == 8 and data.num_classes == 53
+    assert any(len(p) + len(r) > 9 for p, r in token_rows(shards))  # some rows are longer than the data keeps
+    stored = generated_signals(out, manifest, data.num_classes, 8)
+    model = load_causal_lm(HFSpec(path=str(teacher)), "teacher", vocab=data.num_classes)
     for k in (8, 4):
         live = write_cache(model, data, tmp_path / f"live{k}", identity={"t": 1}, k=k, dtype="float32")
         made = write_cache(stored, data, tmp_path / f"stored{k}", identity={"t": 1}, k=k, dtype="float32")
@@ -288,7 +300,6 @@ def test_logits_stored_while_generating_make_the_cache_the_live_teacher_makes(te
         assert set(a) == set(b) == {"train", "val", "test"}
         for split in a:
             assert np.array_equal(a[split]["mask"], b[split]["mask"]) and a[split]["mask"].sum() > 10
-            assert (a[split]["mask"].sum(1) < 8).any() or split != "train"  # some rows were cut
             assert np.mean(a[split]["indices"] == b[split]["indices"]) > 0.99
             # stored as float16 while generating: within its rounding of the tiny model's logits
             assert np.allclose(np.sort(a[split]["values"]), np.sort(b[split]["values"]), atol=2e-3)
@@ -334,11 +345,13 @@ def test_a_run_learns_from_stored_signals_without_the_teacher_running(teacher, t
     metrics = json.loads((tmp_path / "runs" / "seq" / "metrics.json").read_text())
     assert metrics["teacher_cache"]["k"] == 4 and metrics["models"]["distilled"]["metrics"]["perplexity"] > 1
     assert "No scratch baseline was trained" in (tmp_path / "runs" / "seq" / "report.md").read_text()
-    capsys.readouterr()
-    path.write_text(yaml.safe_dump({**config, "teacher": {"kind": "hf", "path": str(teacher)}, "cache": {"k": 16}}))
-    assert main(["cache", str(path), "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "cache.k:" in err and "top-8 logits" in err and err.count("\n") == 1
+    # more logits than were stored: the teacher runs, and says why
+    monkeypatch.undo()
+    bigger = {"k": 16, "path": str(tmp_path / "bigger")}
+    path.write_text(yaml.safe_dump({**config, "teacher": {"kind": "hf", "path": str(teacher)}, "cache": bigger}))
+    assert main(["cache", str(path)]) == 0
+    assert "stores the teacher's top-8 logits" in capsys.readouterr().out
+    assert json.loads((tmp_path / "bigger" / "manifest.json").read_text())["signals_from"] == "teacher"
 
 
 def test_two_processes_write_the_same_file_as_one(teacher, tmp_path):
@@ -362,3 +375,35 @@ def test_two_processes_write_the_same_file_as_one(teacher, tmp_path):
             x, y = (np.load(p.with_name(p.name + ".tokens") / shard["name"] / name) for p in (one, two))
             assert np.array_equal(x, y) if x.dtype.kind in "iu" else np.allclose(x, y, atol=1e-3), name
     assert not (tmp_path / "p2.jsonl.parts").exists()
+
+
+def test_parts_finished_out_of_order_before_a_kill_are_merged_on_resume(teacher, tmp_path):
+    """Process 1 of 2 finished its batch (prompts 4–7) and process 0 none when the run was
+    killed: a single-process rerun appends that part in its place and gives the uninterrupted file."""
+    from distill.tasks.lm_generate import generate_dataset, manifest_path_for, parts_dir_for
+
+    prompts = prompt_file(tmp_path / "p.jsonl", count=10)
+    whole = tmp_path / "whole.jsonl"
+    generate_dataset(spec(teacher, prompts, samples=2, signals=4), whole)
+    killed = tmp_path / "killed.jsonl"
+    for rank in (0, 1):  # process 0 starts the file and is killed before its first batch
+        generate_dataset(spec(teacher, prompts, samples=2, signals=4), killed, rank=rank, world=2,
+                         barrier=lambda: None, stop_after=rank)  # fmt: skip
+    assert json.loads(manifest_path_for(killed).read_text())["prompts_done"] == 0
+    assert sorted(p.name for p in parts_dir_for(killed).iterdir()) == ["b-000000004.json", "b-000000004.jsonl"]
+    result = generate_dataset(spec(teacher, prompts, samples=2, signals=4), killed)
+    assert killed.read_bytes() == whole.read_bytes() and result.prompts == 10
+    assert not parts_dir_for(killed).exists()
+
+
+def test_a_batch_whose_answers_are_all_dropped_still_stores_its_empty_shard(teacher, tmp_path):
+    from distill.tasks.lm_generate import generate_dataset, manifest_path_for, read_manifest
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("cat dog\negg the\n")
+    out = tmp_path / "none.jsonl"  # one new token each, every answer cut off and dropped
+    result = generate_dataset(spec(teacher, prompts, chat=False, drop_truncated=True, max_new_tokens=1, signals=4), out)
+    manifest = read_manifest(manifest_path_for(out))
+    assert result.rows == 0 and manifest["token_shards"][0]["rows"] == 0 and manifest["prompts_done"] == 2
+    shard = out.with_name(out.name + ".tokens") / manifest["token_shards"][0]["name"]
+    assert np.load(shard / "values.npy").shape == (0, 4) and np.load(shard / "logsumexp.npy").shape == (0,)

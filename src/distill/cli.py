@@ -299,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             from distill.train.distributed import Parallel, launch, launched_distributed
 
             spec = _generate_spec(args)  # a bad option fails here, before any launch
+            if args.processes is not None and args.processes < 1:
+                raise DistillError("--processes must be at least 1")
             if args.processes is not None and args.processes > 1:
                 return launch(args.processes, _without_processes(argv if argv is not None else sys.argv[1:]))
             parallel = Parallel(cpu=not torch_cuda()) if launched_distributed() else None
@@ -307,9 +309,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 generate_dataset(
                     spec, args.out, overwrite=args.overwrite, console=console,
-                    **({"rank": parallel.rank, "world": parallel.world, "barrier": parallel.accelerator.wait_for_everyone}
+                    **({"rank": parallel.rank, "world": parallel.world, "barrier": parallel.barrier}
                        if parallel is not None else {}),
                 )  # fmt: skip
+                if parallel is not None:
+                    parallel.finish()
             except KeyboardInterrupt:
                 print("distill: interrupted; run the same command again to continue", file=sys.stderr)
                 return 130

@@ -63,8 +63,8 @@ class GeneratedSignals:
             start = int(counted[0])
             if found is None or len(counted) > found[2] or int(counted[-1]) - start + 1 != len(counted):
                 raise DistillError(
-                    "cache: a sample of the data is not a row `distill generate` wrote with these signals; "
-                    "cache it from the live teacher (data.source generated with the teacher's tokenizer)"
+                    "data.path: a row of the data is not one `distill generate` stored logits for (were the "
+                    "files edited?); run the same `distill generate` command with --overwrite"
                 )
             shard, first, _ = found
             arrays, steps = self._shards[shard], slice(first, first + len(counted))

@@ -72,14 +72,17 @@ def _teacher_rows(
             with taps.recording() as recorded:
                 logits = logits_of(call_model(teacher, to_device(x, device)))
             features = {name: value.half().cpu() for name, value in recorded.items()}
-        if (
-            all_labels is not None
-            and all_labels.dim() == 2
-            and logits.dim() == 3
-            and logits.shape[1] < all_labels.shape[1]
-        ):
-            # the model skipped columns that are padding in every row: pad them back (never stored)
-            logits = torch.nn.functional.pad(logits, (0, 0, 0, all_labels.shape[1] - logits.shape[1]))
+        short = logits.shape[1] if logits.dim() == 3 else None
+        if short is not None and all_labels is not None and all_labels.dim() == 2 and short < all_labels.shape[1]:
+            # the model skipped columns that are padding in every row: pad them (and per-position
+            # features) back to the split's width; padding is never counted
+            wide = all_labels.shape[1]
+            logits = torch.nn.functional.pad(logits, (0, 0, 0, wide - short))
+            features = {
+                name: torch.nn.functional.pad(value, (0, 0) * (value.dim() - 2) + (0, wide - short))
+                if value.dim() >= 3 and value.shape[1] == short else value
+                for name, value in features.items()
+            }  # fmt: skip
         signals = TopKLogits.from_dense(logits.float(), k)
         label_logprobs = None
         if labels is not None:

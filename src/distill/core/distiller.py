@@ -92,6 +92,10 @@ def fit_positions(
             teacher = replace(teacher, logits=cut)
         elif isinstance(signals, Tensor) and signals.dim() == 3 and signals.shape[1] > width:
             teacher = replace(teacher, logits=signals[:, :width])
+    if teacher is not None and labels is not None and labels.dim() == 2 and labels.shape[1] > width:
+        wide = labels.shape[1]  # cached per-position features are as wide as the labels were
+        features = {k: v[:, :width] if v.dim() >= 3 and v.shape[1] == wide else v for k, v in teacher.features.items()}
+        teacher = replace(teacher, features=features)
     return batch, teacher
 
 
@@ -321,6 +325,9 @@ class Distiller(nn.Module):
         with torch.no_grad():
             first = [t for t in kept(take(inputs, slice(0, 1))) if t is not None]
             per_sample = sum(t.numel() * t.element_size() for t in first)
+            if first and first[0].dim() >= 3 and isinstance(inputs, Mapping):  # per position: as wide as the widest row
+                width = max((v.shape[1] for v in inputs.values() if isinstance(v, Tensor) and v.dim() == 2), default=0)
+                per_sample = per_sample * max(width, first[0].shape[1]) // first[0].shape[1]
             if max_bytes is not None and batch_len(inputs) * per_sample > max_bytes:
                 return False
             n = batch_len(inputs)

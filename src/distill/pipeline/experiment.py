@@ -304,7 +304,7 @@ def cache_teacher(
         "teacher": {"weights_sha256": file_sha256(weights), "model": config.teacher.model.model_dump(mode="json")},
         "data": data.fingerprint,
     }
-    stored = _stored_signals(config, data, cache_dir or default_cache_dir())
+    stored = _stored_signals(config, data, cache_dir or default_cache_dir(), console)
     console.print(
         f"cache: top-{spec.k} logits as {spec.dtype} -> {path}"
         + (" (from the logits `distill generate` stored: the teacher does not run)" if stored else "")
@@ -320,22 +320,26 @@ def cache_teacher(
     return path
 
 
-def _stored_signals(config: ExperimentConfig, data: DataBundle, cache_dir: Path) -> GeneratedSignals | None:
+def _stored_signals(
+    config: ExperimentConfig, data: DataBundle, cache_dir: Path, console: Console
+) -> GeneratedSignals | None:
     """The teacher's top-k logits stored with generated data, when they are this teacher's (the
-    Hugging Face directory that generated it, by digest), on the teacher's own tokens, and enough
-    for the cache asked for; else None (the teacher runs)."""
+    Hugging Face directory that generated it, by digest), on the teacher's own tokens, for every
+    split, and enough for the cache asked for; else None (the teacher runs)."""
     generated = data.info.get("generated_by")
     spec = config.teacher
     if not generated or not generated.get("signals") or not isinstance(spec, HFTeacher):
         return None
     digest = directory_digest(resolve_model_dir(spec.path, "teacher.path"), cache_dir / "digests.json")
-    if digest != (generated.get("teacher") or {}).get("sha256") or config.cache.features:
-        return None
-    if config.cache.k > generated["signals"]:
-        raise DistillError(
-            f"cache.k: {config.data.path} stores the teacher's top-{generated['signals']} logits; set cache.k <= "
-            f"{generated['signals']}, or generate again with --signals {config.cache.k}"
+    if digest != (generated.get("teacher") or {}).get("sha256") or config.data.test_path is not None:
+        return None  # another teacher, or test rows that were not generated
+    if config.cache.k > generated["signals"] or config.cache.features:
+        console.print(
+            f"cache: {config.data.path} stores the teacher's top-{generated['signals']} logits and no features; "
+            f"cache.k {config.cache.k}{' and cache.features' if config.cache.features else ''} need the teacher "
+            "to run"
         )
+        return None
     manifest = read_manifest(manifest_path_for(config.data.path))
     return generated_signals(config.data.path, manifest or {}, data.num_classes, data.info["max_length"])
 

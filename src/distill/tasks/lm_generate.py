@@ -202,7 +202,7 @@ def _start(out: Path, manifest_path: Path, identity: dict[str, Any], overwrite: 
             (
                 key
                 for key in ("format_version", "teacher", "prompts", "settings")
-                if _key(previous.get(key)) != _key(identity[key])
+                if _key(_with_defaults(key, previous.get(key))) != _key(identity[key])
             ),
             None,
         )
@@ -227,6 +227,11 @@ def _start(out: Path, manifest_path: Path, identity: dict[str, Any], overwrite: 
     out.touch()
     write_json(manifest_path, fresh)
     return fresh
+
+
+def _with_defaults(key: str, value: Any) -> Any:
+    """Recorded settings with the defaults of settings added since (an older output resumes)."""
+    return {"signals": 0, **value} if key == "settings" and isinstance(value, dict) else value
 
 
 def _key(value: Any) -> Any:
@@ -278,6 +283,8 @@ def generate_dataset(
     from distill.tasks.text_data import load_tokenizer
 
     console = console or Console(quiet=True)
+    if world > 1 and barrier is None:
+        raise ValueError("generate_dataset: several processes need a barrier")
     barrier = barrier or (lambda: None)
     out = Path(out)
     teacher_dir = resolve_model_dir(spec.teacher, "teacher")
@@ -298,7 +305,7 @@ def generate_dataset(
     if out.resolve() == spec.prompts.resolve():
         raise DistillError(f"--out: {out} is the prompt file; write the answers elsewhere")
     manifest_path = manifest_path_for(out)
-    device = _device(spec.device, rank if world > 1 else None)
+    device = _device(spec.device, int(os.environ.get("LOCAL_RANK", rank)) if world > 1 else None)
     model = load_causal_lm(HFSpec(path=str(teacher_dir), trust_remote_code=spec.trust_remote_code), "teacher").model
     model.to(device).eval()  # loaded before anything is written: a directory that is no model leaves no file behind
     identity = _identity(spec, teacher_dir)
@@ -474,15 +481,28 @@ def _batch(model, tokenizer, spec: GenerateSpec, prompts: list[Prompt], encoded:
         attention[row, width - len(ids) :] = 1
     torch.manual_seed(spec.seed * 1_000_003 + first)
     sampling = spec.temperature > 0
-    generated = model.generate(
-        input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=spec.max_new_tokens,
-        do_sample=sampling, temperature=spec.temperature if sampling else None,
-        top_p=spec.top_p if sampling else None, top_k=spec.top_k if sampling else None,
-        num_return_sequences=spec.samples, eos_token_id=eos, pad_token_id=pad, return_dict_in_generate=True,
-        output_logits=spec.signals > 0,
-    )  # fmt: skip
-    new = generated.sequences[:, width:].cpu()
-    signals = _step_signals(generated.logits, new, spec.signals) if spec.signals else None
+    recorder = _StepSignals(model, spec.signals, len(tokenizer)) if spec.signals else None
+    rows_in_head = model.get_output_embeddings().weight.shape[0]
+    extra = {"suppress_tokens": list(range(len(tokenizer), rows_in_head))} if len(tokenizer) < rows_in_head else {}
+    try:
+        generated = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            max_new_tokens=spec.max_new_tokens,
+            do_sample=sampling,
+            temperature=spec.temperature if sampling else None,
+            top_p=spec.top_p if sampling else None,
+            top_k=spec.top_k if sampling else None,
+            num_return_sequences=spec.samples,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            **extra,
+        )  # fmt: skip  (a padded vocabulary's rows belong to no token: never generated)
+    finally:
+        if recorder is not None:
+            recorder.remove()
+    new = generated[:, width:].cpu()
+    signals = recorder.arrays(new) if recorder is not None else None
     rows, dropped, new_tokens = [], {"duplicate": 0, "empty": 0, "truncated": 0}, 0
     kept_rows: list[tuple[int, list[int]]] = []  # (sequence, its response ids incl. the stop token)
     for i, prompt in enumerate(prompts):
@@ -517,7 +537,10 @@ def _batch(model, tokenizer, spec: GenerateSpec, prompts: list[Prompt], encoded:
     arrays = _token_arrays([encoded[r // spec.samples] for r, _ in kept_rows], [ids for _, ids in kept_rows])
     if signals is not None:
         steps = [(r, len(ids)) for r, ids in kept_rows]
-        arrays |= {name: np.concatenate([value[r, :n] for r, n in steps]) for name, value in signals.items()}
+        arrays |= {
+            name: np.concatenate([value[r, :n] for r, n in steps]) if steps else value[:0, 0]
+            for name, value in signals.items()
+        }  # a batch whose answers were all dropped keeps the arrays' shapes, with no rows
     return _Batch(rows, dropped, new_tokens, arrays)
 
 
@@ -530,27 +553,55 @@ def _token_arrays(prompt_ids: list[list[int]], response_ids: list[list[int]]) ->
     return arrays
 
 
-def _step_signals(logits: tuple[torch.Tensor, ...], new: torch.Tensor, k: int) -> dict[str, np.ndarray]:
-    """The teacher's top-k raw logits (T = 1) at every generated step of every sequence, and its
-    log-probability of the token it chose: ``[sequences, steps, ...]``, computed one step at a time
-    so that no ``[sequences, steps, vocab]`` copy is made."""
-    values, indices, logsumexp, tail, chosen = [], [], [], [], []
-    for step, step_logits in enumerate(logits):
-        top = TopKLogits.from_dense(step_logits.float(), k).to("cpu")
-        values.append(top.values)
-        indices.append(top.indices)
-        logsumexp.append(top.logsumexp)
-        tail.append(top.tail)
-        picked = step_logits.float().gather(-1, new[:, step : step + 1].to(step_logits.device)).squeeze(-1).cpu()
-        chosen.append(picked - top.logsumexp)
-    vocab = logits[0].shape[-1]
-    return {
-        "values": torch.stack(values, 1).half().numpy(),
-        "indices": torch.stack(indices, 1).numpy().astype(index_dtype(vocab)),
-        "logsumexp": torch.stack(logsumexp, 1).numpy(),
-        "tail": torch.stack(tail, 1).numpy(),
-        "label_logprob": torch.stack(chosen, 1).numpy(),
-    }
+class _StepSignals:
+    """The teacher's top-k raw logits (T = 1) at every step generation takes, reduced as it goes.
+
+    A forward hook on the model sees each step's last-position logits (what
+    ``output_logits=True`` would keep in full, ``[sequences, vocabulary]`` per step) and keeps
+    only their top k, log-sum-exp and tail mass; the next call's input is the token just chosen,
+    which gives the teacher's log-probability of it. Columns past the tokenizer's vocabulary (a
+    padded embedding matrix) are cut first, as the training teacher does."""
+
+    def __init__(self, model: torch.nn.Module, k: int, vocab: int) -> None:
+        self.k, self.vocab = k, vocab
+        self.parts: dict[str, list[torch.Tensor]] = {
+            n: [] for n in ("values", "indices", "logsumexp", "tail", "chosen")
+        }
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # last step's logits and log-sum-exp
+        self._handle = model.register_forward_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs, output) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise DistillError("generate --signals: the model was called without input_ids; generate without --signals")
+        self._resolve(ids[:, -1])
+        logits = output.logits[:, -1, : self.vocab].float()
+        top = TopKLogits.from_dense(logits, self.k)
+        for name in ("values", "indices", "logsumexp", "tail"):
+            self.parts[name].append(getattr(top, name).cpu())
+        self._pending = (logits, top.logsumexp)
+
+    def _resolve(self, chosen: torch.Tensor) -> None:
+        if self._pending is not None:
+            logits, logsumexp = self._pending
+            picked = logits.gather(-1, chosen.to(logits.device).unsqueeze(-1)).squeeze(-1)
+            self.parts["chosen"].append((picked - logsumexp).cpu())
+            self._pending = None
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def arrays(self, new: torch.Tensor) -> dict[str, np.ndarray]:
+        """``[sequences, steps, ...]`` arrays for the generated tokens ``new``."""
+        self._resolve(new[:, len(self.parts["chosen"])])  # the last step's token is in no later call
+        stacked = {name: torch.stack(values, 1) for name, values in self.parts.items()}
+        return {
+            "values": stacked["values"].half().numpy(),
+            "indices": stacked["indices"].numpy().astype(index_dtype(self.vocab)),
+            "logsumexp": stacked["logsumexp"].numpy(),
+            "tail": stacked["tail"].numpy(),
+            "label_logprob": stacked["chosen"].numpy(),
+        }
 
 
 def read_token_shards(
@@ -559,8 +610,8 @@ def read_token_shards(
     """The token shards of a finished ``distill generate`` output, in row order, each checked
     against the manifest's sha256; None for an output written before tokens were kept."""
     shards = manifest.get("token_shards")
-    if not shards or sum(shard["rows"] for shard in shards) != manifest.get("rows"):
-        return None
+    if not shards or sum(shard["rows"] for shard in shards) != manifest.get("rows") or not tokens_dir_for(out).is_dir():
+        return None  # written before tokens were kept, or copied without them: the text is read
     loaded = []
     for shard in shards:
         directory = tokens_dir_for(out) / shard["name"]
