@@ -28,6 +28,20 @@ def spec(teacher: Path, prompts: Path, **changes):
     return GenerateSpec(teacher=str(teacher), prompts=prompts, **({"max_new_tokens": 6, "batch_size": 4} | changes))
 
 
+def run_config(teacher: Path, data: Path, tmp_path: Path, **changes) -> dict:
+    """A run on generated data: a student of two of the teacher's layers, no baseline."""
+    return {
+        "task": "causal_lm",
+        "data": {"source": "generated", "path": str(data), "val_fraction": 0.2},
+        "teacher": {"kind": "hf", "path": str(teacher)},
+        "student": {"from_teacher": {"layers": [0, 3]}},
+        "baseline": False,
+        "train": {"epochs": 1, "batch_size": 8, "optimizer": "adamw", "lr": 0.01},
+        "eval": {"latency_batch_sizes": [1], "latency_repeats": 1},
+        "output": {"dir": str(tmp_path / "runs"), "name": "seq"},
+    } | changes
+
+
 def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -192,17 +206,7 @@ def test_a_run_trains_on_generated_data_with_the_loss_on_the_answers_and_refuses
         TextDataSpec(source="jsonl", path=out, tokenizer=teacher, format="prompt_response", val_fraction=0.2)
     )
     assert len(plain.train) == len(data.train)  # the same rows, split alike, as prompt/response text
-    config = {
-        "task": "causal_lm",
-        "data": {"source": "generated", "path": str(out), "val_fraction": 0.2},
-        "teacher": {"kind": "hf", "path": str(teacher)},
-        "student": {"from_teacher": {"layers": [0, 3]}},
-        "distill": {"terms": [{"type": "ce"}]},
-        "baseline": False,
-        "train": {"epochs": 1, "batch_size": 8, "optimizer": "adamw", "lr": 0.01},
-        "eval": {"latency_batch_sizes": [1], "latency_repeats": 1},
-        "output": {"dir": str(tmp_path / "runs"), "name": "seq"},
-    }
+    config = run_config(teacher, out, tmp_path, distill={"terms": [{"type": "ce"}]})
     path = tmp_path / "seq.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["run", str(path), "--quiet"]) == 0
@@ -316,18 +320,10 @@ def test_a_run_learns_from_stored_signals_without_the_teacher_running(teacher, t
     prompts = prompt_file(tmp_path / "p.jsonl", count=16)
     out = tmp_path / "gen.jsonl"
     generate_dataset(spec(teacher, prompts, chat=False, signals=8), out)
-    config = {
-        "task": "causal_lm",
-        "data": {"source": "generated", "path": str(out), "val_fraction": 0.2},
-        "teacher": {"kind": "hf", "path": str(teacher)},
-        "student": {"from_teacher": {"layers": [0, 3]}},
-        "distill": {"terms": [{"type": "ce", "weight": 0.5}, {"type": "forward_kl", "weight": 0.5}]},
-        "cache": {"k": 4, "path": str(tmp_path / "teacher-cache")},
-        "baseline": False,
-        "train": {"epochs": 1, "batch_size": 8, "optimizer": "adamw", "lr": 0.01},
-        "eval": {"latency_batch_sizes": [1], "latency_repeats": 1},
-        "output": {"dir": str(tmp_path / "runs"), "name": "seq"},
-    }
+    config = run_config(
+        teacher, out, tmp_path, cache={"k": 4, "path": str(tmp_path / "teacher-cache")},
+        distill={"terms": [{"type": "ce", "weight": 0.5}, {"type": "forward_kl", "weight": 0.5}]},
+    )  # fmt: skip
     path = tmp_path / "seq.yaml"
     path.write_text(yaml.safe_dump(config))
     import distill.cache.writer as writer
