@@ -149,6 +149,8 @@ def test_bad_input_ends_in_one_line_naming_the_option_or_line(teacher, tmp_path,
     cases = {
         "--temperature": (["--temperature", "-1"], "--temperature: Input should be greater than or equal to 0"),
         "greedy": (["--temperature", "0", "--samples", "2"], "samples > 1 needs temperature > 0"),
+        "--processes": (["--processes", "0"], "--processes must be at least 1"),
+        "--signals": (["--signals", "-1"], "--signals: Input should be greater than or equal to 0"),
     }
     for extra, message in cases.values():
         assert main([*base, "--out", str(tmp_path / "x.jsonl"), *extra]) == 2
