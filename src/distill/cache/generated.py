@@ -18,6 +18,7 @@ from torch import Tensor
 
 from distill.core.errors import DistillError
 from distill.core.signals import TopKLogits
+from distill.tasks.lm_generate import token_rows
 
 
 class GeneratedSignals:
@@ -31,16 +32,10 @@ class GeneratedSignals:
         self._shards = shards
         self._rows: dict[tuple[int, ...], tuple[int, int, int]] = {}  # ids -> (shard, first step, steps)
         for number, arrays in enumerate(shards):
-            prompts, responses = arrays["prompt_offsets"], arrays["response_offsets"]
-            for r in range(len(prompts) - 1):
-                ids = np.concatenate(
-                    [
-                        arrays["prompt_ids"][prompts[r] : prompts[r + 1]],
-                        arrays["response_ids"][responses[r] : responses[r + 1]],
-                    ]
-                )
-                key = tuple(ids[: max_length + 1].tolist())  # as the data cut it
-                self._rows.setdefault(key, (number, int(responses[r]), int(responses[r + 1] - responses[r])))
+            starts = arrays["response_offsets"]
+            for r, (prompt, response) in enumerate(token_rows([arrays])):
+                key = tuple([*prompt, *response][: max_length + 1])  # as the data cut it
+                self._rows.setdefault(key, (number, int(starts[r]), len(response)))
 
     def rows(self, x: dict[str, Tensor], labels: Tensor, k: int) -> tuple[TopKLogits, Tensor]:
         """Signals ``[n, seq, k]`` and the teacher's log-probability of each label ``[n, seq]`` for
