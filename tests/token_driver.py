@@ -4,6 +4,7 @@ processes a torchrun launch started) and write the student's weights: the distri
 ``--fsdp`` shards the student with FSDP (Accelerate's default settings, on CPU through gloo);
 ``--resume`` stops after the first epoch and resumes from the checkpoint for the second."""
 
+import faulthandler
 import sys
 from pathlib import Path
 
@@ -69,4 +70,5 @@ def main(out: str, fsdp: bool = False, resume: bool = False) -> None:
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # a crash in a rank prints every thread's stack into the test's failure output
     main(sys.argv[1], fsdp="--fsdp" in sys.argv[2:], resume="--resume" in sys.argv[2:])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import logging
 import os
 import socket
@@ -210,8 +211,15 @@ class Parallel:
             ) from err
 
     def finish(self) -> None:
-        """Wait for every process, then leave the process group cleanly."""
+        """Wait for every process, then leave the process group cleanly.
+
+        Accelerate keeps every prepared model, and a DDP wrapper's reducer holds the process
+        group: left alive, the group would be torn down during interpreter exit, where gloo's
+        threads can abort the process ("terminate called without an active exception"). So the
+        wrappers are dropped and collected before the group is destroyed."""
         self.barrier()
+        self.accelerator.free_memory()
+        gc.collect()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
