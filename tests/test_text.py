@@ -65,7 +65,7 @@ def test_layer_rules_are_checked(teacher_path):
     teacher = load_teacher(teacher_path)
     with pytest.raises(DistillError, match="the teacher has layers 0..3; there is no layer 7"):
         cut_student(FromTeacherSpec(layers=[0, 7]), teacher, "student")
-    with pytest.raises(ValueError, match="give exactly one of layers, every or first"):
+    with pytest.raises(ValueError, match="give exactly one of layers, every, first or prune"):
         FromTeacherSpec(layers=[0], every=2)
     with pytest.raises(ValueError, match="layers: auto needs count"):
         FromTeacherSpec(layers="auto")

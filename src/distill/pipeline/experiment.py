@@ -70,6 +70,7 @@ from distill.tasks import Task, get_task
 from distill.tasks.hf import FromTeacherSpec, HFSpec, resolve_model_dir
 from distill.tasks.lm_generate import manifest_path_for, read_manifest
 from distill.tasks.models import count_parameters
+from distill.tasks.prune import describe as describe_pruning
 from distill.train.distributed import parallel_from_environment
 from distill.train.loop import EpochLog, TrainResult, pick_device, rng_states, set_rng_states, train
 from distill.train.tracking import RunTracker, check_tracker
@@ -557,6 +558,11 @@ class _StudentTraining:
 
         student = seeded_model(config.student, data, config.seed, "student", get_task(config.task), source)
         del source
+        pruning = getattr(student, "pruning", None)
+        if pruning is not None:  # a student pruned in width: what it kept, and the importance behind it
+            self.console.print(describe_pruning(pruning))
+            if self.parallel is None or self.parallel.is_main:
+                write_json(self.partial / "pruning.json", pruning)
         distiller = build_distiller(config, student, teacher, data)
         objective = " + ".join(
             f"{w:g}·{k}" if isinstance(w, float) else f"{w}·{k}" for k, w in distiller.weights.items()

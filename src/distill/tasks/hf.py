@@ -19,6 +19,8 @@ from torch import Tensor, nn
 
 from distill.core.errors import DistillError
 from distill.core.losses.base import ModelOutputs
+from distill.tasks.hf_layers import block_influence, cut_layers
+from distill.tasks.prune import PruneSpec, prune_model
 
 
 class _HFSpec(BaseModel):
@@ -44,16 +46,26 @@ class FromTeacherSpec(_HFSpec):
     every: int | None = Field(None, gt=0, description="keep every k-th layer, the last one included")
     first: int | None = Field(None, gt=0, description="keep the first n layers")
     count: int | None = Field(None, gt=0, description="how many layers `layers: auto` keeps")
-    calibration: int = Field(256, gt=0, description="training samples `layers: auto` measures the layers on")
+    prune: PruneSpec | None = Field(
+        None, description="cut in width as well as depth (heads, MLP neurons, hidden channels), Minitron-style"
+    )
+    calibration: int = Field(
+        256, gt=0, description="training samples `layers: auto` and `prune` measure the teacher's units on"
+    )
 
     @model_validator(mode="after")
     def _one_rule(self) -> FromTeacherSpec:
-        given = [name for name in ("layers", "every", "first") if getattr(self, name) is not None]
+        given = [name for name in ("layers", "every", "first", "prune") if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of layers, every or first")
+            raise ValueError("give exactly one of layers, every, first or prune")
         if (self.layers == "auto") != (self.count is not None):
             raise ValueError("layers: auto needs count (how many layers to keep), and count needs layers: auto")
         return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the cut is chosen from the teacher's behaviour on training samples."""
+        return self.layers == "auto" or (self.prune is not None and self.prune.method == "importance")
 
 
 class HFConfigSpec(_HFSpec):
@@ -314,64 +326,6 @@ def load_classifier(spec: HFSpec, num_labels: int, field: str) -> HFClassifier:
     return HFClassifier(model)
 
 
-def decoder_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
-    """The module list holding a transformer's layers (``bert.encoder.layer``, ``model.layers``, ...):
-    the first ``nn.ModuleList`` whose length is ``config.num_hidden_layers``."""
-    count = model.config.num_hidden_layers
-    for module in model.modules():
-        for attr, child in module.named_children():
-            if isinstance(child, nn.ModuleList) and len(child) == count:
-                return module, attr, child
-    raise DistillError(f"cannot find the {count} layers of {type(model).__name__} to cut a student from")
-
-
-def cut_layers(model: nn.Module, keep: list[int], influence: list[float] | None = None) -> nn.Module:
-    """A copy of ``model`` (a Hugging Face ``PreTrainedModel``) with only the layers ``keep``, in
-    order; every other tensor (embeddings, final norm, pooler, head) copied exactly. The kept
-    layers are recorded in the config (``distill_kept_layers``), so ``config.json`` says them."""
-    cut = copy.deepcopy(model)
-    owner, attr, layers = decoder_layers(cut)
-    setattr(owner, attr, nn.ModuleList([layers[i] for i in keep]))
-    config = cut.config
-    config.num_hidden_layers = len(keep)
-    config.distill_kept_layers = list(keep)
-    if influence is not None:
-        config.distill_layer_influence = [round(v, 6) for v in influence]
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = [config.layer_types[i] for i in keep]
-    for j, layer in enumerate(getattr(owner, attr)):
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):  # key/value caches index layers by position
-                module.layer_idx = j
-    return cut
-
-
-@torch.no_grad()
-def block_influence(model: HFModel, inputs: dict[str, Tensor], batch_size: int = 32) -> list[float]:
-    """Each layer's block influence on ``inputs`` (ShortGPT, Men et al. 2024): 1 − the mean cosine
-    similarity between the hidden states entering and leaving it, over real (unpadded) tokens.
-    A layer that barely changes its input (low influence) is the cheapest to drop."""
-    kinds, mode = model.kinds, model.training
-    model.request_outputs(kinds | {"hidden_states"})
-    model.eval()
-    total, tokens = None, 0.0
-    try:
-        n = len(inputs["input_ids"])
-        for start in range(0, n, batch_size):
-            batch = {key: value[start : start + batch_size] for key, value in inputs.items()}
-            hidden = model(**batch).hidden_states
-            mask = batch["attention_mask"][:, : hidden[0].shape[1]].bool()
-            cos = torch.stack(
-                [torch.cosine_similarity(a, b, dim=-1)[mask] for a, b in zip(hidden[:-1], hidden[1:], strict=True)]
-            )
-            total = cos.sum(1) if total is None else total + cos.sum(1)
-            tokens += float(mask.sum())
-    finally:
-        model.request_outputs(kinds)
-        model.train(mode)
-    return [float(1 - value / tokens) for value in total]
-
-
 def chosen_layers(spec: FromTeacherSpec, count: int, field: str, influence: list[float] | None = None) -> list[int]:
     """The teacher layers a cut student keeps, from the spec's rule."""
     if spec.every is not None:
@@ -402,6 +356,10 @@ def cut_student(
             f"{field}: a student cut from the teacher needs the teacher's weights as a Hugging Face model "
             f"(teacher kind hf, or kind train with model arch hf); a cached teacher has none"
         )
+    if spec.prune is not None:
+        student, record = prune_model(teacher, spec.prune, field, calibration)
+        student.pruning = record  # the run writes it to pruning.json
+        return student
     count = teacher.config.num_hidden_layers
     influence = block_influence(teacher, calibration) if spec.layers == "auto" and calibration is not None else None
     if spec.layers == "auto" and influence is None:
@@ -448,7 +406,7 @@ def random_init(model: HFModel) -> HFModel:
 
 def _from_config(config: Any, like: HFModel) -> HFModel:
     """A randomly initialised model of ``config``, an encoder or a classifier as ``like`` is."""
-    for stale in ("distill_kept_layers", "distill_layer_influence"):
+    for stale in ("distill_kept_layers", "distill_layer_influence", "distill_pruning"):
         if hasattr(config, stale):
             delattr(config, stale)
     transformers = _transformers()

@@ -117,7 +117,7 @@ class TextClassification(Task):
                 check_same_tokenizer(spec.path, teacher, field)
             return model
         if isinstance(spec, FromTeacherSpec):
-            calibration = take(data.train.x, slice(0, spec.calibration)) if spec.layers == "auto" else None
+            calibration = take(data.train.x, slice(0, spec.calibration)) if spec.needs_calibration else None
             return cut_student(spec, teacher, field, calibration)
         if isinstance(spec, HFConfigSpec):
             return fresh_student(spec, teacher, data.num_classes, field)
