@@ -89,6 +89,9 @@ def run_arm(overrides: list[str], cached: bool) -> dict:
     saved = result.run_dir / "student-hf" / "config.json"
     if saved.is_file():  # which teacher layers the student kept (``auto`` chooses them)
         extra["kept_layers"] = json.loads(saved.read_text()).get("distill_kept_layers")
+    pruning = result.run_dir / "pruning.json"
+    if pruning.is_file():  # what a pruned student kept (benchmarks/prune.py)
+        extra["pruning"] = {k: v for k, v in json.loads(pruning.read_text()).items() if k not in ("importance", "kept")}
     return {"metrics": result.metrics, "peak_mib": _peak_mib(), **extra}
 
 
