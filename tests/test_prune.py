@@ -241,7 +241,11 @@ def test_a_pruned_lm_run_heals_the_student_and_records_the_pruning(tmp_path):
     assert pruning["method"] == "importance" and len(pruning["kept_layers"]) == 2
     assert pruning["num_key_value_heads"] == 2 and pruning["intermediate_size"] == 24
     assert len(pruning["importance"]["mlp"]) == 4 and len(pruning["importance"]["mlp"][0]) == 48
-    history = json.loads((run / "metrics.json").read_text())["training"]["distilled"]["history"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["pruning"]["summary"].startswith("pruned (importance): layers 2/4, hidden 24/24, heads 4/6")
+    assert (run / "pruning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Pruning" in (run / "report.md").read_text() and "<h2>Pruning</h2>" in (run / "report.html").read_text()
+    history = metrics["training"]["distilled"]["history"]
     assert history[-1]["terms"]["kd"] < history[0]["terms"]["kd"]  # healing lowers the divergence
     student = AutoModelForCausalLM.from_pretrained(run / "student-hf")
     assert student.config.num_key_value_heads == 2 and student.config.head_dim == 4

@@ -66,6 +66,7 @@ from distill.pipeline.export import onnx_timings, require_onnxruntime
 from distill.pipeline.rundir import finish_dir, prepare_dir, run_dir_paths
 from distill.report.html import write_html_report
 from distill.report.markdown import ROLES, print_summary, write_markdown, write_plots
+from distill.report.plots import pruning_figure, save_png
 from distill.tasks import Task, get_task
 from distill.tasks.hf import FromTeacherSpec, HFSpec, resolve_model_dir
 from distill.tasks.lm_generate import manifest_path_for, read_manifest
@@ -635,12 +636,21 @@ def _check_inputs(config: ExperimentConfig, data: DataBundle, console: Console) 
 
 def _write_run(partial: Path, final: Path, config: ExperimentConfig, metrics: dict[str, Any]) -> None:
     """Write metrics, plots and report into the partial directory, then move it into place."""
+    pruning = partial / "pruning.json"
+    if pruning.is_file():  # a student pruned from the teacher: what it kept, in the metrics and a figure
+        record = json.loads(pruning.read_text())
+        metrics["pruning"] = {
+            "summary": describe_pruning(record),
+            **{key: value for key, value in record.items() if key not in ("importance", "kept")},
+        }
+        save_png(pruning_figure(record), partial / "pruning.png")
     write_json(partial / "metrics.json", metrics)
     histories = {role: (r["history"] if r else []) for role, r in metrics["training"].items() if role in ROLES}
     write_plots(partial, metrics, histories)
     config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
     write_markdown(partial / "report.md", metrics, config_yaml)
-    pngs = {name: (partial / f"{name}.png").read_bytes() for name in ("curves", "tradeoff")}  # drawn once
+    drawn = [name for name in ("curves", "tradeoff", "pruning") if (partial / f"{name}.png").is_file()]
+    pngs = {name: (partial / f"{name}.png").read_bytes() for name in drawn}  # drawn once
     write_html_report(partial / "report.html", metrics, histories, config_yaml, pngs)
     for phase in partial.iterdir():  # phase checkpoints are no longer needed; tracker logs and exports stay
         if phase.is_dir() and (phase.name in ROLES or phase.name.startswith("stage-")):

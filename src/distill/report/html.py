@@ -126,6 +126,12 @@ def render_html(
         "<p>Every loss term, unweighted, per epoch:</p>",
         _image(png_data_uri(term_curves_figure(histories)), "loss terms per epoch"),
     ]
+    if metrics.get("pruning") and "pruning" in pngs:  # drawn from pruning.json by the run
+        parts += [
+            "<h2>Pruning</h2>",
+            f"<p>{escape(metrics['pruning']['summary'])}.</p>",
+            _image(figure("pruning", lambda: None), "what the pruned student kept"),
+        ]
     if classified:
         parts += [
             "<h2>Per class</h2>",

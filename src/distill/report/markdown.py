@@ -269,6 +269,18 @@ def write_markdown(path: Path, metrics: dict[str, Any], config_yaml: str) -> Non
         "",
         "![accuracy against size and latency](tradeoff.png)",
         "",
+        *(
+            [
+                "## Pruning",
+                "",
+                f"{metrics['pruning']['summary']}.",
+                "",
+                "![what the pruned student kept](pruning.png)",
+                "",
+            ]
+            if metrics.get("pruning")
+            else []
+        ),
         "## Config",
         "",
         "```yaml",

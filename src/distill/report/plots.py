@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator  # noqa: E402
 
 from distill.core.io import atomic_path  # noqa: E402
 
@@ -249,5 +249,38 @@ def sweep_figure(
             axis(FuncFormatter(lambda value, _: f"{value:g}"))
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def pruning_figure(record: dict[str, Any]) -> Figure:
+    """What a pruned student kept (``pruning.json``): each teacher layer's importance with the kept
+    ones marked, the heads' importance per layer, and the hidden channels' sorted importance with
+    the cut."""
+    importance, kept_layers = record["importance"], set(record["kept_layers"])
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    layers = importance["layers"]
+    axes[0].bar(
+        range(len(layers)), layers, color=["tab:orange" if i in kept_layers else "tab:gray" for i in range(len(layers))]
+    )
+    axes[0].set(xlabel="teacher layer", ylabel="block influence", title="layers (orange: kept)")
+    heads = importance["heads"]
+    image = axes[1].imshow(heads, aspect="auto", cmap="viridis")
+    for j, i in enumerate(record["kept_layers"]):
+        for h in record["kept"]["heads"][j]:
+            axes[1].plot(h, i, marker=".", color="white", markersize=4)
+    axes[1].set(xlabel="head", ylabel="teacher layer", title="attention heads (dots: kept)")
+    for axis in (axes[1].xaxis, axes[1].yaxis):
+        axis.set_major_locator(MaxNLocator(integer=True))
+    fig.colorbar(image, ax=axes[1], fraction=0.046)
+    hidden = sorted(importance["hidden"], reverse=True)
+    axes[2].plot(range(len(hidden)), hidden, color="tab:blue")
+    axes[2].axvline(
+        record["hidden_size"] - 0.5, color="tab:orange", linestyle="--", label=f"kept {record['hidden_size']}"
+    )
+    axes[2].set(xlabel="hidden channel (by importance)", ylabel="mean |activation|", title="hidden channels")
+    axes[2].legend()
+    method = importance.get("method", "importance")
+    fig.suptitle(_text(f"pruned by {method}" + ("" if method == "importance" else " (scores drawn, not measured)")))
     fig.tight_layout()
     return fig
