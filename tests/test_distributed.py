@@ -192,6 +192,20 @@ def test_two_processes_match_one_under_a_label_budget(tmp_path):
     assert [e["loss"] for e in h2] == pytest.approx([e["loss"] for e in h1], rel=1e-4)
 
 
+def test_two_processes_match_one_with_augmented_and_mixed_images(tmp_path):
+    """Each view depends on (seed, image, epoch) alone, so the global batch is augmented alike in
+    every process before it is split; mixed rows with an unlabeled partner leave ce's mean, and the
+    processes' values are weighted by the rows each keeps."""
+    augment = {"crop": 1, "flip": True, "mixup": 0.4, "cutmix": 1.0}
+    changes = {"train.batch_size": 51, "data.labeled": 600, "baseline": False, "data.augment": augment}
+    assert main(["run", str(_write_config(tmp_path, "one", **changes)), "--quiet"]) == 0
+    _launch(_write_config(tmp_path, "two", **changes), 2)
+    runs = tmp_path / "runs"
+    w1, w2 = _weights(runs / "one", "student.safetensors"), _weights(runs / "two", "student.safetensors")
+    for key in w1:
+        assert torch.allclose(w1[key], w2[key], atol=1e-5), (key, float((w1[key] - w2[key]).abs().max()))
+
+
 def test_a_failing_process_ends_the_launch_with_one_line_errors(tmp_path):
     """A worker's error reaches the user as its own line and exit code 2, not as torchrun's
     traceback; a process waiting for a failed one says so in one line."""

@@ -365,17 +365,23 @@ class Distiller(nn.Module):
         )
 
     def forward(
-        self, inputs: object, labels: Tensor | None = None, mask: Tensor | None = None, index: Tensor | None = None
+        self,
+        inputs: object,
+        labels: Tensor | None = None,
+        mask: Tensor | None = None,
+        index: Tensor | None = None,
+        mix: tuple[Tensor, Tensor] | None = None,
     ) -> DistillOutput:
         """The weighted loss of one batch. ``index`` (positions of the samples in the training
-        split) is needed only when the teacher is a cache."""
+        split) is needed only when the teacher is a cache; ``mix`` (partner labels, own share)
+        only for mixed images (:class:`~distill.core.losses.base.Batch`)."""
         if not self._prepared:
             raise RuntimeError(
                 "some terms build adapters from example shapes: call distiller.prepare(example_inputs) "
                 "(or pass example_inputs=...) before creating the optimiser"
             )
         student, teacher = self._outputs(inputs, index)
-        batch, teacher = fit_positions(student, teacher, Batch(inputs=inputs, labels=labels, mask=mask))
+        batch, teacher = fit_positions(student, teacher, Batch(inputs=inputs, labels=labels, mask=mask, mix=mix))
         values = {name: term(student, teacher, batch) for name, term in self.terms.items()}
         loss = self.weighted_sum(values)
         return DistillOutput(

@@ -266,6 +266,16 @@ class ExperimentConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _augmented_views_have_a_live_teacher(self) -> ExperimentConfig:
+        augment = getattr(self.data, "augment", None)
+        if augment is not None and augment.active and isinstance(self.teacher, CachedTeacherSpec):
+            raise ValueError(
+                "data.augment: a teacher cache holds the teacher's outputs on the un-augmented images; use a live "
+                "teacher (kind train, checkpoint or hf) with augmentation, or drop data.augment"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _a_random_baseline_has_labels(self) -> ExperimentConfig:
         if self.random_baseline and self.task == "text_embedding":
             raise ValueError("random_baseline: an embedding student has no labels to train on alone; drop it")

@@ -68,6 +68,7 @@ from distill.report.html import write_html_report
 from distill.report.markdown import ROLES, print_summary, write_markdown, write_plots
 from distill.report.plots import pruning_figure, save_png
 from distill.tasks import Task, get_task
+from distill.tasks.augment import ImageAugment
 from distill.tasks.hf import FromTeacherSpec, HFSpec, resolve_model_dir
 from distill.tasks.lm_generate import manifest_path_for, read_manifest
 from distill.tasks.models import count_parameters
@@ -289,6 +290,12 @@ def cache_teacher(
         )
     if not get_task(config.task).cacheable:
         raise DistillError(f"task: {config.task} has no logits to cache; its students learn from the live teacher")
+    augment = getattr(config.data, "augment", None)
+    if augment is not None and augment.active:
+        raise DistillError(
+            "data.augment: a cache stores the teacher's outputs on the un-augmented images, and caching augmented "
+            "views is not supported yet; drop data.augment to cache, or distil from the live teacher"
+        )
     device = pick_device(config.device)
     data = get_task(config.task).load_data(config.data)
     console.print(
@@ -505,11 +512,14 @@ class _StudentTraining:
         self.config, self.data, self.partial, self.device, self.parallel = config, data, partial, device, parallel
         self.resume, self.console, self.tracker, self.on_epoch_end = resume, console, tracker, on_epoch_end
         self.student_data = data.with_label_budget(config.data.labeled, config.data.split_seed)
+        augment = getattr(config.data, "augment", None)  # image data only
+        self.augment = ImageAugment(augment, config.seed) if augment is not None and augment.active else None
         self.students: dict[str, nn.Module] = {}
         self.results: dict[str, TrainResult] = {}
 
     def _phase(self, name: str, distiller: Distiller, data: DataBundle, spec: TrainSpec, **options: Any) -> TrainResult:
         options.setdefault("task", get_task(self.config.task))
+        options.setdefault("augment", self.augment)
         return _train_phase(
             self.partial / name, distiller, data, spec, resume=self.resume, console=self.console,
             seed=self.config.seed, device=self.device, parallel=self.parallel, **options,
@@ -539,6 +549,11 @@ class _StudentTraining:
         if config.distill.on_policy is not None and self.parallel is not None:
             raise DistillError("distill.on_policy: runs in one process for now; drop --processes")
         source = teacher_for_students(teacher, config, data)  # a cached teacher's weights, to cut students from
+        if self.augment is not None:
+            self.console.print(
+                f"augmentation: {config.data.augment.describe()}; each training image's view depends on (seed, "
+                "image, epoch), and teacher and student see the same one (the scratch baseline too)"
+            )
         if config.baseline and not get_task(config.task).trains_on_labels:
             self.console.print("no scratch baseline: an embedding student has no labels to train on alone")
         if config.baseline and get_task(config.task).trains_on_labels:
@@ -668,6 +683,11 @@ def retention(student: float, teacher: float, higher_is_better: bool = True) -> 
     return teacher / student if student > 0 and teacher > 0 else float("nan")
 
 
+def _augment_summary(config: ExperimentConfig) -> dict[str, str]:
+    augment = getattr(config.data, "augment", None)
+    return {"augment": augment.describe()} if augment is not None and augment.active else {}
+
+
 def evaluate_models(
     models: dict[str, nn.Module],
     weights: dict[str, Path | None],
@@ -771,7 +791,7 @@ def evaluate_models(
             "percent": task.primary_percent,
         },
         "models": out,
-        "data": data.summary(),
+        "data": {**data.summary(), **_augment_summary(config)},
         "class_names": data.class_names,
         "seed": config.seed,
         "latency_batch_sizes": spec.latency_batch_sizes,

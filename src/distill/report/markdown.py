@@ -191,9 +191,14 @@ def training_warnings(metrics: dict[str, Any]) -> list[str]:
 
 
 def validation_note(data: dict[str, Any]) -> str:
+    augment = (
+        f" The students' training images were augmented ({data['augment']}); teacher and student saw the same views."
+        if data.get("augment")
+        else ""
+    )
     if data.get("val", 1) == 0:
-        return "No validation split (data.val_fraction: 0): each model is the one of its last epoch."
-    return "Best epochs chosen on validation."
+        return "No validation split (data.val_fraction: 0): each model is the one of its last epoch." + augment
+    return "Best epochs chosen on validation." + augment
 
 
 def speed_notes(metrics: dict[str, Any]) -> list[str]:

@@ -25,6 +25,7 @@ from torch import Tensor
 from distill.core.data import UNLABELED, DataBundle, Split
 from distill.core.errors import DistillError
 from distill.core.memory import available_memory, format_bytes
+from distill.tasks.augment import AugmentSpec
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -78,6 +79,12 @@ class DataSpec(BaseModel):
         description="auto: per-channel (images) or per-feature (vectors) statistics of the labeled training inputs; "
         "none: inputs as loaded (images scaled to [0, 1]); or fixed {mean: [...], std: [...]}, one value per channel "
         "or feature, e.g. the statistics a checkpoint teacher was trained with",
+    )
+    augment: AugmentSpec = Field(
+        default_factory=AugmentSpec,
+        description="augmentation of the students' training images (crop, flip, mixup, cutmix): the distilled "
+        "student and its live teacher see the same view, and so does the scratch baseline; the teacher distill "
+        "trains and validation/test images are not augmented",
     )
     unlabeled: Path | None = Field(
         None,

@@ -37,6 +37,10 @@ from distill.train.spec import TrainSpec
 if TYPE_CHECKING:
     from distill.tasks import Task
 
+# (batch inputs, their indices in the training split, epoch, the training split's inputs) -> (inputs, mix):
+# mix has ``partner`` (indices) and ``share`` tensors, or is None (see distill.tasks.augment)
+Augment = Callable[[Any, torch.Tensor, int, Any], tuple[Any, Any]]
+
 
 @dataclass
 class EpochLog:
@@ -252,6 +256,7 @@ def train(
     parallel: Parallel | None = None,
     remember_teacher: bool = False,
     task: Task | None = None,
+    augment: Augment | None = None,
 ) -> TrainResult:
     """Train ``distiller.student`` (and any learnable term parts); return per-epoch history.
 
@@ -269,6 +274,9 @@ def train(
     runs the forward passes under autocast. With ``remember_teacher`` (one process), a live
     teacher runs once over the training inputs at the start, counted in the first epoch's time,
     and its logits are reused every step (:meth:`Distiller.remember_teacher`).
+    ``augment(x, index, epoch, train_inputs) -> (x, mix)`` changes each training batch before the
+    step (e.g. :class:`~distill.tasks.augment.ImageAugment`): the student and a live teacher see
+    the same augmented inputs, and a teacher is then never remembered.
     """
     console = console or Console(quiet=True)
     device = torch.device(device)
@@ -318,6 +326,7 @@ def train(
 
     distiller.forget_teacher()  # nothing remembered from an earlier call (or one that failed)
     remembered = 0.0  # seconds of the teacher's one pass, counted in the first epoch's time
+    remember_teacher = remember_teacher and augment is None  # every epoch shows the teacher new views
     if remember_teacher and parallel is None and distiller.can_remember_teacher() and start_epoch < spec.epochs:
         started = time.perf_counter()
         free = available_memory()
@@ -350,17 +359,23 @@ def train(
                 if task is not None:  # e.g. generated continuations instead of the data's (the identity for images)
                     rewritten = task.rewrite_batch(Batch(x, y, mask), distiller.student)
                     x, y, mask = rewritten.inputs, rewritten.labels, rewritten.mask
-                global_size, global_y, global_mask = len(y), y, mask
+                mix = None
+                if augment is not None:  # each sample's view depends on (seed, sample, epoch) alone
+                    x, mixed = augment(x, index, epoch, data.train.x)
+                    mix = None if mixed is None else (data.train.y[mixed.partner], mixed.share)
+                global_size, global_y, global_mask, global_mix = len(y), y, mask, mix
                 if parallel is not None:
                     if global_size < parallel.world:  # a tail too small to give every process a sample
                         continue  # (every process decides alike: the batches are the same everywhere)
                     x, y, index, mask = parallel.shard(x, y, index, mask)
+                    mix = None if mix is None else parallel.shard(*mix)
                 x, y = to_device(x, device, non_blocking=True), y.to(device, non_blocking=True)
                 mask = None if mask is None else mask.to(device, non_blocking=True)
+                mix = None if mix is None else tuple(t.to(device, non_blocking=True) for t in mix)
                 distiller.progress = epoch + step / micro_steps
                 last_micro = (step + 1) % spec.grad_accumulation == 0 or step + 1 == micro_steps
                 with _no_sync(model, parallel is not None and not last_micro), autocast():
-                    out = model(x, labels=y, mask=mask, index=index)
+                    out = model(x, labels=y, mask=mask, index=index, **({"mix": mix} if mix is not None else {}))
                     if not torch.isfinite(out.loss):
                         bad = [n for n, v in out.terms.items() if not torch.isfinite(v)] or ["total"]
                         raise DistillError(
@@ -369,8 +384,9 @@ def train(
                         )
                     loss, factors = out.loss, dict.fromkeys(out.terms, 1.0)
                     if parallel is not None:
-                        share = Batch(None, y.cpu(), None if mask is None else mask.cpu())
-                        whole = Batch(None, global_y, global_mask)
+                        local_mix = None if mix is None else tuple(t.cpu() for t in mix)
+                        share = Batch(None, y.cpu(), None if mask is None else mask.cpu(), local_mix)
+                        whole = Batch(None, global_y, global_mask, global_mix)
                         loss, factors = _share_weighted_loss(out, distiller, parallel.world, share, whole)
                     # this process's part of the global batch's mean loss, times the global batch size
                     world = parallel.world if parallel is not None else 1

@@ -108,12 +108,15 @@ class Batch:
 
     ``labels`` use -1 for samples (or token positions) without a label, so the same batch
     can mix labeled and unlabeled data. ``mask`` marks the positions that count
-    (``[batch, seq]``, True = counts); None means all of them.
+    (``[batch, seq]``, True = counts); None means all of them. ``mix`` is set when images were
+    mixed (mixup, cutmix): each sample's partner's label and its own share of the pixels, for
+    the hard-label target (see :mod:`distill.tasks.augment`).
     """
 
     inputs: Any
     labels: Tensor | None = None
     mask: Tensor | None = None
+    mix: tuple[Tensor, Tensor] | None = None  # (partner labels, own share), both [batch]
 
 
 class TermParams(BaseModel):

@@ -54,8 +54,19 @@ def soft_target_kl(
     return masked_mean(per_row, mask) * temperature**2
 
 
-def hard_label_ce(logits: Tensor, labels: Tensor, mask: Tensor | None = None, label_smoothing: float = 0.0) -> Tensor:
-    """Cross-entropy against labels, averaged over labeled rows; label -1 means "no label"."""
+def hard_label_ce(
+    logits: Tensor,
+    labels: Tensor,
+    mask: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    mix: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Cross-entropy against labels, averaged over labeled rows; label -1 means "no label".
+
+    With ``mix`` (partner labels, own share; mixed images) a row's target is ``share`` of its
+    label plus ``1 - share`` of its partner's; a mixed row whose partner has no label is skipped."""
+    if mix is not None:
+        return _mixed_label_ce(logits, labels, *mix, label_smoothing)
     if mask is not None:
         labels = labels.masked_fill(~mask.bool(), -1)
     flat_logits = upcast(logits.reshape(-1, logits.shape[-1]))
@@ -63,6 +74,22 @@ def hard_label_ce(logits: Tensor, labels: Tensor, mask: Tensor | None = None, la
     if not bool((flat_labels >= 0).any()):
         return flat_logits.sum() * 0.0
     return F.cross_entropy(flat_logits, flat_labels, ignore_index=-1, label_smoothing=label_smoothing)
+
+
+def mixed_rows(labels: Tensor, partner: Tensor, share: Tensor) -> Tensor:
+    """The rows a mixed-label loss counts: labeled, and either unmixed or mixed with a labeled image."""
+    return (labels >= 0) & ((partner >= 0) | (share >= 1))
+
+
+def _mixed_label_ce(logits: Tensor, labels: Tensor, partner: Tensor, share: Tensor, label_smoothing: float) -> Tensor:
+    counted = mixed_rows(labels, partner, share)
+    if not bool(counted.any()):
+        return logits.sum() * 0.0
+    logits = upcast(logits[counted])
+    share = share[counted].to(logits.dtype)
+    own = F.cross_entropy(logits, labels[counted], reduction="none", label_smoothing=label_smoothing)
+    other = F.cross_entropy(logits, partner[counted].clamp(min=0), reduction="none", label_smoothing=label_smoothing)
+    return (share * own + (1 - share) * other).mean()
 
 
 @register_term("kd")
@@ -107,12 +134,14 @@ class HardLabelCE(LossTerm):
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch) -> Tensor:
         if batch.labels is None:
             raise ValueError("the ce term needs labels")
-        return hard_label_ce(student.logits, batch.labels, batch.mask, self.label_smoothing)
+        return hard_label_ce(student.logits, batch.labels, batch.mask, self.label_smoothing, batch.mix)
 
     def rows(self, batch: Batch) -> int | None:
         """The labeled rows: the mean is over them alone."""
         if batch.labels is None:
             return None
+        if batch.mix is not None:
+            return int(mixed_rows(batch.labels, *batch.mix).sum())
         labeled = batch.labels >= 0
         if batch.mask is not None:
             labeled = labeled & batch.mask.bool()

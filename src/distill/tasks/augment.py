@@ -1,0 +1,131 @@
+"""Image augmentations that replay: each sample's view in an epoch depends on (seed, sample, epoch) alone.
+
+Why: with every label, KD pays when teacher and student see *the same* strongly augmented view of
+each image and the teacher's output on that view is the target ("function matching", Beyer et al.
+2022). Drawing each sample's crop, flip and mixing partner from a generator keyed by the run's
+seed and the sample's index, at a counter set by the epoch, makes the view independent of the
+batch the sample falls in, the batch size and the number of processes: a resumed run, a
+distributed run and a store of the teacher's outputs on those views (FKD, Shen & Xing 2022) all
+see the same pixels.
+
+The views are computed on normalised images: padding is 0, the training set's mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+DRAWS = 8  # uniforms drawn per sample before any Beta draw, whatever the settings: views replay across configs
+
+
+class AugmentSpec(BaseModel):
+    """``data.augment``: what the students see in training (validation and test images are never augmented)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    crop: int = Field(
+        0, ge=0, description="pad each side by this many pixels (with the mean) and crop back at a random offset"
+    )
+    flip: bool = Field(False, description="mirror left-right with probability 1/2")
+    mixup: float = Field(
+        0.0, ge=0, description="alpha of Beta(alpha, alpha): blend each image with another training image; 0 = off"
+    )
+    cutmix: float = Field(
+        0.0, ge=0, description="alpha of Beta(alpha, alpha): paste a box of another training image; 0 = off"
+    )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.crop or self.flip or self.mixup or self.cutmix)
+
+    def describe(self) -> str:
+        parts = [f"crop {self.crop}px" if self.crop else "", "flip" if self.flip else ""]
+        parts += [f"mixup α={self.mixup:g}" if self.mixup else "", f"cutmix α={self.cutmix:g}" if self.cutmix else ""]
+        return ", ".join(p for p in parts if p) or "none"
+
+
+@dataclass
+class Mix:
+    """How each augmented sample was mixed: its ``partner`` (index in the training split) and its
+    own ``share`` of the pixels (1.0: not mixed). The hard-label target is ``share`` of the
+    sample's label plus ``1 - share`` of the partner's."""
+
+    partner: Tensor
+    share: Tensor
+
+
+def _draws(seed: int, index: Tensor, epoch: int, mixup: float, cutmix: float) -> tuple[np.ndarray, np.ndarray]:
+    """``DRAWS`` uniforms and one Beta share per sample, from Philox keyed by (seed, sample) at counter epoch."""
+    uniforms = np.empty((len(index), DRAWS))
+    shares = np.ones(len(index))
+    for row, sample in enumerate(index.tolist()):
+        rng = np.random.Generator(np.random.Philox(key=[seed, sample], counter=[0, 0, 0, epoch]))
+        uniforms[row] = rng.random(DRAWS)
+        use_cutmix = cutmix > 0 and (mixup == 0 or uniforms[row, 3] < 0.5)  # both on: one of them, evenly
+        alpha = cutmix if use_cutmix else mixup
+        if alpha > 0:
+            shares[row] = rng.beta(alpha, alpha)
+    return uniforms, shares
+
+
+class ImageAugment:
+    """The views of training images ``[N, C, H, W]`` for ``spec``, keyed by ``seed``.
+
+    Call it with a batch, the batch's indices in ``source`` (the training split) and the epoch; it
+    returns the augmented batch and, when mixup or cutmix is on, the :class:`Mix`.
+    """
+
+    def __init__(self, spec: AugmentSpec, seed: int) -> None:
+        self.spec, self.seed = spec, seed
+
+    def __call__(self, x: Tensor, index: Tensor, epoch: int, source: Tensor) -> tuple[Tensor, Mix | None]:
+        if x.dim() != 4:
+            raise ValueError(f"data.augment: works on images [batch, channels, height, width], got {list(x.shape)}")
+        spec = self.spec
+        uniforms, shares = _draws(self.seed, index, epoch, spec.mixup, spec.cutmix)
+        views = self._geometric(x, uniforms)
+        if not (spec.mixup or spec.cutmix):
+            return views, None
+        partner = torch.as_tensor(np.minimum((uniforms[:, 4] * len(source)).astype(np.int64), len(source) - 1))
+        partner_uniforms, _ = _draws(self.seed, partner, epoch, 0.0, 0.0)
+        others = self._geometric(source[partner].to(x.dtype), partner_uniforms)
+        use_cutmix = (spec.cutmix > 0) & ((spec.mixup == 0) | (uniforms[:, 3] < 0.5))
+        share = torch.as_tensor(shares, dtype=torch.float32)
+        mixed = views.clone()
+        blend = torch.as_tensor(~use_cutmix)
+        if bool(blend.any()):
+            s = share[blend].to(x.dtype).view(-1, 1, 1, 1)
+            mixed[blend] = s * views[blend] + (1 - s) * others[blend]
+        height, width = x.shape[-2:]
+        for row in np.flatnonzero(use_cutmix):  # a box of the partner, its area 1 - share (clipped at the borders)
+            side = float(np.sqrt(1.0 - shares[row]))
+            cy, cx = int(uniforms[row, 5] * height), int(uniforms[row, 6] * width)
+            h, w = int(round(height * side)), int(round(width * side))
+            top, bottom = max(cy - h // 2, 0), min(cy + h - h // 2, height)
+            left, right = max(cx - w // 2, 0), min(cx + w - w // 2, width)
+            mixed[row, :, top:bottom, left:right] = others[row, :, top:bottom, left:right]
+            share[row] = 1.0 - (bottom - top) * (right - left) / (height * width)
+        return mixed, Mix(partner=partner, share=share)
+
+    def _geometric(self, x: Tensor, uniforms: np.ndarray) -> Tensor:
+        """Random crop after padding (draws 0 and 1) and left-right flip (draw 2)."""
+        pad = self.spec.crop
+        if pad:
+            n, _, height, width = x.shape
+            padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+            top = torch.as_tensor((uniforms[:, 0] * (2 * pad + 1)).astype(np.int64).clip(0, 2 * pad))
+            left = torch.as_tensor((uniforms[:, 1] * (2 * pad + 1)).astype(np.int64).clip(0, 2 * pad))
+            rows = (top[:, None] + torch.arange(height))[:, :, None]  # [n, H, 1]
+            cols = (left[:, None] + torch.arange(width))[:, None, :]  # [n, 1, W]
+            x = padded.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None], rows, cols].permute(0, 3, 1, 2)
+        if self.spec.flip:
+            flip = torch.as_tensor(uniforms[:, 2] < 0.5)
+            if bool(flip.any()):
+                x = x.clone()
+                x[flip] = x[flip].flip(-1)
+        return x.contiguous()
