@@ -7,15 +7,21 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from safetensors.torch import load_file
 from torch import nn
 
 from distill import Distiller, DistillError, HardLabelCE, SoftTargetKD
+from distill.cache import CachedTeacher
 from distill.core.losses.response import hard_label_ce
-from distill.pipeline.config import TrainSpec, load_config
+from distill.pipeline.config import TrainSpec, load_config, parse_config
+from distill.pipeline.experiment import cache_teacher, obtain_teacher, run_experiment
 from distill.tasks.augment import AugmentSpec, ImageAugment
 from distill.tasks.image_data import DataSpec, load_data
 from distill.tasks.models import MLP, MLPSpec
 from distill.train.loop import train
+
+from conftest import tiny_config
 
 
 def images(n: int = 40, size: int = 6) -> torch.Tensor:
@@ -172,12 +178,88 @@ def test_a_run_resumed_after_an_augmented_epoch_ends_with_the_same_weights(tmp_p
         assert torch.equal(value, resumed.student.state_dict()[key]), key
 
 
-def test_augmentation_refuses_a_cached_teacher(tmp_path):
+def test_a_cached_teacher_needs_a_fixed_number_of_views(tmp_path):
     (tmp_path / "c.yaml").write_text(
         "data: {source: digits, augment: {flip: true}}\nteacher: {kind: cache, path: nowhere}\nstudent: {arch: mlp}\n"
     )
-    with pytest.raises(DistillError, match="data.augment: a teacher cache holds"):
+    with pytest.raises(DistillError, match="set data.augment.epochs"):
         load_config(tmp_path / "c.yaml")
+
+
+VIEWS = {"crop": 1, "flip": True, "mixup": 0.3, "cutmix": 1.0, "epochs": 2, "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def views_cache(tmp_path_factory):
+    """A teacher trained on digits and the float32 cache of all 10 classes on 2 views of each image."""
+    tmp = tmp_path_factory.mktemp("views")
+    config = parse_config(tiny_config(tmp, **{"data.augment": VIEWS, "cache.k": 10, "cache.dtype": "float32"}))
+    path = cache_teacher(config, console=Console(quiet=True), cache_dir=tmp / "cache")
+    data = load_data(config.data)
+    teacher, _, _ = obtain_teacher(config, data, "cpu", Console(quiet=True), tmp / "cache")
+    return tmp, path, data, teacher
+
+
+def test_the_cache_of_views_holds_the_live_teachers_outputs_on_each_view(views_cache):
+    _, path, data, teacher = views_cache
+    cache = CachedTeacher(path)
+    n = len(data.train)
+    assert cache.views == {"augment": {k: VIEWS[k] for k in ("crop", "flip", "mixup", "cutmix")}, "seed": 5, "count": 2}
+    assert cache.manifest["splits"]["views"]["samples"] == 2 * n
+    augment = ImageAugment(AugmentSpec(**VIEWS), seed=0)  # the views' own seed (5) wins over the run's
+    index = torch.tensor([0, 3, 700, n - 1])
+    for epoch in (0, 1, 2, 7):  # epoch e shows view e mod 2
+        x, _ = augment(data.train.x[index], index, epoch, data.train.x)
+        with torch.no_grad():
+            live = torch.log_softmax(teacher.eval()(x), -1)
+        cached = cache.lookup(augment.view_rows(index, epoch, n), split="views").logits.to_dense()
+        torch.testing.assert_close(torch.log_softmax(cached, -1), live, atol=1e-5, rtol=1e-5)
+    plain = cache.lookup(index).logits.to_dense()  # the plain images are still there
+    with torch.no_grad():
+        torch.testing.assert_close(
+            torch.log_softmax(plain, -1), torch.log_softmax(teacher(data.train.x[index]), -1), atol=1e-5, rtol=1e-5
+        )
+
+
+def test_students_taught_from_cached_views_match_students_taught_live(views_cache):
+    tmp, path, _, _ = views_cache
+    common = {"data.augment": VIEWS, "baseline": False, "distill": {"terms": [{"type": "kd", "temperature": 1.0}]}}
+    live = run_experiment(
+        parse_config(tiny_config(tmp, **common, **{"output.name": "live"})), console=Console(quiet=True)
+    )
+    cached_config = tiny_config(
+        tmp, **common, **{"output.name": "cached", "teacher": {"kind": "cache", "path": str(path)}}
+    )
+    cached = run_experiment(parse_config(cached_config), console=Console(quiet=True))
+    a = load_file(str(live.run_dir / "student.safetensors"))
+    b = load_file(str(cached.run_dir / "student.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    history = [e["loss"] for e in cached.metrics["training"]["distilled"]["history"]]
+    assert history == pytest.approx([e["loss"] for e in live.metrics["training"]["distilled"]["history"]], rel=1e-4)
+
+
+def test_a_cache_of_other_views_is_refused(views_cache):
+    tmp, path, _, _ = views_cache
+    teacher = {"kind": "cache", "path": str(path)}
+    for change, field in (
+        ({"crop": 2}, "data.augment"),
+        ({"seed": 6}, "data.augment.seed"),
+        ({"epochs": 3}, "data.augment.epochs"),
+    ):
+        config = parse_config(tiny_config(tmp, **{"data.augment": {**VIEWS, **change}, "teacher": teacher}))
+        with pytest.raises(DistillError, match=f"^{field}: cache .* holds views made with"):
+            run_experiment(config, console=Console(quiet=True))
+    plain = parse_config(tiny_config(tmp, **{"cache.path": str(tmp / "plain-cache")}))
+    plain_cache = cache_teacher(plain, console=Console(quiet=True), cache_dir=tmp / "cache")
+    config = parse_config(
+        tiny_config(tmp, **{"data.augment": VIEWS, "teacher": {"kind": "cache", "path": str(plain_cache)}})
+    )
+    with pytest.raises(DistillError, match="holds the teacher on the plain images only"):
+        run_experiment(config, console=Console(quiet=True))
+    without_count = parse_config(tiny_config(tmp, **{"data.augment": {**VIEWS, "epochs": None}}))
+    with pytest.raises(DistillError, match="data.augment.epochs: set how many views"):
+        cache_teacher(without_count, console=Console(quiet=True), cache_dir=tmp / "cache")
 
 
 def test_augmentation_settings_are_checked(tmp_path):

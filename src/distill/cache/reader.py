@@ -182,8 +182,28 @@ class CachedTeacher:
                 out[name][chosen] = block
         return out
 
-    def lookup(self, index: Tensor, *, split: str = "train", device: torch.device | str | None = None) -> ModelOutputs:
-        """The teacher's outputs for samples ``index`` of ``split`` (:class:`~distill.core.losses.base.TeacherSignals`)."""
+    @property
+    def views(self) -> dict[str, Any] | None:
+        """What a cache of augmented views records (augmentation settings, seed, views per image);
+        None for a cache of the plain training images."""
+        return self.manifest.get("views")
+
+    def use_views(self) -> None:
+        """Training lookups read the augmented views (rows ``view * samples + image``), not the images."""
+        if self.views is None:
+            raise DistillError(
+                f"teacher.path: cache {self.path} holds no augmented views; rebuild it with data.augment"
+            )
+        self.training_split = "views"
+
+    training_split = "train"
+
+    def lookup(
+        self, index: Tensor, *, split: str | None = None, device: torch.device | str | None = None
+    ) -> ModelOutputs:
+        """The teacher's outputs for samples ``index`` of ``split`` (:class:`~distill.core.losses.base.TeacherSignals`);
+        by default the training split (or its augmented views, after :meth:`use_views`)."""
+        split = split or self.training_split
         idx = index.detach().cpu().numpy().astype(np.int64)
         n = self.manifest["splits"][split]["samples"]
         if len(idx) and (idx.min() < 0 or idx.max() >= n):

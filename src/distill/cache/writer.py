@@ -29,7 +29,7 @@ from distill.cache.format import (
     write_shard,
 )
 from distill.cache.generated import GeneratedSignals
-from distill.core.data import DataBundle
+from distill.core.data import DataBundle, Split
 from distill.core.errors import DistillError
 from distill.core.inputs import Inputs, call_model, take, to_device
 from distill.core.io import json_safe, write_json
@@ -40,6 +40,52 @@ from distill.core.taps import FeatureTaps
 
 def _split(data: DataBundle, name: str):
     return getattr(data, name)
+
+
+class Views:
+    """``count`` augmented views of every training image, made by ``augment`` (an
+    :class:`~distill.tasks.augment.ImageAugment`); ``settings`` identify them in the manifest."""
+
+    def __init__(self, augment: Any, count: int, settings: dict[str, Any]) -> None:
+        self.augment, self.count, self.settings = augment, count, {**settings, "count": count}
+
+    def split(self, train: Split) -> _ViewSplit:
+        return _ViewSplit(self, train)
+
+
+class _ViewSplit:
+    """The views as a split: row ``r`` is view ``r // samples`` of image ``r % samples``."""
+
+    mask = None
+
+    def __init__(self, views: Views, train: Split) -> None:
+        self.views, self.train = views, train
+        self.x = self  # take(split.x, rows) asks for rows through __getitem__
+
+    def __len__(self) -> int:
+        return self.views.count * len(self.train)
+
+    def __getitem__(self, rows: slice) -> Tensor:
+        images, parts = len(self.train), []
+        start, stop, _ = rows.indices(len(self))
+        index = torch.arange(start, stop)
+        for view in torch.unique(index // images).tolist():
+            chosen = index[index // images == view] % images
+            parts.append(self.views.augment(self.train.x[chosen], chosen, view, self.train.x)[0])
+        return torch.cat(parts)
+
+    @property
+    def y(self) -> _ViewLabels:
+        return _ViewLabels(self.train.y)
+
+
+class _ViewLabels:
+    def __init__(self, labels: Tensor) -> None:
+        self.labels = labels
+
+    def __getitem__(self, rows: slice) -> Tensor:
+        start, stop, _ = rows.indices(10**18)
+        return self.labels[torch.arange(start, stop) % len(self.labels)]
 
 
 LOGITS_BUDGET = 512 * 2**20
@@ -108,6 +154,7 @@ def write_cache(
     console: Console | None = None,
     on_shard: Callable[[str, int], None] | None = None,
     info: dict[str, Any] | None = None,
+    views: Views | None = None,
 ) -> Path:
     """Run ``teacher`` over every split of ``data`` once and store its top-k signals at ``path``.
 
@@ -116,7 +163,9 @@ def write_cache(
     unless ``overwrite``. An interrupted run resumes from ``<path>.partial``; ``on_shard(split,
     shard)`` is called after each finished shard (raising there interrupts like a crash).
     ``info`` is recorded in the manifest without being part of the identity (e.g. where the
-    teacher's weights were read from).
+    teacher's weights were read from). With ``views`` the cache also holds a split ``views``:
+    the teacher on ``views.count`` augmented views of every training image, row ``view × samples
+    + image`` (FKD: students then train on augmented images with the teacher's exact targets).
     """
     console = console or Console(quiet=True)
     device = torch.device(device)
@@ -140,9 +189,12 @@ def write_cache(
             f"cache: teacher batches of {teacher_batch} (not {batch_size}): each sample makes "
             f"{per_sample / 2**20:.0f} MiB of logits"
         )
+    if views is not None and (packed or row_shape):
+        raise DistillError("data.augment: views are cached for image classifiers only")
     settings = {
         "format": FORMAT, "format_version": FORMAT_VERSION, **identity, "k": min(k, vocab), "dtype": dtype,
         "features": features, "samples_per_shard": samples_per_shard, "batch_size": batch_size,
+        **({"views": views.settings} if views is not None else {}),
     }  # fmt: skip
     settings = json.loads(json.dumps(json_safe(settings)))  # compared with what JSON files give back
 
@@ -195,8 +247,8 @@ def write_cache(
     started = time.perf_counter()
     splits: dict[str, Any] = {}
     try:
-        for split_name in SPLITS:
-            split = _split(data, split_name)
+        for split_name in (*SPLITS, "views") if views is not None else SPLITS:
+            split = views.split(data.train) if split_name == "views" else _split(data, split_name)
             n = len(split)
             shards = []
             for shard, start in enumerate(range(0, n, samples_per_shard)):

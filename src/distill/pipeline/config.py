@@ -268,10 +268,11 @@ class ExperimentConfig(Strict):
     @model_validator(mode="after")
     def _augmented_views_have_a_live_teacher(self) -> ExperimentConfig:
         augment = getattr(self.data, "augment", None)
-        if augment is not None and augment.active and isinstance(self.teacher, CachedTeacherSpec):
+        cached = isinstance(self.teacher, CachedTeacherSpec)
+        if augment is not None and augment.active and cached and augment.epochs is None:
             raise ValueError(
-                "data.augment: a teacher cache holds the teacher's outputs on the un-augmented images; use a live "
-                "teacher (kind train, checkpoint or hf) with augmentation, or drop data.augment"
+                "data.augment: a teacher cache holds a fixed number of views of each image; set data.augment.epochs "
+                "to the number it was made with (or use a live teacher: a new view every epoch)"
             )
         return self
 

@@ -26,6 +26,7 @@ from torch import nn
 from distill._version import __version__
 from distill.cache import CachedTeacher, write_cache
 from distill.cache.generated import GeneratedSignals, generated_signals
+from distill.cache.writer import Views
 from distill.core.data import DataBundle
 from distill.core.distiller import Distiller, LinearWarmup, probing
 from distill.core.errors import DistillError
@@ -162,11 +163,53 @@ def hf_weights_file(directory: Path) -> Path:
     return files[0]
 
 
+def _views_settings(config: ExperimentConfig) -> dict[str, Any] | None:
+    """What identifies a cache of augmented views: the augmentation, its seed, views per image."""
+    augment = getattr(config.data, "augment", None)
+    if augment is None or not augment.active:
+        return None
+    return {
+        "augment": augment.model_dump(mode="json", exclude={"seed", "epochs"}),
+        "seed": augment.seed if augment.seed is not None else config.seed,
+        "count": augment.epochs,
+    }
+
+
+def _cached_views(config: ExperimentConfig) -> Views | None:
+    """The augmented views `distill cache` stores beside the images, for a config with data.augment."""
+    settings = _views_settings(config)
+    if settings is None:
+        return None
+    if settings["count"] is None:
+        raise DistillError(
+            "data.augment.epochs: set how many views of each image to cache (epoch e then shows view e mod epochs)"
+        )
+    augment = ImageAugment(config.data.augment, config.seed)
+    return Views(augment, settings["count"], {k: v for k, v in settings.items() if k != "count"})
+
+
 def open_cached_teacher(config: ExperimentConfig, data: DataBundle, verify: bool = True) -> CachedTeacher:
-    """The teacher signals of a ``teacher: {kind: cache}`` config, checked against the data."""
+    """The teacher signals of a ``teacher: {kind: cache}`` config, checked against the data (and,
+    with data.augment, its views against the augmentation)."""
     assert isinstance(config.teacher, CachedTeacherSpec)
     cache = CachedTeacher(config.teacher.path, verify=verify and config.teacher.verify)
     cache.check_data(data)
+    wanted = _views_settings(config)
+    if wanted is not None:
+        made = cache.views
+        if made is None:
+            raise DistillError(
+                f"data.augment: cache {cache.path} holds the teacher on the plain images only; cache the views with "
+                f"`distill cache` and this data.augment"
+            )
+        differs = next((key for key in ("augment", "seed", "count") if made.get(key) != wanted[key]), None)
+        if differs is not None:
+            field = {"augment": "data.augment", "seed": "data.augment.seed", "count": "data.augment.epochs"}[differs]
+            raise DistillError(
+                f"{field}: cache {cache.path} holds views made with {made.get(differs)}, this run asks for "
+                f"{wanted[differs]}; use the cache's settings or cache these views"
+            )
+        cache.use_views()
     return cache
 
 
@@ -290,12 +333,7 @@ def cache_teacher(
         )
     if not get_task(config.task).cacheable:
         raise DistillError(f"task: {config.task} has no logits to cache; its students learn from the live teacher")
-    augment = getattr(config.data, "augment", None)
-    if augment is not None and augment.active:
-        raise DistillError(
-            "data.augment: a cache stores the teacher's outputs on the un-augmented images, and caching augmented "
-            "views is not supported yet; drop data.augment to cache, or distil from the live teacher"
-        )
+    views = _cached_views(config)
     device = pick_device(config.device)
     data = get_task(config.task).load_data(config.data)
     console.print(
@@ -321,7 +359,7 @@ def cache_teacher(
     write_cache(
         stored or teacher, data, path, identity=identity, k=spec.k, dtype=spec.dtype, features=spec.features,
         shard_rows=spec.shard_rows, batch_size=spec.batch_size, device=device, overwrite=overwrite,
-        console=console, on_shard=on_shard,
+        console=console, on_shard=on_shard, views=views,
         info={"teacher_facts": {"params": count_parameters(teacher), "weights_bytes": Path(weights).stat().st_size,
                                 "source": str(weights)}, "data_summary": data.summary(), "data_info": data.info,
               "signals_from": "distill generate" if stored else "teacher"},

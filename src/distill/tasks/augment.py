@@ -38,6 +38,15 @@ class AugmentSpec(BaseModel):
     cutmix: float = Field(
         0.0, ge=0, description="alpha of Beta(alpha, alpha): paste a box of another training image; 0 = off"
     )
+    epochs: int | None = Field(
+        None,
+        gt=0,
+        description="distinct views per image: epoch e shows view e mod epochs (null: a new view every epoch); "
+        "`distill cache` stores the teacher's outputs on this many views of each image",
+    )
+    seed: int | None = Field(
+        None, ge=0, lt=2**31, description="the views' seed (null: the run's seed); fix it to share one cache of views"
+    )
 
     @property
     def active(self) -> bool:
@@ -46,6 +55,7 @@ class AugmentSpec(BaseModel):
     def describe(self) -> str:
         parts = [f"crop {self.crop}px" if self.crop else "", "flip" if self.flip else ""]
         parts += [f"mixup α={self.mixup:g}" if self.mixup else "", f"cutmix α={self.cutmix:g}" if self.cutmix else ""]
+        parts += [f"{self.epochs} views per image" if self.epochs else ""]
         return ", ".join(p for p in parts if p) or "none"
 
 
@@ -81,12 +91,20 @@ class ImageAugment:
     """
 
     def __init__(self, spec: AugmentSpec, seed: int) -> None:
-        self.spec, self.seed = spec, seed
+        self.spec, self.seed = spec, spec.seed if spec.seed is not None else seed
+
+    def view(self, epoch: int) -> int:
+        """Which of an image's views epoch ``epoch`` shows (``spec.epochs`` of them, or one per epoch)."""
+        return epoch % self.spec.epochs if self.spec.epochs else epoch
+
+    def view_rows(self, index: Tensor, epoch: int, samples: int) -> Tensor:
+        """Rows of a cache of views (view-major: ``view * samples + image``) for images ``index``."""
+        return index + self.view(epoch) * samples
 
     def __call__(self, x: Tensor, index: Tensor, epoch: int, source: Tensor) -> tuple[Tensor, Mix | None]:
         if x.dim() != 4:
             raise ValueError(f"data.augment: works on images [batch, channels, height, width], got {list(x.shape)}")
-        spec = self.spec
+        spec, epoch = self.spec, self.view(epoch)
         uniforms, shares = _draws(self.seed, index, epoch, spec.mixup, spec.cutmix)
         views = self._geometric(x, uniforms)
         if not (spec.mixup or spec.cutmix):

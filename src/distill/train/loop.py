@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from rich.console import Console
@@ -37,9 +37,16 @@ from distill.train.spec import TrainSpec
 if TYPE_CHECKING:
     from distill.tasks import Task
 
-# (batch inputs, their indices in the training split, epoch, the training split's inputs) -> (inputs, mix):
-# mix has ``partner`` (indices) and ``share`` tensors, or is None (see distill.tasks.augment)
-Augment = Callable[[Any, torch.Tensor, int, Any], tuple[Any, Any]]
+
+class Augment(Protocol):
+    """Changes training batches before the step (see :class:`distill.tasks.augment.ImageAugment`)."""
+
+    def __call__(self, x: Any, index: torch.Tensor, epoch: int, source: Any) -> tuple[Any, Any]:
+        """(batch inputs, their indices in the training split, epoch, the split's inputs) -> (inputs,
+        mix); mix has ``partner`` (indices) and ``share`` tensors, or is None."""
+
+    def view_rows(self, index: torch.Tensor, epoch: int, samples: int) -> torch.Tensor:
+        """The rows of a teacher cache of views that hold these images' views in this epoch."""
 
 
 @dataclass
@@ -363,6 +370,8 @@ def train(
                 if augment is not None:  # each sample's view depends on (seed, sample, epoch) alone
                     x, mixed = augment(x, index, epoch, data.train.x)
                     mix = None if mixed is None else (data.train.y[mixed.partner], mixed.share)
+                    if distiller.teacher_is_cached:  # a cache of views: the rows of this epoch's views
+                        index = augment.view_rows(index, epoch, len(data.train))
                 global_size, global_y, global_mask, global_mix = len(y), y, mask, mix
                 if parallel is not None:
                     if global_size < parallel.world:  # a tail too small to give every process a sample
