@@ -2,8 +2,8 @@
 
 Why: with every label, KD pays when teacher and student see *the same* strongly augmented view of
 each image and the teacher's output on that view is the target ("function matching", Beyer et al.
-2022). Drawing each sample's crop, flip and mixing partner from a generator keyed by the run's
-seed and the sample's index, at a counter set by the epoch, makes the view independent of the
+2022). Drawing each sample's crop, flip and mixing partner from a counter-based generator (a hash
+of the seed, the sample's index, the epoch and the draw) makes the view independent of the
 batch the sample falls in, the batch size and the number of processes: a resumed run, a
 distributed run and a store of the teacher's outputs on those views (FKD, Shen & Xing 2022) all
 see the same pixels.
@@ -69,18 +69,34 @@ class Mix:
     share: Tensor
 
 
+_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser, element-wise on uint64 (wrapping arithmetic): a counter-based generator."""
+    z = z + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
 def _draws(seed: int, index: Tensor, epoch: int, mixup: float, cutmix: float) -> tuple[np.ndarray, np.ndarray]:
-    """``DRAWS`` uniforms and one Beta share per sample, from Philox keyed by (seed, sample) at counter epoch."""
-    uniforms = np.empty((len(index), DRAWS))
+    """``DRAWS`` uniforms in [0, 1) and one Beta share per sample, hashed from (seed, sample, epoch, draw):
+    vectorised, and the same for a sample whatever else is in its batch."""
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.full(len(index), seed, dtype=np.uint64))
+        key = _splitmix64(key ^ index.numpy().astype(np.uint64))
+        key = _splitmix64(key ^ np.uint64(epoch))
+        bits = _splitmix64(key[:, None] + np.arange(1, DRAWS + 2, dtype=np.uint64)[None, :])
+    uniforms = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53  # 53 random bits each
     shares = np.ones(len(index))
-    for row, sample in enumerate(index.tolist()):
-        rng = np.random.Generator(np.random.Philox(key=[seed, sample], counter=[0, 0, 0, epoch]))
-        uniforms[row] = rng.random(DRAWS)
-        use_cutmix = cutmix > 0 and (mixup == 0 or uniforms[row, 3] < 0.5)  # both on: one of them, evenly
-        alpha = cutmix if use_cutmix else mixup
-        if alpha > 0:
-            shares[row] = rng.beta(alpha, alpha)
-    return uniforms, shares
+    use_cutmix = (cutmix > 0) & ((mixup == 0) | (uniforms[:, 3] < 0.5))  # both on: one of them, evenly
+    for alpha, rows in ((cutmix, use_cutmix), (mixup, ~use_cutmix)):
+        if alpha > 0 and rows.any():
+            from scipy.special import betaincinv  # Beta(alpha, alpha) by its inverse CDF
+
+            shares[rows] = betaincinv(alpha, alpha, uniforms[rows, DRAWS])
+    return uniforms[:, :DRAWS], shares
 
 
 class ImageAugment:
@@ -119,15 +135,20 @@ class ImageAugment:
         if bool(blend.any()):
             s = share[blend].to(x.dtype).view(-1, 1, 1, 1)
             mixed[blend] = s * views[blend] + (1 - s) * others[blend]
-        height, width = x.shape[-2:]
-        for row in np.flatnonzero(use_cutmix):  # a box of the partner, its area 1 - share (clipped at the borders)
-            side = float(np.sqrt(1.0 - shares[row]))
-            cy, cx = int(uniforms[row, 5] * height), int(uniforms[row, 6] * width)
-            h, w = int(round(height * side)), int(round(width * side))
-            top, bottom = max(cy - h // 2, 0), min(cy + h - h // 2, height)
-            left, right = max(cx - w // 2, 0), min(cx + w - w // 2, width)
-            mixed[row, :, top:bottom, left:right] = others[row, :, top:bottom, left:right]
-            share[row] = 1.0 - (bottom - top) * (right - left) / (height * width)
+        if use_cutmix.any():  # a box of the partner, its area 1 - share (clipped at the borders)
+            height, width = x.shape[-2:]
+            side = np.sqrt(1.0 - shares)
+            cy, cx = (uniforms[:, 5] * height).astype(np.int64), (uniforms[:, 6] * width).astype(np.int64)
+            h, w = np.rint(height * side).astype(np.int64), np.rint(width * side).astype(np.int64)
+            top, bottom = np.maximum(cy - h // 2, 0), np.minimum(cy + h - h // 2, height)
+            left, right = np.maximum(cx - w // 2, 0), np.minimum(cx + w - w // 2, width)
+            bounds = [torch.as_tensor(b)[:, None] for b in (top, bottom, left, right)]
+            inside_rows = (torch.arange(height) >= bounds[0]) & (torch.arange(height) < bounds[1])  # [n, H]
+            inside_cols = (torch.arange(width) >= bounds[2]) & (torch.arange(width) < bounds[3])  # [n, W]
+            box = (inside_rows[:, :, None] & inside_cols[:, None, :]) & torch.as_tensor(use_cutmix)[:, None, None]
+            mixed = torch.where(box[:, None], others, mixed)
+            area = torch.as_tensor((bottom - top) * (right - left) / (height * width), dtype=torch.float32)
+            share = torch.where(torch.as_tensor(use_cutmix), 1.0 - area, share)
         return mixed, Mix(partner=partner, share=share)
 
     def _geometric(self, x: Tensor, uniforms: np.ndarray) -> Tensor:
@@ -138,9 +159,10 @@ class ImageAugment:
             padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
             top = torch.as_tensor((uniforms[:, 0] * (2 * pad + 1)).astype(np.int64).clip(0, 2 * pad))
             left = torch.as_tensor((uniforms[:, 1] * (2 * pad + 1)).astype(np.int64).clip(0, 2 * pad))
-            rows = (top[:, None] + torch.arange(height))[:, :, None]  # [n, H, 1]
-            cols = (left[:, None] + torch.arange(width))[:, None, :]  # [n, 1, W]
-            x = padded.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None], rows, cols].permute(0, 3, 1, 2)
+            rows = top[:, None, None] + torch.arange(height)[None, :, None]  # [n, H, 1]
+            cols = left[:, None, None] + torch.arange(width)[None, None, :]  # [n, 1, W]
+            flat = (rows * (width + 2 * pad) + cols).view(n, 1, height * width).expand(n, x.shape[1], -1)
+            x = padded.flatten(2).gather(2, flat).view(n, -1, height, width)  # each image's own window
         if self.spec.flip:
             flip = torch.as_tensor(uniforms[:, 2] < 0.5)
             if bool(flip.any()):
