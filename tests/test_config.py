@@ -159,3 +159,26 @@ def test_every_packaged_demo_config_loads_and_names_its_task():
         with resources.as_file(resources.files("distill") / "configs" / file) as path:
             tasks[which] = load_config(path, quick).task
     assert tasks == {"image": "image_classification", "text": "text_classification", "lm": "causal_lm"}
+
+
+def test_a_language_model_distils_by_forward_kl_at_t1_unless_told_otherwise():
+    from distill.pipeline.config import ExperimentConfig
+
+    base = {
+        "task": "causal_lm",
+        "data": {"source": "text_file", "path": "x.txt"},
+        "teacher": {"kind": "hf", "path": "t"},
+        "student": {"from_teacher": {"layers": [0]}},
+    }
+    (term,) = ExperimentConfig.model_validate(base).distill.resolved_terms()
+    assert (term.type, term.weight, term.params) == ("forward_kl", 1.0, {"temperature": 1.0})
+    told = ExperimentConfig.model_validate(base | {"distill": {"alpha": 0.5}}).distill.resolved_terms()
+    assert [(t.type, t.weight) for t in told] == [("kd", 0.5), ("ce", 0.5)]
+    image = ExperimentConfig.model_validate(
+        {
+            "data": {"source": "digits"},
+            "teacher": {"kind": "train", "model": {"arch": "mlp"}},
+            "student": {"arch": "mlp"},
+        }
+    )
+    assert [(t.type, t.weight) for t in image.distill.resolved_terms()] == [("kd", 0.9), ("ce", pytest.approx(0.1))]

@@ -266,6 +266,14 @@ class ExperimentConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _language_models_distil_by_forward_kl(self) -> ExperimentConfig:
+        """A causal LM with no objective given distils by forward KL at T = 1 alone (Minitron's and
+        most LLM recipes' choice), not the classifiers' 0.9·kd at T = 4 + 0.1·ce."""
+        if self.task == "causal_lm" and not self.distill.model_fields_set & {"alpha", "temperature", "terms"}:
+            self.distill.terms = [TermSpec(type="forward_kl", weight=1.0, temperature=1.0)]
+        return self
+
+    @model_validator(mode="after")
     def _augmented_views_have_a_live_teacher(self) -> ExperimentConfig:
         augment = getattr(self.data, "augment", None)
         cached = isinstance(self.teacher, CachedTeacherSpec)
