@@ -355,6 +355,7 @@ def cache_teacher(
     console.print(
         f"cache: top-{spec.k} logits as {spec.dtype} -> {path}"
         + (" (from the logits `distill generate` stored: the teacher does not run)" if stored else "")
+        + (f", and on {views.count} augmented views of each training image" if views is not None else "")
     )
     write_cache(
         stored or teacher, data, path, identity=identity, k=spec.k, dtype=spec.dtype, features=spec.features,
