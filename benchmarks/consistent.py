@@ -104,7 +104,7 @@ def main() -> int:
                     extra = [f"data.augment={augment}", *cached] if arm == "consistent" else []
                     config = load_config(
                         demo,
-                        [f"seed={seed}", f"train.epochs={epochs}", f"output.dir={tmp}", f"output.name={arm}{seed}",
+                        [f"seed={seed}", f"train.epochs={epochs}", f"output.dir={tmp}", f"output.name={arm}{seed}-e{epochs}",
                          *overrides, *extra, *args.overrides],
                     )  # fmt: skip
                     console.rule(f"{epochs} epochs, seed {seed}, {arm}")
