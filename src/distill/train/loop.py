@@ -384,7 +384,7 @@ def train(
                 distiller.progress = epoch + step / micro_steps
                 last_micro = (step + 1) % spec.grad_accumulation == 0 or step + 1 == micro_steps
                 with _no_sync(model, parallel is not None and not last_micro), autocast():
-                    out = model(x, labels=y, mask=mask, index=index, **({"mix": mix} if mix is not None else {}))
+                    out = model(x, labels=y, mask=mask, index=index, mix=mix)
                     if not torch.isfinite(out.loss):
                         bad = [n for n, v in out.terms.items() if not torch.isfinite(v)] or ["total"]
                         raise DistillError(
