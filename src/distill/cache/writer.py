@@ -43,11 +43,11 @@ def _split(data: DataBundle, name: str):
 
 
 class Views:
-    """``count`` augmented views of every training image, made by ``augment`` (an
+    """``settings["count"]`` augmented views of every training image, made by ``augment`` (an
     :class:`~distill.tasks.augment.ImageAugment`); ``settings`` identify them in the manifest."""
 
-    def __init__(self, augment: Any, count: int, settings: dict[str, Any]) -> None:
-        self.augment, self.count, self.settings = augment, count, {**settings, "count": count}
+    def __init__(self, augment: Any, settings: dict[str, Any]) -> None:
+        self.augment, self.settings, self.count = augment, settings, int(settings["count"])
 
     def split(self, train: Split) -> _ViewSplit:
         return _ViewSplit(self, train)
@@ -61,6 +61,7 @@ class _ViewSplit:
     def __init__(self, views: Views, train: Split) -> None:
         self.views, self.train = views, train
         self.x = self  # take(split.x, rows) asks for rows through __getitem__
+        self.y = train.y.repeat(views.count)
 
     def __len__(self) -> int:
         return self.views.count * len(self.train)
@@ -73,19 +74,6 @@ class _ViewSplit:
             chosen = index[index // images == view] % images
             parts.append(self.views.augment(self.train.x[chosen], chosen, view, self.train.x)[0])
         return torch.cat(parts)
-
-    @property
-    def y(self) -> _ViewLabels:
-        return _ViewLabels(self.train.y)
-
-
-class _ViewLabels:
-    def __init__(self, labels: Tensor) -> None:
-        self.labels = labels
-
-    def __getitem__(self, rows: slice) -> Tensor:
-        start, stop, _ = rows.indices(10**18)
-        return self.labels[torch.arange(start, stop) % len(self.labels)]
 
 
 LOGITS_BUDGET = 512 * 2**20

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, fi
 
 from distill.core.errors import DistillError
 from distill.core.losses import TERMS
+from distill.tasks.augment import AugmentSpec
 from distill.tasks.hf import HFSpec
 from distill.tasks.image_data import DataSpec
 from distill.tasks.lm_on_policy import OnPolicySpec
@@ -274,10 +275,9 @@ class ExperimentConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _augmented_views_have_a_live_teacher(self) -> ExperimentConfig:
-        augment = getattr(self.data, "augment", None)
-        cached = isinstance(self.teacher, CachedTeacherSpec)
-        if augment is not None and augment.active and cached and augment.epochs is None:
+    def _a_cache_of_views_has_a_count(self) -> ExperimentConfig:
+        augment = self.augmentation
+        if augment is not None and isinstance(self.teacher, CachedTeacherSpec) and augment.epochs is None:
             raise ValueError(
                 "data.augment: a teacher cache holds a fixed number of views of each image; set data.augment.epochs "
                 "to the number it was made with (or use a live teacher: a new view every epoch)"
@@ -313,6 +313,12 @@ class ExperimentConfig(Strict):
                     "data.tokenizer: set it, or use a Hugging Face teacher (kind hf) whose tokenizer is used"
                 )
         return self
+
+    @property
+    def augmentation(self) -> AugmentSpec | None:
+        """The students' augmentation when there is one (image data with data.augment set)."""
+        augment = getattr(self.data, "augment", None)
+        return augment if augment is not None and augment.active else None
 
     def cache_path(self) -> Path:
         return self.cache.path or self.output.dir / f"{self.output.name or 'run'}-teacher-cache"

@@ -165,8 +165,8 @@ def hf_weights_file(directory: Path) -> Path:
 
 def _views_settings(config: ExperimentConfig) -> dict[str, Any] | None:
     """What identifies a cache of augmented views: the augmentation, its seed, views per image."""
-    augment = getattr(config.data, "augment", None)
-    if augment is None or not augment.active:
+    augment = config.augmentation
+    if augment is None:
         return None
     return {
         "augment": augment.model_dump(mode="json", exclude={"seed", "epochs"}),
@@ -184,8 +184,7 @@ def _cached_views(config: ExperimentConfig) -> Views | None:
         raise DistillError(
             "data.augment.epochs: set how many views of each image to cache (epoch e then shows view e mod epochs)"
         )
-    augment = ImageAugment(config.data.augment, config.seed)
-    return Views(augment, settings["count"], {k: v for k, v in settings.items() if k != "count"})
+    return Views(ImageAugment(config.data.augment, config.seed), settings)
 
 
 def open_cached_teacher(config: ExperimentConfig, data: DataBundle, verify: bool = True) -> CachedTeacher:
@@ -551,8 +550,8 @@ class _StudentTraining:
         self.config, self.data, self.partial, self.device, self.parallel = config, data, partial, device, parallel
         self.resume, self.console, self.tracker, self.on_epoch_end = resume, console, tracker, on_epoch_end
         self.student_data = data.with_label_budget(config.data.labeled, config.data.split_seed)
-        augment = getattr(config.data, "augment", None)  # image data only
-        self.augment = ImageAugment(augment, config.seed) if augment is not None and augment.active else None
+        augment = config.augmentation
+        self.augment = ImageAugment(augment, config.seed) if augment is not None else None
         self.students: dict[str, nn.Module] = {}
         self.results: dict[str, TrainResult] = {}
 
@@ -723,8 +722,8 @@ def retention(student: float, teacher: float, higher_is_better: bool = True) -> 
 
 
 def _augment_summary(config: ExperimentConfig) -> dict[str, str]:
-    augment = getattr(config.data, "augment", None)
-    return {"augment": augment.describe()} if augment is not None and augment.active else {}
+    augment = config.augmentation
+    return {"augment": augment.describe()} if augment is not None else {}
 
 
 def evaluate_models(
