@@ -23,6 +23,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from distill.core.errors import DistillError
+from distill.core.layout import standard_layout
 
 
 @contextmanager
@@ -80,7 +81,7 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> int:
     """Save a model's weights as safetensors (atomically); return the file size in bytes."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, standard_layout(model):
         save_model(model, str(tmp))
     return Path(path).stat().st_size
 
