@@ -268,3 +268,23 @@ def test_augmentation_settings_are_checked(tmp_path):
     )
     with pytest.raises(DistillError, match="data.augment.crop"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_a_teacher_trained_on_augmented_views_is_its_own_cached_teacher(tmp_path):
+    plain = parse_config(tiny_config(tmp_path))
+    data = load_data(plain.data)
+    teachers = {}
+    for name, augment in (("plain", None), ("augmented", {"crop": 1, "flip": True})):
+        config = parse_config(tiny_config(tmp_path, **{"teacher.augment": augment}))
+        model, path, result = obtain_teacher(config, data, "cpu", Console(quiet=True), tmp_path / "cache")
+        again, again_path, _ = obtain_teacher(config, data, "cpu", Console(quiet=True), tmp_path / "cache")
+        assert again_path == path and result is not None  # trained once, then reused from the cache
+        teachers[name] = (path, load_file(str(path)))
+        for key, value in teachers[name][1].items():
+            assert torch.equal(again.state_dict()[key].contiguous(), value)
+    assert teachers["plain"][0] != teachers["augmented"][0]
+    differ = [not torch.equal(teachers["plain"][1][k], teachers["augmented"][1][k]) for k in teachers["plain"][1]]
+    assert any(differ)  # the views changed what the teacher learned
+    text = {"task": "text_classification", "data": {"source": "csv", "path": "x.csv"}}
+    with pytest.raises(DistillError, match="teacher.augment: augmentation is for image data"):
+        parse_config(tiny_config(tmp_path, **text, **{"teacher.augment": {"crop": 1}}))

@@ -1,5 +1,5 @@
 import sys
 
-from distill.cli import main
+from distill.cli import script
 
-sys.exit(main())
+sys.exit(script())

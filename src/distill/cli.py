@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from importlib import resources
 from pathlib import Path
@@ -274,6 +275,18 @@ def _without_processes(argv: list[str]) -> list[str]:
         elif not arg.startswith("--processes="):
             out.append(arg)
     return out
+
+
+def script() -> int:
+    """The ``distill`` command: :func:`main`, then a quicker exit.
+
+    Why ``gc.freeze()``: the interpreter's last garbage collections at exit walk every object
+    that torch and its imports created, about a second on a 2-core machine; frozen, they are
+    skipped (0.25 s). Objects are still released and every atexit handler still runs. Not in
+    :func:`main`, which a long-lived process (a notebook, a test session) may call many times."""
+    code = main()
+    gc.freeze()
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,11 @@ class TrainedTeacher(Strict):
     kind: Literal["train"] = "train"
     model: ModelSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
+    augment: AugmentSpec | None = Field(
+        None,
+        description="train the teacher on augmented views (image data): for consistent teaching, a teacher that "
+        "knows the views its students see (e.g. the same crop and flip as data.augment); null = plain images",
+    )
 
 
 class CheckpointTeacher(Strict):
@@ -282,6 +287,12 @@ class ExperimentConfig(Strict):
                 "data.augment: a teacher cache holds a fixed number of views of each image; set data.augment.epochs "
                 "to the number it was made with (or use a live teacher: a new view every epoch)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _a_teacher_augments_images(self) -> ExperimentConfig:
+        if getattr(self.teacher, "augment", None) is not None and not isinstance(self.data, DataSpec):
+            raise ValueError("teacher.augment: augmentation is for image data; drop it for text")
         return self
 
     @model_validator(mode="after")

@@ -239,8 +239,9 @@ def obtain_teacher(
         initial = directory_digest(resolve_model_dir(spec.model.path, "teacher.model.path"), cache_dir / "digests.json")
     else:
         initial = hash_tensors(*model.state_dict().values())  # a changed factory gives a new key
+    described = spec.model_dump(mode="json", exclude={"augment"} if spec.augment is None else None)  # keys as before
     key = hash_json({
-        "teacher": spec.model_dump(mode="json"), "seed": config.seed, "data": data.fingerprint,
+        "teacher": described, "seed": config.seed, "data": data.fingerprint,
         "initial_weights": initial, "distill": __version__,
     })  # fmt: skip
     final = cache_dir / "teachers" / key[:20]
@@ -264,12 +265,13 @@ def obtain_teacher(
         console=console,
         on_epoch_end=None,
         task=get_task(config.task),
+        augment=ImageAugment(spec.augment, config.seed) if spec.augment is not None and spec.augment.active else None,
     )
     write_json(
         work / "meta.json",
         {
             "key": key,
-            "teacher": spec.model_dump(mode="json"),
+            "teacher": described,
             "data": data.summary(),
             "seed": config.seed,
             "distill_version": __version__,
