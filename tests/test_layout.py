@@ -1,10 +1,13 @@
-"""Channels-last layout: convolutional models switch to it with the same outputs and gradients,
-models that need NCHW keep it, and saved weights are in the standard layout."""
+"""Faster forward passes, the same numbers: channels-last layout (convolutional models switch to it
+with the same outputs and gradients, models that need NCHW keep it, saved weights are in the
+standard layout) and batch norms folded into a frozen model's convolutions."""
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from distill import Distiller, SoftTargetKD
+from distill.core.fold import folded_batch_norms
 from distill.core.io import save_weights
 from distill.core.layout import is_channels_last, use_channels_last
 
@@ -62,3 +65,58 @@ def test_weights_are_saved_in_the_standard_layout_and_the_model_keeps_its_own(tm
     for name, tensor in fast.state_dict().items():
         assert saved[name].is_contiguous()
         torch.testing.assert_close(saved[name], tensor, rtol=0, atol=0)
+
+
+class BranchesOnValues(nn.Module):
+    """Control flow on a tensor's value: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = cnn()
+
+    def forward(self, x):
+        return self.body(x) if x.sum() > -1e9 else -self.body(x)
+
+
+def trained_statistics(model: nn.Module) -> nn.Module:
+    """Batch norms with running statistics far from the identity, as a trained teacher has."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator))
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.randn(module.num_features, generator=generator))
+    return model
+
+
+def test_a_frozen_cnn_folds_its_batch_norms_into_a_copy_with_the_same_logits():
+    teacher, x = trained_statistics(cnn()), torch.randn(8, 3, 6, 6)
+    use_channels_last(teacher, x[:2])
+    teacher.train()
+    folded = folded_batch_norms(teacher, x[:2])
+    count = lambda m: sum(isinstance(b, nn.BatchNorm2d) for b in m.modules())  # noqa: E731
+    assert folded is not teacher and count(folded) == 0 and count(teacher) == 1
+    assert teacher.training and not folded.training  # the user's model is left as it was
+    assert is_channels_last(folded)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), teacher.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_models_without_batch_norms_or_that_cannot_be_traced_run_as_they_are():
+    x = torch.randn(2, 3, 6, 6)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 5))
+    assert folded_batch_norms(plain, x) is plain
+    branches = trained_statistics(BranchesOnValues())
+    assert folded_batch_norms(branches, x) is branches
+
+
+def test_the_distiller_reads_the_teachers_logits_from_the_folded_copy():
+    teacher, student, x = trained_statistics(cnn()), cnn(), torch.randn(16, 3, 6, 6)
+    distiller = Distiller(student, teacher, {"kd": SoftTargetKD(temperature=2.0)})
+    keys = set(distiller.state_dict())
+    assert distiller.remember_teacher(x, batch_size=4)
+    with torch.no_grad():
+        expected = teacher.eval()(x)
+    torch.testing.assert_close(distiller._remembered.logits, expected, rtol=1e-5, atol=1e-5)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in distiller._teacher_model(x).modules()) == 0
+    assert set(distiller.state_dict()) == keys  # the copy is no part of the distiller's state

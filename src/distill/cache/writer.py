@@ -31,6 +31,7 @@ from distill.cache.format import (
 from distill.cache.generated import GeneratedSignals
 from distill.core.data import DataBundle, Split
 from distill.core.errors import DistillError
+from distill.core.fold import folded_batch_norms
 from distill.core.inputs import Inputs, call_model, take, to_device
 from distill.core.io import json_safe, write_json
 from distill.core.losses.base import logits_of
@@ -232,6 +233,8 @@ def write_cache(
     taps = FeatureTaps(teacher, features, "teacher") if features else None
     if isinstance(teacher, nn.Module):
         teacher.to(device).eval()
+        if taps is None:  # only its outputs are stored: a copy with batch norms folded in computes them sooner
+            teacher = folded_batch_norms(teacher, to_device(take(data.train.x, slice(0, 2)), device))
     started = time.perf_counter()
     splits: dict[str, Any] = {}
     try:

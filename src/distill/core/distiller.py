@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.core.errors import DistillError
+from distill.core.fold import folded_batch_norms
 from distill.core.inputs import Inputs, batch_len, call_model, take, to_device
 from distill.core.losses import Batch, LossTerm, ModelOutputs
 from distill.core.losses.base import OutputsOnRequest, TeacherLogits, TeacherSignals, outputs_of
@@ -210,6 +211,9 @@ class Distiller(nn.Module):
             student_taps or teacher_taps or self._needs_outputs or any(_has_setup(term) for term in terms.values())
         )
         self._remembered: TeacherLogits | None = None  # see remember_teacher
+        # the teacher's outputs alone are read: they may come from a copy with batch norms folded in
+        self._may_fold_teacher = isinstance(teacher, nn.Module) and self._teacher_taps is None and not teacher_needs
+        self._teacher_forward: list[nn.Module] = []  # that copy, made on first use (a list: not a submodule)
         if example_inputs is not None:
             self.prepare(example_inputs, example_index)
 
@@ -241,6 +245,21 @@ class Distiller(nn.Module):
         yield from self.student.parameters()
         yield from self.terms.parameters()
 
+    def _apply(self, fn, recurse: bool = True):  # .to(device) and the like: the folded copy is made again
+        self._teacher_forward.clear()
+        return super()._apply(fn, recurse)
+
+    def _teacher_model(self, inputs: Inputs) -> nn.Module:
+        """What computes the live teacher's outputs: when only its outputs are read (no taps, no
+        hidden states), a copy with its batch norms folded into its convolutions
+        (:func:`distill.core.fold.folded_batch_norms`: the same outputs, sooner), else the teacher."""
+        if not self._teacher_forward:
+            fold = self._may_fold_teacher
+            self._teacher_forward.append(
+                folded_batch_norms(self.teacher, take(inputs, slice(0, 2))) if fold else self.teacher
+            )
+        return self._teacher_forward[0]
+
     def _outputs(self, inputs: object, index: Tensor | None) -> tuple[ModelOutputs, ModelOutputs | None]:
         with _recording(self._student_taps) as features:
             student = outputs_of(call_model(self.student, inputs))
@@ -254,7 +273,7 @@ class Distiller(nn.Module):
             teacher = (signals or self.teacher).lookup(index, device=device)
         elif self.uses_teacher:
             with torch.no_grad(), _recording(self._teacher_taps) as features:
-                teacher = outputs_of(call_model(self.teacher, inputs))
+                teacher = outputs_of(call_model(self._teacher_model(inputs), inputs))
             teacher.features = features
         return student, teacher
 
@@ -319,7 +338,8 @@ class Distiller(nn.Module):
         device = next(self.student.parameters(), torch.empty(0)).device
 
         def kept(inputs: Inputs) -> list[Tensor | None]:
-            out = outputs_of(call_model(self.teacher, to_device(inputs, device)))
+            inputs = to_device(inputs, device)
+            out = outputs_of(call_model(self._teacher_model(inputs), inputs))
             return [out.logits, out.embedding if "embedding" in self._needs_outputs else None]
 
         with torch.no_grad():

@@ -38,6 +38,7 @@ from distill.core.evaluate import (
     per_class_accuracy,
     per_class_agreement,
 )
+from distill.core.fold import folded_batch_norms
 from distill.core.inputs import batch_len, take
 from distill.core.io import (
     default_cache_dir,
@@ -757,7 +758,8 @@ def evaluate_models(
                 predictions[role] = task.predict(model, test.x, labels=test.y, reference=predictions["teacher"])
         logits = {}
     else:
-        logits = {role: task.predict(model, data.test.x) for role, model in models.items()}
+        example = task.example_inputs(data)  # predictions, not latency, may come from batch norms folded in
+        logits = {role: task.predict(folded_batch_norms(model, example), data.test.x) for role, model in models.items()}
     if cached_teacher is not None and task.has_logits:
         logits["teacher"] = task.predict_cached(
             cached_teacher["test_signals"], data.test.y, cached_teacher.get("test_label_logprobs")
