@@ -175,7 +175,7 @@ class EvalSpec(Strict):
     latency_batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 256], min_length=1)
     latency_repeats: int = Field(30, gt=0, description="timed samples per model and batch size (median reported)")
     latency_seconds: float | None = Field(
-        1.0,
+        0.5,
         gt=0,
         description="time budget per batch size: fewer samples (at least 7) when latency_repeats would take longer; "
         "null = always latency_repeats",
