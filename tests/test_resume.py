@@ -68,12 +68,21 @@ TRAINED_TEACHER = {
     "output": {"dir": "runs", "name": "reference-teacher"},
 }
 
+# Augmented views with mixup (issue 16), every label, no baseline: the distilled student's steps are 1-24.
+AUGMENTED = {
+    **CONFIG,
+    "data": {**{k: v for k, v in CONFIG["data"].items() if k != "labeled"}, "augment": {"crop": 1, "mixup": 0.5}},
+    "distill": {"alpha": 0.7, "temperature": 2.0},
+    "baseline": False,
+    "output": {"dir": "runs", "name": "reference-augmented"},
+}
+
 SCRATCH, STAGE, DISTILLED, TEACHER = ("ce",), ("hint",), ("ce", "hint", "kd"), ("ce",)
 
 
 @dataclass
 class Scenario:
-    config: str  # "exp.yaml" or "teacher.yaml"
+    config: str  # "exp.yaml", "teacher.yaml" or "augmented.yaml"
     kill: dict[str, str]  # environment for the driver
     died_in: tuple | None  # for step kills: (terms of the phase, epoch index, student or teacher)
     phases: dict[str, object]  # state of each phase directory after the kill: "done", "started" or checkpoint epoch
@@ -122,8 +131,12 @@ SCENARIOS = {
     ),
     # teacher training (epoch 2, step 3), in the teacher cache: resumed from the cache's epoch-1 checkpoint
     "teacher-epoch-2": Scenario("teacher.yaml", {"DISTILL_TEST_KILL_STEP": "11"}, (TEACHER, 1, "teacher"), {}),
+    # in the middle of an augmented epoch (epoch 2, step 5): its views and mixing partners replay from the epoch-1 checkpoint
+    "augmented-epoch-2": Scenario(
+        "augmented.yaml", {"DISTILL_TEST_KILL_STEP": "13"}, (("ce", "kd"), 1, "student"), {"distilled": 1}
+    ),
 }
-REFERENCES = {"exp.yaml": "reference", "teacher.yaml": "reference-teacher"}
+REFERENCES = {"exp.yaml": "reference", "teacher.yaml": "reference-teacher", "augmented.yaml": "reference-augmented"}
 
 # fixed and tested below: the RNG state after a reused finished phase (hint stage) is restored, and a crash's
 # half-written temporary file never reaches the finished run directory
@@ -256,6 +269,7 @@ def runs(tmp_path_factory) -> tuple[Path, dict[str, Outcome]]:
     save_file(teacher.state_dict(), workdir / "teacher.safetensors")
     (workdir / "exp.yaml").write_text(yaml.safe_dump(CONFIG))
     (workdir / "teacher.yaml").write_text(yaml.safe_dump(TRAINED_TEACHER))
+    (workdir / "augmented.yaml").write_text(yaml.safe_dump(AUGMENTED))
     distill = Runner(workdir, servers=2)  # two processes of one thread each on the 2-core machine
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:
