@@ -291,8 +291,11 @@ class ExperimentConfig(Strict):
 
     @model_validator(mode="after")
     def _a_teacher_augments_images(self) -> ExperimentConfig:
-        if getattr(self.teacher, "augment", None) is not None and not isinstance(self.data, DataSpec):
+        augment = getattr(self.teacher, "augment", None)
+        if augment is not None and not isinstance(self.data, DataSpec):
             raise ValueError("teacher.augment: augmentation is for image data; drop it for text")
+        if augment is not None and not augment.active:  # nothing to do: the same teacher (and cache key) as none
+            self.teacher.augment = None
         return self
 
     @model_validator(mode="after")

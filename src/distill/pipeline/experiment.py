@@ -266,7 +266,7 @@ def obtain_teacher(
         console=console,
         on_epoch_end=None,
         task=get_task(config.task),
-        augment=ImageAugment(spec.augment, config.seed) if spec.augment is not None and spec.augment.active else None,
+        augment=ImageAugment(spec.augment, config.seed) if spec.augment is not None else None,
     )
     write_json(
         work / "meta.json",
@@ -759,11 +759,15 @@ def evaluate_models(
         logits = {}
     else:
         example = task.example_inputs(data)  # predictions, not latency, may come from batch norms folded in
-        logits = {role: task.predict(folded_batch_norms(model, example), data.test.x) for role, model in models.items()}
-    if cached_teacher is not None and task.has_logits:
-        logits["teacher"] = task.predict_cached(
-            cached_teacher["test_signals"], data.test.y, cached_teacher.get("test_label_logprobs")
-        )
+        logits = {
+            role: task.predict(folded_batch_norms(model, example), data.test.x)
+            for role, model in models.items()
+            if role != "teacher" or cached_teacher is None  # a cached teacher's model is only its architecture
+        }
+        if cached_teacher is not None:
+            logits["teacher"] = task.predict_cached(
+                cached_teacher["test_signals"], data.test.y, cached_teacher.get("test_label_logprobs")
+            )
     latencies = {
         b: measure_latencies(
             models,
