@@ -52,6 +52,21 @@ def test_fashion_mnist_from_any_directory_with_fixed_splits(fake_fashion):
     assert other.fingerprint != data.fingerprint
 
 
+def test_fashion_mnist_pixels_are_exactly_k_over_255_in_float32(fake_fashion):
+    """Bytes stay bytes until the split; the kept samples then hold what numpy's float32 k/255 gives."""
+    data = load_data(DataSpec(source="fashion_mnist", path=fake_fashion, val_fraction=0.2, normalize="none"))
+    pixels = read_idx(fake_fashion / "t10k-images-idx3-ubyte.gz")[:, None]
+    expected = pixels.astype(np.float32) / np.float32(255)
+    assert data.test.x.dtype == torch.float32
+    assert np.array_equal(data.test.x.numpy(), expected)  # bit for bit
+    train = read_idx(fake_fashion / "train-images-idx3-ubyte.gz")[:, None].astype(np.float32) / np.float32(255)
+    rows = {row.tobytes() for row in train}
+    assert all(row.tobytes() in rows for row in data.train.x.numpy())  # training samples are the file's, unchanged
+    auto = load_data(DataSpec(source="fashion_mnist", path=fake_fashion, val_fraction=0.2))
+    mean, std = (torch.tensor(v).reshape(1, -1, 1, 1) for v in (auto.mean, auto.std))
+    assert torch.equal(auto.test.x, (data.test.x - mean) / std)  # normalised in place, the same values
+
+
 def test_missing_fashion_mnist_explains_how_to_get_it(tmp_path):
     with pytest.raises(DistillError, match="apt-get install dataset-fashion-mnist"):
         load_data(DataSpec(source="fashion_mnist", path=tmp_path / "nowhere"))
