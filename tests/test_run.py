@@ -76,6 +76,12 @@ def test_second_run_reuses_the_cached_teacher(finished_run, capsys):
     second = run_experiment(config, cache_dir=tmp / "cache")
     assert "reusing cached teacher" in capsys.readouterr().out
     assert second.metrics["models"]["teacher"]["test_acc"] == result.metrics["models"]["teacher"]["test_acc"]
+    # the teacher's test logits were remembered by the first run, not computed again
+    assert (result.metrics["teacher_predictions_remembered"], second.metrics["teacher_predictions_remembered"]) == (
+        False,
+        True,
+    )
+    assert second.metrics["models"]["teacher"]["calibration"] == result.metrics["models"]["teacher"]["calibration"]
     assert "scratch" not in second.metrics["models"]
     # same seed, same data: the distilled student is reproduced exactly
     assert second.metrics["models"]["distilled"]["test_acc"] == result.metrics["models"]["distilled"]["test_acc"]

@@ -150,8 +150,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def default_cache_dir() -> Path:
-    """Where trained teachers and tokenised texts are kept between runs ($DISTILL_CACHE_DIR, or
-    distill/ in $XDG_CACHE_HOME or ~/.cache)."""
+    """Where trained teachers, teachers' test predictions and tokenised texts are kept between
+    runs ($DISTILL_CACHE_DIR, or distill/ in $XDG_CACHE_HOME or ~/.cache)."""
     env = os.environ.get("DISTILL_CACHE_DIR")
     return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distill"
 

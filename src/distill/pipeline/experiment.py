@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import yaml
 from rich.console import Console
-from torch import nn
+from torch import Tensor, nn
 
 from distill._version import __version__
 from distill.cache import CachedTeacher, write_cache
@@ -39,7 +39,7 @@ from distill.core.evaluate import (
     per_class_agreement,
 )
 from distill.core.fold import folded_batch_norms
-from distill.core.inputs import batch_len, take
+from distill.core.inputs import Inputs, batch_len, take
 from distill.core.io import (
     default_cache_dir,
     directory_digest,
@@ -65,6 +65,7 @@ from distill.pipeline.config import (
     config_to_dict,
 )
 from distill.pipeline.export import onnx_timings, require_onnxruntime
+from distill.pipeline.predictions import remembered_predictions
 from distill.pipeline.rundir import finish_dir, prepare_dir, run_dir_paths
 from distill.report.html import write_html_report
 from distill.report.markdown import ROLES, print_summary, write_markdown, write_plots
@@ -515,7 +516,9 @@ def run_experiment(
             metrics["teacher_cache"] = {"path": str(teacher.path), "k": teacher.k, "dtype": teacher.dtype}
         else:
             models = {"teacher": teacher.to("cpu"), **session.students}
-            metrics = evaluate_models(models, weights_paths, session.student_data, config)
+            metrics = evaluate_models(
+                models, weights_paths, session.student_data, config, cache_dir=cache_dir or default_cache_dir()
+            )
         results = {"teacher": teacher_result, **session.results}
         metrics.update(
             name=final.name,
@@ -735,6 +738,7 @@ def evaluate_models(
     data: DataBundle,
     config: ExperimentConfig,
     cached_teacher: dict[str, Any] | None = None,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The task's test metrics (``score``: its primary metric), agreement, retention, gap closed, size
     and latency for each model.
@@ -742,8 +746,12 @@ def evaluate_models(
     With ``cached_teacher`` (``test_signals``, ``size_bytes``, ``weights_sha256`` from a cache),
     the teacher's predictions come from the cache and ``models["teacher"]`` is only its
     architecture, used to time it and count its parameters (latency does not need its weights).
+    Otherwise a teacher's test logits are remembered under ``cache_dir`` for the next run with the
+    same weights and test inputs (:mod:`distill.pipeline.predictions`).
     """
     spec, task = config.eval, get_task(config.task)
+    shas = {role: file_sha256(path) if path else cached_teacher["weights_sha256"] for role, path in weights.items()}
+    remembered = False
     if not task.has_logits:  # embeddings, token scores: scored against the teacher's, nothing per class
         test = data.test
         predictions = {
@@ -759,15 +767,22 @@ def evaluate_models(
         logits = {}
     else:
         example = task.example_inputs(data)  # predictions, not latency, may come from batch norms folded in
-        logits = {
-            role: task.predict(folded_batch_norms(model, example), data.test.x)
-            for role, model in models.items()
-            if role != "teacher" or cached_teacher is None  # a cached teacher's model is only its architecture
-        }
-        if cached_teacher is not None:
-            logits["teacher"] = task.predict_cached(
-                cached_teacher["test_signals"], data.test.y, cached_teacher.get("test_label_logprobs")
+
+        def predict(model: nn.Module, x: Inputs) -> Tensor:
+            return task.predict(folded_batch_norms(model, example), x)
+
+        if cached_teacher is not None:  # a cached teacher's model is only its architecture
+            logits = {
+                "teacher": task.predict_cached(
+                    cached_teacher["test_signals"], data.test.y, cached_teacher.get("test_label_logprobs")
+                )
+            }
+        else:
+            teacher_logits, remembered = remembered_predictions(
+                models["teacher"], shas["teacher"], data.test, predict, cache_dir or default_cache_dir(), task.name
             )
+            logits = {"teacher": teacher_logits}
+        logits |= {role: predict(model, data.test.x) for role, model in models.items() if role != "teacher"}
     latencies = {
         b: measure_latencies(
             models,
@@ -787,7 +802,7 @@ def evaluate_models(
             "params": count_parameters(model),
             **({"embedding_params": embedding[role]} if embedding[role] else {}),
             "size_bytes": weights[role].stat().st_size if weights[role] else cached_teacher["size_bytes"],
-            "weights_sha256": file_sha256(weights[role]) if weights[role] else cached_teacher["weights_sha256"],
+            "weights_sha256": shas[role],
             "latency_ms": {str(b): latencies[b][role] for b in spec.latency_batch_sizes},
         }
         if not task.has_logits:
@@ -837,6 +852,7 @@ def evaluate_models(
             "percent": task.primary_percent,
         },
         "models": out,
+        "teacher_predictions_remembered": remembered,  # its test logits from an earlier run with these weights
         "data": {**data.summary(), **_augment_summary(config)},
         "class_names": data.class_names,
         "seed": config.seed,

@@ -1,0 +1,72 @@
+"""A teacher's test predictions remembered between runs: reused only for the same weights, inputs and outputs."""
+
+import torch
+from torch import nn
+
+from distill.core.data import Split
+from distill.core.evaluate import predict
+from distill.pipeline.predictions import PROBES, probe_index, remembered_predictions
+
+
+def _split(seed: int = 0, n: int = 100) -> Split:
+    generator = torch.Generator().manual_seed(seed)
+    return Split(torch.randn(n, 6, generator=generator), torch.randint(0, 3, (n,), generator=generator))
+
+
+def _counting(model: nn.Module):
+    """predict() that records how many samples it was asked for."""
+    seen: list[int] = []
+
+    def run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        seen.append(len(x))
+        return predict(m, x)
+
+    return run, seen
+
+
+def test_a_second_call_reads_the_logits_and_predicts_only_the_probes(tmp_path):
+    torch.manual_seed(0)
+    model, test = nn.Linear(6, 3), _split()
+    run, seen = _counting(model)
+    first, remembered = remembered_predictions(model, "sha-a", test, run, tmp_path, "image")
+    assert not remembered and seen == [100]
+    assert torch.equal(first, predict(model, test.x))
+    again, remembered = remembered_predictions(model, "sha-a", test, run, tmp_path, "image")
+    assert remembered and seen == [100, len(probe_index(100))] and len(probe_index(100)) == PROBES
+    assert torch.equal(again, first)  # bit for bit what the first run computed
+    assert probe_index(100)[[0, -1]].tolist() == [0, 99]  # spread over the whole split
+
+
+def test_other_weights_inputs_or_task_are_predicted_afresh(tmp_path):
+    torch.manual_seed(0)
+    model, test = nn.Linear(6, 3), _split()
+    run, seen = _counting(model)
+    remembered_predictions(model, "sha-a", test, run, tmp_path, "image")
+    for sha, split, task in (("sha-b", test, "image"), ("sha-a", _split(seed=1), "image"), ("sha-a", test, "text")):
+        seen.clear()
+        logits, remembered = remembered_predictions(model, sha, split, run, tmp_path, task)
+        assert not remembered and seen == [100]
+        assert torch.equal(logits, predict(model, split.x))
+
+
+def test_an_edited_forward_with_the_same_weights_is_caught_by_the_probes(tmp_path):
+    torch.manual_seed(0)
+    model, test = nn.Linear(6, 3), _split()
+    remembered_predictions(model, "sha-a", test, predict, tmp_path, "image")
+    edited = nn.Sequential(model, nn.ReLU())  # same weights file, another forward()
+    logits, remembered = remembered_predictions(edited, "sha-a", test, predict, tmp_path, "image")
+    assert not remembered
+    assert torch.equal(logits, predict(edited, test.x))
+    _, remembered = remembered_predictions(edited, "sha-a", test, predict, tmp_path, "image")
+    assert remembered  # the edited model's logits replaced the old ones
+
+
+def test_an_unreadable_file_is_made_again(tmp_path):
+    torch.manual_seed(0)
+    model, test = nn.Linear(6, 3), _split()
+    remembered_predictions(model, "sha-a", test, predict, tmp_path, "image")
+    (stored,) = (tmp_path / "predictions").iterdir()
+    stored.write_bytes(b"not safetensors")
+    logits, remembered = remembered_predictions(model, "sha-a", test, predict, tmp_path, "image")
+    assert not remembered and torch.equal(logits, predict(model, test.x))
+    assert remembered_predictions(model, "sha-a", test, predict, tmp_path, "image")[1]
