@@ -303,7 +303,7 @@ def test_a_confident_students_tail_is_taken_in_log_space_with_the_gradient_autog
     head = log_q.gather(-1, teacher.indices)
     tail = log_q.scatter(-1, teacher.indices, float("-inf")).logsumexp(-1, keepdim=True)
     expected = divergence_rows(torch.cat([head, tail], -1), teacher.bucket_log_probs().double(), kind).mean()
-    assert float(value) == pytest.approx(float(expected), rel=1e-9)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-9)
     grad, reference = torch.autograd.grad(value, student)[0], torch.autograd.grad(expected, student)[0]
     torch.testing.assert_close(grad, reference, rtol=1e-7, atol=1e-12)
     assert grad.sum(-1).abs().max() < 1e-12
