@@ -70,3 +70,12 @@ def test_an_unreadable_file_is_made_again(tmp_path):
     logits, remembered = remembered_predictions(model, "sha-a", test, predict, tmp_path, "image")
     assert not remembered and torch.equal(logits, predict(model, test.x))
     assert remembered_predictions(model, "sha-a", test, predict, tmp_path, "image")[1]
+
+
+def test_a_cache_folder_that_cannot_be_written_costs_only_the_memory(tmp_path):
+    torch.manual_seed(0)
+    model, test = nn.Linear(6, 3), _split()
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache folder would be")
+    logits, remembered = remembered_predictions(model, "sha-a", test, predict, blocked, "image")
+    assert not remembered and torch.equal(logits, predict(model, test.x))
