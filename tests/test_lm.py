@@ -122,6 +122,29 @@ def test_bucketed_kl_is_the_exact_kl_with_every_token_and_a_lower_bound_with_few
     assert bool((bucketed <= exact + 1e-6).all()) and bool((bucketed > 0).all())
 
 
+def test_a_teachers_token_scores_are_remembered_whole_and_pass_their_probe_rows(llama_path, tmp_path):
+    """Prompt/response rows of several lengths: the probe rows, batched apart from their neighbours,
+    must score as they did inside the whole split, or a remembered teacher would never be used."""
+    from distill.pipeline.predictions import remembered_predictions
+    from distill.tasks import get_task
+    from distill.tasks.hf import HFSpec, load_causal_lm
+
+    task = get_task("causal_lm")
+    spec = TextDataSpec(source="jsonl", path=prompt_file(tmp_path / "p.jsonl"), tokenizer=llama_path)
+    data = load_lm_data(spec.model_copy(update={"format": "prompt_response"}))
+    teacher = load_causal_lm(HFSpec(path=llama_path), "teacher", vocab=data.num_classes)
+
+    def predict(model, split):
+        return task.predict(model, split.x, labels=split.y)
+
+    first, remembered = remembered_predictions(teacher, "sha", data.test, predict, tmp_path / "cache", task.name)
+    again, remembered_again = remembered_predictions(teacher, "sha", data.test, predict, tmp_path / "cache", task.name)
+    assert (remembered, remembered_again) == (False, True)
+    for field in ("label_logprob", "argmax", "top_ids", "top_logprobs"):
+        assert torch.equal(getattr(again, field), getattr(first, field)), field
+    assert again.kl is None and task.metrics(again, data.test, again) == task.metrics(first, data.test, first)
+
+
 def test_perplexity_agreement_and_kl_match_values_computed_from_full_logits(llama_path, corpus):
     from distill.tasks import get_task
     from distill.tasks.hf import HFSpec, load_causal_lm

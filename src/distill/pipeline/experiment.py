@@ -21,13 +21,13 @@ from typing import Any
 import torch
 import yaml
 from rich.console import Console
-from torch import Tensor, nn
+from torch import nn
 
 from distill._version import __version__
 from distill.cache import CachedTeacher, write_cache
 from distill.cache.generated import GeneratedSignals, generated_signals
 from distill.cache.writer import Views
-from distill.core.data import DataBundle
+from distill.core.data import DataBundle, Split
 from distill.core.distiller import Distiller, LinearWarmup, probing
 from distill.core.errors import DistillError
 from distill.core.evaluate import (
@@ -39,7 +39,7 @@ from distill.core.evaluate import (
     per_class_agreement,
 )
 from distill.core.fold import folded_batch_norms
-from distill.core.inputs import Inputs, batch_len, take
+from distill.core.inputs import batch_len, take
 from distill.core.io import (
     default_cache_dir,
     directory_digest,
@@ -746,43 +746,36 @@ def evaluate_models(
     With ``cached_teacher`` (``test_signals``, ``size_bytes``, ``weights_sha256`` from a cache),
     the teacher's predictions come from the cache and ``models["teacher"]`` is only its
     architecture, used to time it and count its parameters (latency does not need its weights).
-    Otherwise a teacher's test logits are remembered under ``cache_dir`` for the next run with the
-    same weights and test inputs (:mod:`distill.pipeline.predictions`).
+    Otherwise a teacher's test predictions are remembered under ``cache_dir`` for the next run with
+    the same weights and test split (:mod:`distill.pipeline.predictions`).
     """
     spec, task = config.eval, get_task(config.task)
     shas = {role: file_sha256(path) if path else cached_teacher["weights_sha256"] for role, path in weights.items()}
-    remembered = False
-    if not task.has_logits:  # embeddings, token scores: scored against the teacher's, nothing per class
-        test = data.test
-        predictions = {
-            "teacher": task.predict_cached(
-                cached_teacher["test_signals"], test.y, cached_teacher.get("test_label_logprobs")
-            )
-            if cached_teacher is not None
-            else task.predict(models["teacher"], test.x, labels=test.y)
-        }
-        for role, model in models.items():
-            if role != "teacher":
-                predictions[role] = task.predict(model, test.x, labels=test.y, reference=predictions["teacher"])
-        logits = {}
-    else:
+    test = data.test
+    if task.has_logits:
         example = task.example_inputs(data)  # predictions, not latency, may come from batch norms folded in
 
-        def predict(model: nn.Module, x: Inputs) -> Tensor:
-            return task.predict(folded_batch_norms(model, example), x)
+        def predict(model: nn.Module, split: Split, reference: Any = None) -> Any:
+            return task.predict(folded_batch_norms(model, example), split.x)
 
-        if cached_teacher is not None:  # a cached teacher's model is only its architecture
-            logits = {
-                "teacher": task.predict_cached(
-                    cached_teacher["test_signals"], data.test.y, cached_teacher.get("test_label_logprobs")
-                )
-            }
-        else:
-            teacher_logits, remembered = remembered_predictions(
-                models["teacher"], shas["teacher"], data.test, predict, cache_dir or default_cache_dir(), task.name
-            )
-            logits = {"teacher": teacher_logits}
-        logits |= {role: predict(model, data.test.x) for role, model in models.items() if role != "teacher"}
+    else:  # embeddings, token scores: scored against the teacher's, nothing per class
+
+        def predict(model: nn.Module, split: Split, reference: Any = None) -> Any:
+            return task.predict(model, split.x, labels=split.y, reference=reference)
+
+    remembered = False
+    if cached_teacher is not None:  # a cached teacher's model is only its architecture
+        teacher_predictions = task.predict_cached(
+            cached_teacher["test_signals"], test.y, cached_teacher.get("test_label_logprobs")
+        )
+    else:
+        teacher_predictions, remembered = remembered_predictions(
+            models["teacher"], shas["teacher"], test, predict, cache_dir or default_cache_dir(), task.name
+        )
+    reference = None if task.has_logits else teacher_predictions  # students scored against the teacher's
+    predictions = {"teacher": teacher_predictions} | {
+        role: predict(model, test, reference) for role, model in models.items() if role != "teacher"
+    }
     latencies = {
         b: measure_latencies(
             models,
@@ -806,18 +799,19 @@ def evaluate_models(
             "latency_ms": {str(b): latencies[b][role] for b in spec.latency_batch_sizes},
         }
         if not task.has_logits:
-            scores = task.metrics(predictions[role], data.test, predictions["teacher"])
+            scores = task.metrics(predictions[role], test, predictions["teacher"])
             agrees = {"agreement": scores["agreement"]} if "agreement" in scores else {}  # top-1 tokens, for LMs
             out[role] = {"metrics": scores, **agrees, **common}
             continue
+        logits = predictions[role]
         out[role] = {
-            "test_acc": accuracy(logits[role], data.test.y),
-            "metrics": task.metrics(logits[role], data.test),  # the task's scores, its primary metric among them
-            "agreement": agreement(logits[role], logits["teacher"]),
+            "test_acc": accuracy(logits, test.y),
+            "metrics": task.metrics(logits, test),  # the task's scores, its primary metric among them
+            "agreement": agreement(logits, predictions["teacher"]),
             **common,
-            "per_class_acc": per_class_accuracy(logits[role], data.test.y, data.num_classes),
-            "per_class_agreement": per_class_agreement(logits[role], logits["teacher"], data.test.y, data.num_classes),
-            "calibration": calibration(logits[role], data.test.y),
+            "per_class_acc": per_class_accuracy(logits, test.y, data.num_classes),
+            "per_class_agreement": per_class_agreement(logits, predictions["teacher"], test.y, data.num_classes),
+            "calibration": calibration(logits, test.y),
         }
     for m in out.values():
         m["score"] = m["metrics"][task.primary_metric]
@@ -852,7 +846,7 @@ def evaluate_models(
             "percent": task.primary_percent,
         },
         "models": out,
-        "teacher_predictions_remembered": remembered,  # its test logits from an earlier run with these weights
+        "teacher_predictions_remembered": remembered,  # its test predictions from an earlier run with these weights
         "data": {**data.summary(), **_augment_summary(config)},
         "class_names": data.class_names,
         "seed": config.seed,
