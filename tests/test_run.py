@@ -82,6 +82,9 @@ def test_second_run_reuses_the_cached_teacher(finished_run, capsys):
         True,
     )
     assert second.metrics["models"]["teacher"]["calibration"] == result.metrics["models"]["teacher"]["calibration"]
+    remembered = "test predictions were remembered from an earlier run"
+    assert remembered in (second.run_dir / "report.md").read_text()
+    assert remembered not in (result.run_dir / "report.md").read_text()
     assert "scratch" not in second.metrics["models"]
     # same seed, same data: the distilled student is reproduced exactly
     assert second.metrics["models"]["distilled"]["test_acc"] == result.metrics["models"]["distilled"]["test_acc"]

@@ -249,6 +249,16 @@ def speed_notes(metrics: dict[str, Any]) -> list[str]:
     return notes
 
 
+def remembered_note(metrics: dict[str, Any]) -> str:
+    """Where the teacher's test scores come from, when not from this run's own pass."""
+    if not metrics.get("teacher_predictions_remembered"):
+        return ""
+    return (
+        " The teacher's test predictions were remembered from an earlier run with the same weights and test "
+        "split, and checked again on a few of its samples."
+    )
+
+
 def write_markdown(path: Path, metrics: dict[str, Any], config_yaml: str) -> None:
     data = metrics["data"]
     lines = [
@@ -268,7 +278,7 @@ def write_markdown(path: Path, metrics: dict[str, Any], config_yaml: str) -> Non
         " ".join(speed_notes(metrics)),
         "",
         *[f"**Warning:** {w}\n" for w in training_warnings(metrics)],
-        f"Trained on {metrics['device']} in {metrics['seconds']:.0f} s.",
+        f"Trained on {metrics['device']} in {metrics['seconds']:.0f} s." + remembered_note(metrics),
         "",
         "![training curves](curves.png)",
         "",
