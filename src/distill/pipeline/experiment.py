@@ -752,16 +752,11 @@ def evaluate_models(
     spec, task = config.eval, get_task(config.task)
     shas = {role: file_sha256(path) if path else cached_teacher["weights_sha256"] for role, path in weights.items()}
     test = data.test
-    if task.has_logits:
-        example = task.example_inputs(data)  # predictions, not latency, may come from batch norms folded in
+    example = task.example_inputs(data)
 
-        def predict(model: nn.Module, split: Split, reference: Any = None) -> Any:
-            return task.predict(folded_batch_norms(model, example), split.x)
-
-    else:  # embeddings, token scores: scored against the teacher's, nothing per class
-
-        def predict(model: nn.Module, split: Split, reference: Any = None) -> Any:
-            return task.predict(model, split.x, labels=split.y, reference=reference)
+    def predict(model: nn.Module, split: Split, reference: Any = None) -> Any:
+        """Predictions, not latency, may come from batch norms folded in (a model without any runs as it is)."""
+        return task.predict(folded_batch_norms(model, example), split.x, labels=split.y, reference=reference)
 
     remembered = False
     if cached_teacher is not None:  # a cached teacher's model is only its architecture
@@ -772,7 +767,7 @@ def evaluate_models(
         teacher_predictions, remembered = remembered_predictions(
             models["teacher"], shas["teacher"], test, predict, cache_dir or default_cache_dir(), task.name
         )
-    reference = None if task.has_logits else teacher_predictions  # students scored against the teacher's
+    reference = None if task.has_logits else teacher_predictions  # embeddings, token scores: against the teacher's
     predictions = {"teacher": teacher_predictions} | {
         role: predict(model, test, reference) for role, model in models.items() if role != "teacher"
     }
