@@ -101,6 +101,7 @@ def calibration(logits: Tensor, labels: Tensor, bins: int = 15) -> dict:
 
 
 MIN_ROUNDS = 7  # timed samples per model at least, whatever the time budget
+WARM_UP_PASSES, WARM_UP_MS = 2, 10.0  # untimed passes first: the first allocates; a few ms wake the CPU up
 
 
 @torch.inference_mode()
@@ -110,7 +111,7 @@ def measure_latencies(
     batch_size: int,
     repeats: int = 30,
     threads: int | None = None,
-    min_sample_ms: float = 5.0,
+    min_sample_ms: float = 2.0,
     max_seconds: float | None = None,
     inputs: Inputs | None = None,
 ) -> dict[str, float]:
@@ -131,7 +132,7 @@ def measure_latencies(
         for name, model in models.items():
             model.to("cpu").eval()
             start, warm = time.perf_counter(), 0
-            while warm < 3 or (time.perf_counter() - start) * 1000 < 4 * min_sample_ms:  # warm-up
+            while warm < WARM_UP_PASSES or (time.perf_counter() - start) * 1000 < WARM_UP_MS:
                 call_model(model, x)
                 warm += 1
             per_pass = (time.perf_counter() - start) * 1000 / warm
