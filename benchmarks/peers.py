@@ -18,7 +18,8 @@ Every tool runs as its own subprocess, so imports count in the whole-command tim
 interleave by seed (seed 0: distill, bare, torchdistill; seed 1: ...) so drift hits all alike.
 distill's cache folder starts empty in the work folder: its first run scores the teacher on the
 test split, later ones find those predictions remembered, as a user's repeated runs do; the
-outside-training lines say which.
+outside-training lines say which. Before each seed, torch alone (the interpreter, `import torch`, one
+optimizer) is timed as its own process: the floor under every tool's time outside training.
 
     python benchmarks/peers.py                                          # seeds 0 1 2, 2 epochs
     python benchmarks/peers.py --seeds 0 --epochs 1 --limit-train 3000  # a smoke run (~1-2 min)
@@ -318,6 +319,10 @@ def _check_torchdistill_box(box, steps: int) -> None:
 
 WORKERS = {"bare": bare_worker, "torchdistill": torchdistill_worker}
 
+# what every tool pays before its first step: the interpreter, `import torch`, and the first optimiser (whose
+# first call imports torch._dynamo, about 1.5 s here); timed as its own process beside the tools
+TORCH_FLOOR = "import torch; torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)"
+
 
 # ---------------------------------------------------------------------------- the benchmark
 
@@ -451,7 +456,9 @@ def benchmark(args: argparse.Namespace) -> int:
             f"Student: {teacher['student_params']:,} parameters."
         )
         runs: dict[str, dict[int, dict]] = {tool: {} for tool in tools}
+        floor: dict[int, float] = {}
         for seed in args.seeds:
+            floor[seed], _ = timed([sys.executable, "-c", TORCH_FLOOR], work, work / "floor.log")
             for tool in tools:
                 run = run_distill(work, seed, args) if tool == "distill" else run_worker(tool, work, seed, args)
                 runs[tool][seed] = run
@@ -550,6 +557,17 @@ def benchmark(args: argparse.Namespace) -> int:
         if tool != "distill" and ok[tool]:
             spans = span([r["whole_seconds"] - r["train_seconds"] for r in ok[tool].values()])
             console.print(f"{tool} outside training (whole command − training): {spans}s")
+    console.print(
+        f"torch alone (interpreter, import torch, the first optimizer; no data, no model): {span(list(floor.values()))}s"
+        " — under every tool's outside-training time"
+    )
+    beyond_bare = [
+        outside[s]["total"] - (ok["bare"][s]["whole_seconds"] - ok["bare"][s]["train_seconds"])
+        for s in outside
+        if s in ok["bare"]
+    ]
+    if beyond_bare:
+        console.print(f"distill outside training minus the bare loop's, per seed: {span(beyond_bare)}s")
     load = os.getloadavg()
     console.print(
         f"[dim]load average (1, 5, 15 min) at start {' '.join(f'{v:.2f}' for v in load_at_start)}, "
@@ -570,6 +588,8 @@ def benchmark(args: argparse.Namespace) -> int:
         "ratios": {name: {"value": value, "bar": bar} for name, (value, bar) in ratios.items()},
         "distill_outside_training_seconds": {str(s): v for s, v in outside.items()},
         "distill_outside_training_median": {"value": outside_median, "bar": OUTSIDE_TRAINING_BAR},
+        "torch_floor_seconds": {str(s): v for s, v in floor.items()},
+        "distill_outside_minus_bare_seconds": beyond_bare,
     }
     write_results(args.out, result, console)
     return 0
