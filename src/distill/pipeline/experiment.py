@@ -330,6 +330,7 @@ def cache_teacher(
     """``distill cache``: obtain the configured teacher (training it if needed) and store its
     top-k signals on every split at ``config.cache_path()``. Resumable; see :mod:`distill.cache`."""
     console = console or Console()
+    cache_dir = cache_dir or default_cache_dir()
     if isinstance(config.teacher, CachedTeacherSpec):
         raise DistillError(
             "teacher.kind: 'cache' reads a cache; to make one, give the teacher as kind train or checkpoint"
@@ -347,14 +348,14 @@ def cache_teacher(
     memory.check_models()  # before the teacher is built
     probe = seeded_model(config.teacher.model, data, config.seed, "teacher.model", get_task(config.task))
     memory.check_batches({"teacher.model": probe}, take(data.train.x, slice(0, 1)))  # before it trains or runs a batch
-    teacher, weights, _ = obtain_teacher(config, data, device, console, cache_dir or default_cache_dir())
+    teacher, weights, _ = obtain_teacher(config, data, device, console, cache_dir)
     spec = config.cache
     path = config.cache_path()
     identity = {
         "teacher": {"weights_sha256": file_sha256(weights), "model": config.teacher.model.model_dump(mode="json")},
         "data": data.fingerprint,
     }
-    stored = _stored_signals(config, data, cache_dir or default_cache_dir(), console)
+    stored = _stored_signals(config, data, cache_dir, console)
     console.print(
         f"cache: top-{spec.k} logits as {spec.dtype} -> {path}"
         + (" (from the logits `distill generate` stored: the teacher does not run)" if stored else "")
@@ -465,6 +466,7 @@ def run_experiment(
     "distilled"); raising there interrupts the run as a crash would.
     """
     console = console or Console()
+    cache_dir = cache_dir or default_cache_dir()  # trained teachers, their test predictions
     started = time.perf_counter()
     device = pick_device(config.device)
     parallel = parallel_from_environment(device)
@@ -478,15 +480,11 @@ def run_experiment(
     main_process = parallel is None or parallel.is_main
     if main_process:
         _prepare_run_dir(config, resume, overwrite, console)
-        teacher, teacher_weights, teacher_result = obtain_teacher(
-            config, data, device, console, cache_dir or default_cache_dir()
-        )
+        teacher, teacher_weights, teacher_result = obtain_teacher(config, data, device, console, cache_dir)
     if parallel is not None:
         parallel.barrier()  # process 0 has made the run directory and trained (or loaded) the teacher
         if not main_process:  # a cache hit now
-            teacher, teacher_weights, teacher_result = obtain_teacher(
-                config, data, device, console, cache_dir or default_cache_dir()
-            )
+            teacher, teacher_weights, teacher_result = obtain_teacher(config, data, device, console, cache_dir)
         console.print(f"distributed: {parallel.world} processes ({parallel.accelerator.distributed_type.value})")
     tracker = RunTracker(
         config.output.tracker if main_process else "none", partial / "tracking", final.name, config_to_dict(config)
@@ -516,9 +514,7 @@ def run_experiment(
             metrics["teacher_cache"] = {"path": str(teacher.path), "k": teacher.k, "dtype": teacher.dtype}
         else:
             models = {"teacher": teacher.to("cpu"), **session.students}
-            metrics = evaluate_models(
-                models, weights_paths, session.student_data, config, cache_dir=cache_dir or default_cache_dir()
-            )
+            metrics = evaluate_models(models, weights_paths, session.student_data, config, cache_dir=cache_dir)
         results = {"teacher": teacher_result, **session.results}
         metrics.update(
             name=final.name,
